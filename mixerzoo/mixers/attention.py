@@ -1,0 +1,259 @@
+"""Softmax attention as a mixer: full (window=None) or sliding window (window=W).
+
+Full attention keeps every past key and value (post-rotary): its state grows by one
+slot per token. Sliding-window attention keeps a ring buffer of the last W keys and
+values per row (token n lives in slot n % W): its state is constant. Positions and
+windows count valid tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from typing_extensions import Self
+
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.ops import apply_rotary, attention, rotary_angles
+
+_INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
+
+
+class RopeConfig(BaseModel):
+    """Rotary embedding: none, 1-D RoPE, or multimodal M-RoPE (3 position streams)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["none", "rope", "mrope"] = "rope"
+    theta: float = Field(10000.0, gt=0)
+    sections: tuple[int, ...] | None = Field(None, description="M-RoPE: frequencies per stream (t, h, w)")
+
+    @model_validator(mode="after")
+    def _sections_match_kind(self) -> Self:
+        if self.kind == "mrope" and not self.sections:
+            raise ValueError("rope.sections is required for kind 'mrope' (Qwen2.5-VL: [16, 24, 24])")
+        if self.kind != "mrope" and self.sections is not None:
+            raise ValueError(f"rope.sections only applies to kind 'mrope', not {self.kind!r}")
+        return self
+
+
+class AttentionConfig(MixerConfig):
+    """Multi-head softmax attention with grouped KV heads; window=None is full attention."""
+
+    type: Literal["attention"] = "attention"
+    n_heads: int = Field(gt=0, description="query heads")
+    n_kv_heads: int | None = Field(None, gt=0, description="key/value heads (GQA); default n_heads")
+    head_dim: int | None = Field(None, gt=0, description="default d_model // n_heads")
+    window: int | None = Field(None, description="sliding window in tokens (itself + window - 1 before); None = full")
+    qkv_bias: bool = False
+    qk_norm: bool = Field(False, description="RMSNorm on each query and key head")
+    norm_eps: float = Field(1e-6, gt=0)
+    rope: RopeConfig = RopeConfig()
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> Self:
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 (or null for full attention), got {self.window}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); set head_dim explicitly"
+            )
+        if self.rope.kind != "none" and self.dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.dim}")
+        if self.rope.kind == "mrope" and sum(self.rope.sections) != self.dim // 2:
+            raise ValueError(f"rope.sections {list(self.rope.sections)} must sum to head_dim // 2 = {self.dim // 2}")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim(self) -> int:
+        """Per-head dimension."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
+        """K and V for `window` slots (sliding) or every token (full), plus the token count."""
+        slots = n_tokens if self.window is None else self.window
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return batch_size * (2 * slots * self.kv_heads * self.dim * itemsize + _INDEX_BYTES)
+
+
+@dataclasses.dataclass
+class KVCache(MixerState):
+    """Full-attention state: keys and values of every valid token seen, row-compact."""
+
+    k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (1,)})  # [B, L, Hkv, D], L = max(seen)
+    v: torch.Tensor = dataclasses.field(metadata={"variable_dims": (1,)})  # [B, L, Hkv, D]
+    seen: torch.Tensor  # [B] int64: valid tokens seen; row b's keys are k[b, :seen[b]], the rest zero
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
+        """The given rows, with the cache trimmed to their longest history."""
+        picked = super().select(rows)
+        length = int(picked.seen.max()) if picked.seen.numel() else 0
+        return dataclasses.replace(picked, k=picked.k[:, :length], v=picked.v[:, :length])
+
+    @classmethod
+    def concat(cls, states: Sequence[Self]) -> Self:
+        """One batch of `states`' rows; shorter caches are padded with empty slots."""
+        length = max((s.k.shape[1] for s in states), default=0)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, 0, 0, 0, length - t.shape[1]))
+
+        return super().concat([dataclasses.replace(s, k=pad(s.k), v=pad(s.v)) for s in states])
+
+
+@dataclasses.dataclass
+class RingKVCache(MixerState):
+    """Sliding-window state: a ring of the last W keys and values per row."""
+
+    k: torch.Tensor  # [B, W, Hkv, D]; token n (counting valid tokens from 0) lives in slot n % W
+    v: torch.Tensor  # [B, W, Hkv, D]
+    seen: torch.Tensor  # [B] int64: valid tokens seen
+
+
+class Attention(Mixer):
+    """Softmax attention mixer (full or sliding window) with GQA, RoPE / M-RoPE and optional q/k norm."""
+
+    config_class = AttentionConfig
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__(config)
+        c = config
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_heads * c.dim, c.d_model, bias=False)
+        if c.qk_norm:
+            self.q_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+            self.k_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
+
+    @property
+    def state_class(self) -> type[MixerState]:
+        """KVCache for full attention, RingKVCache for a sliding window."""
+        return KVCache if self.config.window is None else RingKVCache
+
+    def init_state(self, batch_size, *, device=None, dtype=None):
+        """Empty cache (full) or an empty ring of `window` slots (sliding), in the activation dtype."""
+        c = self.config
+        device = self.o_proj.weight.device if device is None else device
+        dtype = self.o_proj.weight.dtype if dtype is None else dtype
+        slots = 0 if c.window is None else c.window
+        kv = torch.zeros(batch_size, slots, c.kv_heads, c.dim, device=device, dtype=dtype)
+        seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return self.state_class(k=kv, v=kv.clone(), seen=seen)
+
+    def _forward(self, x, state, positions, valid):
+        c = self.config
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, c.n_heads, c.dim)
+        k = self.k_proj(x).view(batch, length, c.kv_heads, c.dim)
+        v = self.v_proj(x).view(batch, length, c.kv_heads, c.dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row
+        if c.rope.kind != "none":
+            angles = rotary_angles(self._positions(positions, index), c.dim, theta=c.rope.theta, sections=c.rope.sections)
+            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+
+        uniform = bool(valid.all()) and bool((state.seen == state.seen[0]).all())
+        if c.backend != "reference" and length == 1 and c.window is not None:
+            o, state = self._decode_ring(q, k, v, state, valid[:, 0])
+        elif c.backend != "reference" and length == 1 and uniform:
+            o, state = self._decode_full(q, k, v, state)
+        else:
+            o = self._attend_rowwise(q, k, v, state, valid)
+            state = self._write(state, k, v, valid, index)
+        y = self.o_proj(o.reshape(batch, length, c.n_heads * c.dim))
+        return y * valid[..., None], state
+
+    def _positions(self, positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+        """Rotary positions: given ones checked for shape, else the token numbers."""
+        streams = len(self.config.rope.sections or ())
+        if positions is None:
+            return index.expand(streams, *index.shape) if streams else index
+        want = (streams, *index.shape) if streams else tuple(index.shape)
+        if tuple(positions.shape) != want:
+            raise ValueError(f"Attention: positions must have shape {list(want)}, got {list(positions.shape)}")
+        return positions
+
+    def _past(self, state: MixerState, rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last `count` keys and values of each row in `rows`, oldest first: [G, count, Hkv, D]."""
+        slots = state.seen[rows, None] - count + torch.arange(count, device=rows.device)  # [G, count]
+        if self.config.window is not None:
+            slots = slots % self.config.window
+        return state.k[rows[:, None], slots], state.v[rows[:, None], slots]
+
+    def _attend_rowwise(self, q, k, v, state, valid):
+        """Each row's valid queries against its history plus its valid chunk tokens, in time order.
+
+        Rows with the same (history length, valid count) share one op call.
+        """
+        c = self.config
+        seen = state.seen if c.window is None else state.seen.clamp(max=c.window - 1)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for row, key in enumerate(zip(seen.tolist(), valid.sum(1).tolist())):
+            groups[key].append(row)
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # valid tokens first, in order
+        o = q.new_zeros(q.shape)
+        for (n_past, n_new), row_list in groups.items():
+            if n_new == 0:
+                continue
+            rows = torch.tensor(row_list, device=q.device)
+            picks = order[rows, :n_new]  # [G, n_new]
+            past_k, past_v = self._past(state, rows, n_past)
+            keys = torch.cat([past_k, k[rows[:, None], picks]], dim=1)
+            values = torch.cat([past_v, v[rows[:, None], picks]], dim=1)
+            o[rows[:, None], picks] = attention(q[rows[:, None], picks], keys, values, window=c.window, backend=c.backend)
+        return o
+
+    def _write(self, state, k, v, valid, index):
+        """The state after storing the chunk's valid keys and values (the input state is untouched)."""
+        c = self.config
+        seen = state.seen + valid.sum(1)
+        if c.window is None:
+            length = max(state.k.shape[1], int(seen.max()))
+            new_k = F.pad(state.k, (0, 0, 0, 0, 0, length - state.k.shape[1]))
+            new_v = F.pad(state.v, (0, 0, 0, 0, 0, length - state.v.shape[1]))
+            keep = valid
+        else:
+            new_k, new_v = state.k.clone(), state.v.clone()
+            keep = valid & (index >= seen[:, None] - c.window)  # only the last W tokens reach the ring
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = index[rows, cols] if c.window is None else index[rows, cols] % c.window
+        new_k[rows, slots] = k[rows, cols]
+        new_v[rows, slots] = v[rows, cols]
+        return dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
+
+    def _decode_full(self, q, k, v, state):
+        """One token per row, every row valid with the same history: append, then attend."""
+        new_k, new_v = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
+        o = attention(q, new_k, new_v, backend=self.config.backend)
+        return o, dataclasses.replace(state, k=new_k, v=new_v, seen=state.seen + 1)
+
+    def _decode_ring(self, q, k, v, state, valid):
+        """One token per row: write it into its ring slot, then attend over the filled slots in place."""
+        window = self.config.window
+        rows = valid.nonzero().squeeze(1)
+        slots = state.seen[rows] % window
+        new_k, new_v = state.k.clone(), state.v.clone()
+        new_k[rows, slots], new_v[rows, slots] = k[rows, 0], v[rows, 0]
+        seen = state.seen + valid
+        # Slot s holds a token of the window iff it has been written; a pad row sees its
+        # (finite) slots and its output is zeroed by the caller.
+        filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid[:, None]  # [B, W]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), new_k.transpose(1, 2), new_v.transpose(1, 2),
+            attn_mask=filled[:, None, None, :], enable_gqa=q.shape[2] != k.shape[2],
+        ).transpose(1, 2)
+        return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen)

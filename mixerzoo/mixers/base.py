@@ -1,0 +1,242 @@
+"""The recurrent-state protocol every mixer follows: `y, state = mixer(x, state)`.
+
+A mixer is a module of (chunk, state): its forward takes a chunk of tokens x
+[B, T, d_model] with the state left by the previous chunk and returns the outputs
+and the new state. Prefill, decode (T = 1), chunked prefill and streaming are the
+same call. `valid` [B, T] marks real tokens; an invalid token is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from typing_extensions import Self
+
+from mixerzoo.ops import Backend
+
+_STATE_FORMAT = "mixerzoo.state/1"
+
+
+class MixerConfig(BaseModel):
+    """Base of every mixer's config: a frozen pydantic model that rejects unknown keys.
+
+    Subclasses set `type` to a Literal naming the mixer; that name is how specs and
+    the registry find it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    d_model: int = Field(gt=0, description="width of the residual stream")
+    backend: Backend = Field("auto", description="op backend; never changes parameters or state layout")
+
+    def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the state after `n_tokens` tokens per row, for activations in `dtype`."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """The fields a saved state must agree on (everything but the backend)."""
+        return self.model_dump(mode="json", exclude={"backend"})
+
+
+def _batch_first_fields(state: "MixerState") -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(state) if not f.metadata.get("not_batched")]
+
+
+@dataclasses.dataclass
+class MixerState:
+    """Base of every mixer's state: a dataclass whose fields are tensors with batch first.
+
+    Field metadata: `float32=True` keeps a tensor in float32 under `to(dtype=...)`
+    (recurrent state); `variable_dims=(d, ...)` names dims whose size depends on the
+    tokens seen (a full-attention cache), excluded from compatibility checks.
+    """
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every field by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows (independent streams) in the state."""
+        return next(iter(self.tensors().values())).shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the state's tensors."""
+        return next(iter(self.tensors().values())).device
+
+    def clone(self) -> Self:
+        """An independent copy (a fork): advancing one never changes the other."""
+        return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
+        """The state on `device`, with floating tensors (except float32-pinned ones) in `dtype`."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+
+        def move(name: str, t: torch.Tensor) -> torch.Tensor:
+            keep = not t.is_floating_point() or fields[name].metadata.get("float32") or dtype is None
+            return t.to(device=device) if keep else t.to(device=device, dtype=dtype)
+
+        return dataclasses.replace(self, **{k: move(k, t) for k, t in self.tensors().items()})
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
+        """The sub-batch of the given rows (in that order): a fork of some streams."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        return dataclasses.replace(self, **{k: t.index_select(0, index) for k, t in self.tensors().items()})
+
+    @classmethod
+    def concat(cls, states: Sequence[Self]) -> Self:
+        """One batch holding the rows of `states` in order."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        kinds = {type(s) for s in states}
+        if len(kinds) != 1:
+            raise TypeError(f"cannot concat states of different kinds: {sorted(k.__name__ for k in kinds)}")
+        names = [f.name for f in dataclasses.fields(states[0])]
+        return dataclasses.replace(states[0], **{n: torch.cat([getattr(s, n) for s in states]) for n in names})
+
+    def check_compatible(self, expected: "MixerState", *, owner: str) -> None:
+        """Raise if this state cannot be the state of the mixer that would build `expected`."""
+        if type(self) is not type(expected):
+            raise TypeError(f"{owner}: expected a {type(expected).__name__}, got a {type(self).__name__}")
+        for f in dataclasses.fields(self):
+            got, want = getattr(self, f.name), getattr(expected, f.name)
+            free = set(f.metadata.get("variable_dims", ()))
+            same_rank = got.dim() == want.dim()
+            if not same_rank or any(g != w for d, (g, w) in enumerate(zip(got.shape, want.shape)) if d not in free):
+                raise ValueError(
+                    f"{owner}: state field {f.name!r} has shape {list(got.shape)}, this mixer's config "
+                    f"needs {list(want.shape)} (dims {sorted(free)} may differ): a state from another config?"
+                )
+            if got.is_floating_point() != want.is_floating_point() or (
+                f.metadata.get("float32") and got.dtype != want.dtype
+            ):
+                raise ValueError(f"{owner}: state field {f.name!r} has dtype {got.dtype}, expected {want.dtype}")
+
+    def save(self, path: str | os.PathLike, config: MixerConfig) -> None:
+        """Write the state and the identity of its config to a safetensors file, atomically."""
+        metadata = {
+            "format": _STATE_FORMAT,
+            "state_class": type(self).__name__,
+            "config": json.dumps(config.identity(), sort_keys=True),
+        }
+        tensors = {k: t.detach().contiguous().cpu() for k, t in self.tensors().items()}
+        atomic_save_safetensors(tensors, Path(path), metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: MixerConfig, *, device: torch.device | str = "cpu") -> Self:
+        """Read a state written by `save`; refuses a file made for another config or state kind."""
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _STATE_FORMAT:
+                raise ValueError(f"{path}: not a mixerzoo state file (format {metadata.get('format')!r})")
+            if metadata.get("state_class") != cls.__name__:
+                raise ValueError(f"{path}: holds a {metadata.get('state_class')}, not a {cls.__name__}")
+            saved, wanted = json.loads(metadata["config"]), config.identity()
+            if saved != wanted:
+                diff = {k: (saved.get(k), wanted.get(k)) for k in sorted(saved.keys() | wanted.keys())
+                        if saved.get(k) != wanted.get(k)}
+                raise ValueError(f"{path}: state was saved for another mixer config; (saved, given) differ at {diff}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        if tensors.keys() != names:
+            raise ValueError(f"{path}: tensors {sorted(tensors)} do not match {cls.__name__} fields {sorted(names)}")
+        return cls(**tensors)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Mixer(nn.Module):
+    """Base of every token mixer: `y, state = mixer(x, state, positions=..., valid=...)`.
+
+    Subclasses set `config_class` and `state_class`, implement `init_state` and
+    `_forward` (which receives checked inputs, a state and a bool `valid`).
+    """
+
+    config_class: ClassVar[type[MixerConfig]]
+    state_class: ClassVar[type[MixerState]]
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> MixerState:
+        """The state before any token, for `batch_size` rows; `dtype` is the activation dtype."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: MixerState | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MixerState]:
+        """Mix a chunk x [B, T, d_model] after `state`; returns (y [B, T, d_model], new state).
+
+        positions: [B, T] (or [S, B, T] for multi-stream rotary) token positions; by
+        default the number of valid tokens seen before. valid: [B, T] bool, default all.
+        """
+        name = type(self).__name__
+        if x.dim() != 3:
+            raise ValueError(f"{name}: x must be [B, T, d_model], got shape {list(x.shape)}")
+        batch, length, width = x.shape
+        if width != self.config.d_model:
+            raise ValueError(f"{name}: x has d_model {width}, the config says {self.config.d_model}")
+        if length < 1:
+            raise ValueError(f"{name}: x must hold at least one token, got T = {length}")
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        elif valid.shape != (batch, length) or valid.dtype != torch.bool:
+            raise ValueError(f"{name}: valid must be a bool tensor [{batch}, {length}], got {valid.dtype} {list(valid.shape)}")
+        if state is None:
+            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+        else:
+            if state.batch_size != batch:
+                raise ValueError(f"{name}: x has batch {batch} but the state has {state.batch_size} rows")
+            if state.device != x.device:
+                raise ValueError(f"{name}: x is on {x.device} but the state is on {state.device}")
+            state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
+        return self._forward(x, state, positions, valid)
+
+    def _forward(
+        self, x: torch.Tensor, state: MixerState, positions: torch.Tensor | None, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, MixerState]:
+        raise NotImplementedError
+
+    def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> MixerState:
+        """Read a state saved with `state.save(path, mixer.config)`; refuses another config's state."""
+        return self.state_class.load(path, self.config, device=device)

@@ -1,0 +1,23 @@
+"""Shared test setup: hypothesis profiles and float64 determinism."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# "ci": derandomized and bounded, so a red CI reproduces exactly; "dev": more examples.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=12,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=40,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

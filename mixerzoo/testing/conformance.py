@@ -1,0 +1,286 @@
+"""The conformance kit: the seven invariants of the recurrent-state protocol as property checks.
+
+`certify(config)` draws shapes, chunk splits, pad patterns and seeds with hypothesis and
+checks, for the mixer the config names:
+
+1. reference equality   the configured backend equals backend="reference" on the same weights
+2. chunk invariance     any split of a sequence, and T = 1 steps, equal one call
+3. padding invariance   pads anywhere are no-ops; a padded batch equals each row run alone
+4. fork independence    state.clone() branches never affect each other
+5. round trip           a state saved and loaded continues bit-exactly
+6. bounded memory       state.nbytes equals config.state_nbytes(n_tokens, batch_size)
+7. gradients            backward through the backend equals backward through the reference
+
+Each failure is an AssertionError naming the invariant and the quantity that differs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from mixerzoo.mixers import Mixer, MixerConfig, MixerState
+from mixerzoo.registry import build_mixer, mixer_config
+
+# Relative tolerances by dtype. float64: the backends differ only in summation order
+# (about 1e-15 per op), 1e-9 leaves room for long recurrences. float32: eps is 1.2e-7,
+# chunked forms and T = 1 steps accumulate in different orders over up to a few hundred
+# steps, so 1e-4 is several hundred eps yet far below any real bug (errors of order 1).
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
+_MAX_LEN = 24
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Every element finite and equal within the dtype's tolerance; the message names `what`."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {list(actual.shape)} != {list(expected.shape)}")
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{what}: non-finite values")
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}", check_dtype=False)
+
+
+def assert_states_close(actual: MixerState, expected: MixerState, what: str, dtype: torch.dtype) -> None:
+    """Every tensor of two states equal within tolerance (integer tensors exactly)."""
+    if type(actual) is not type(expected):
+        raise AssertionError(f"{what}: state kinds differ: {type(actual).__name__} vs {type(expected).__name__}")
+    for name, tensor in actual.tensors().items():
+        other = expected.tensors()[name]
+        if tensor.is_floating_point():
+            assert_close(tensor, other, f"{what}, state field {name!r}", dtype)
+        elif not torch.equal(tensor, other):
+            raise AssertionError(f"{what}, state field {name!r}: {tensor.tolist()} != {other.tolist()}")
+
+
+def build_pair(config: MixerConfig, dtype: torch.dtype, seed: int) -> tuple[Mixer, Mixer]:
+    """(mixer under its configured backend, the same weights under backend="reference").
+
+    Every parameter of the default init is perturbed by noise, so that zero-initialised
+    gates or biases cannot hide a bug.
+    """
+    torch.manual_seed(seed)
+    mixer = build_mixer(config).to(dtype)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference = build_mixer(config.model_copy(update={"backend": "reference"})).to(dtype)
+    reference.load_state_dict(mixer.state_dict())
+    return mixer, reference
+
+
+def _special_lengths(config: MixerConfig) -> list[int]:
+    """Lengths at and around the config's window / internal chunk size."""
+    lengths = []
+    for field in ("window", "chunk_size"):
+        n = getattr(config, field, None)
+        if isinstance(n, int):
+            lengths += [n - 1, n, n + 1, 2 * n + 1]
+    return [n for n in lengths if 1 <= n <= 4 * _MAX_LEN]
+
+
+def _lengths(config: MixerConfig) -> st.SearchStrategy[int]:
+    special = _special_lengths(config)
+    plain = st.integers(1, _MAX_LEN)
+    return st.one_of(plain, st.sampled_from(special)) if special else plain
+
+
+def _splits(data: st.DataObject, length: int) -> list[tuple[int, int]]:
+    """Random chunk boundaries [(start, end), ...] covering range(length)."""
+    cuts = data.draw(st.sets(st.integers(1, max(1, length - 1)), max_size=5)) if length > 1 else set()
+    bounds = [0, *sorted(cuts), length]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_chunks(mixer, x, state, bounds, valid=None):
+    """Run x chunk by chunk from `state`; returns (concatenated y, final state)."""
+    ys = []
+    for start, end in bounds:
+        chunk_valid = None if valid is None else valid[:, start:end]
+        y, state = mixer(x[:, start:end], state, valid=chunk_valid)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def _draw_setup(config, dtype, data):
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    batch = data.draw(st.integers(1, 3), label="batch")
+    mixer, reference = build_pair(config, dtype, seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(length: int) -> torch.Tensor:
+        return torch.randn(batch, length, config.d_model, generator=gen, dtype=dtype)
+
+    return mixer, reference, batch, tokens
+
+
+def check_reference_equality(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 1: a prefix then a chunk, under the backend and under the reference."""
+    mixer, reference, _, tokens = _draw_setup(config, dtype, data)
+    x = tokens(data.draw(_lengths(config), label="prefix") + data.draw(_lengths(config), label="chunk"))
+    cut = data.draw(st.integers(1, x.shape[1]), label="cut")
+    bounds = [(start, end) for start, end in ((0, cut), (cut, x.shape[1])) if end > start]
+    with torch.no_grad():
+        y_fast, s_fast = _run_chunks(mixer, x, None, bounds)
+        y_ref, s_ref = _run_chunks(reference, x, None, bounds)
+    assert_close(y_fast, y_ref, "reference equality: outputs", dtype)
+    assert_states_close(s_fast, s_ref, "reference equality: final state", dtype)
+
+
+def check_chunk_invariance(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 2: random splits and T = 1 steps equal one call, outputs and final state."""
+    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    x = tokens(data.draw(_lengths(config), label="length"))
+    length = x.shape[1]
+    with torch.no_grad():
+        y_one, s_one = mixer(x)
+        y_split, s_split = _run_chunks(mixer, x, None, _splits(data, length))
+        y_step, s_step = _run_chunks(mixer, x, None, [(t, t + 1) for t in range(length)])
+    assert_close(y_split, y_one, "chunk invariance: outputs of a split run", dtype)
+    assert_states_close(s_split, s_one, "chunk invariance: final state of a split run", dtype)
+    assert_close(y_step, y_one, "chunk invariance: outputs of T = 1 steps", dtype)
+    assert_states_close(s_step, s_one, "chunk invariance: final state of T = 1 steps", dtype)
+
+
+def _pad_pattern(data: st.DataObject, n_valid: int, extra: int) -> torch.Tensor:
+    """A bool row with n_valid True and `extra` False placed anywhere (left, middle, right)."""
+    slots = data.draw(st.permutations([True] * n_valid + [False] * extra), label="pad pattern")
+    if data.draw(st.booleans(), label="left pads first"):
+        slots = sorted(slots)  # all pads on the left, as left-padded batches
+    return torch.tensor(slots, dtype=torch.bool)
+
+
+def check_padding_invariance(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 3: a batch with pads anywhere equals each row run alone; pad outputs are zero."""
+    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
+    lengths = [data.draw(st.integers(0, _MAX_LEN), label=f"row {b} length") for b in range(batch)]
+    total = max(lengths) + data.draw(st.integers(1, 8), label="pads")
+    valid = torch.stack([_pad_pattern(data, n, total - n) for n in lengths])  # [B, total]
+    x = tokens(total)  # pads hold random garbage, which must not leak
+    with torch.no_grad():
+        y, state = _run_chunks(mixer, x, None, _splits(data, total), valid)
+        if not torch.equal(y[~valid], torch.zeros_like(y[~valid])):
+            raise AssertionError("padding invariance: outputs at pad positions are not zero")
+        for row, n in enumerate(lengths):
+            alone_state = mixer.init_state(1, dtype=dtype)
+            if n:
+                y_alone, alone_state = mixer(x[row : row + 1, valid[row]])
+                assert_close(y[row, valid[row]], y_alone[0], f"padding invariance: outputs of row {row}", dtype)
+            assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}", dtype)
+
+
+def check_fork_independence(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 4: advancing the original or its clone leaves the other as it was."""
+    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    prefix, branch_a, branch_b = (tokens(data.draw(_lengths(config), label=n)) for n in ("prefix", "a", "b"))
+    with torch.no_grad():
+        _, state = mixer(prefix)
+        fork = state.clone()
+        snapshot = {k: t.clone() for k, t in fork.tensors().items()}
+        mixer(branch_a, state)
+        for name, tensor in fork.tensors().items():
+            if not torch.equal(tensor, snapshot[name]):
+                raise AssertionError(f"fork independence: advancing the original changed the fork's {name!r}")
+        y_fork, _ = mixer(branch_b, fork)
+        y_fresh, _ = mixer(torch.cat([prefix, branch_b], dim=1))
+    assert_close(y_fork, y_fresh[:, prefix.shape[1] :], "fork independence: outputs of the continued fork", dtype)
+
+
+def check_round_trip(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 5: save then load gives bit-identical tensors and a bit-identical continuation."""
+    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    prefix, chunk = tokens(data.draw(_lengths(config), label="prefix")), tokens(data.draw(_lengths(config), label="chunk"))
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        _, state = mixer(prefix)
+        path = Path(tmp) / "state.safetensors"
+        state.save(path, mixer.config)
+        loaded = mixer.load_state(path)
+        for name, tensor in state.tensors().items():
+            if not torch.equal(loaded.tensors()[name], tensor) or loaded.tensors()[name].dtype != tensor.dtype:
+                raise AssertionError(f"round trip: state field {name!r} changed through save / load")
+        y_loaded, _ = mixer(chunk, loaded)
+        y_kept, _ = mixer(chunk, state)
+    if not torch.equal(y_loaded, y_kept):
+        raise AssertionError("round trip: continuing a loaded state is not bit-identical")
+
+
+def check_bounded_memory(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 6: state.nbytes equals the config's prediction before and after tokens."""
+    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
+    state = mixer.init_state(batch, dtype=dtype)
+    seen = 0
+    if state.nbytes != config.state_nbytes(0, batch, dtype=dtype):
+        raise AssertionError(f"bounded memory: empty state has {state.nbytes} bytes, config predicts "
+                             f"{config.state_nbytes(0, batch, dtype=dtype)}")
+    with torch.no_grad():
+        for _ in range(data.draw(st.integers(1, 3), label="chunks")):
+            n = data.draw(_lengths(config), label="chunk length")
+            _, state = mixer(tokens(n), state)
+            seen += n
+            predicted = config.state_nbytes(seen, batch, dtype=dtype)
+            if state.nbytes != predicted:
+                raise AssertionError(f"bounded memory: after {seen} tokens the state has {state.nbytes} bytes, "
+                                     f"config predicts {predicted}")
+
+
+def check_gradients(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 7: gradients of inputs and parameters through a prefix state and a chunk."""
+    mixer, reference, _, tokens = _draw_setup(config, dtype, data)
+    prefix, chunk = tokens(data.draw(_lengths(config), label="prefix")), tokens(data.draw(_lengths(config), label="chunk"))
+    weights = torch.randn(chunk.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for module in (mixer, reference):
+        inputs = [prefix.clone().requires_grad_(), chunk.clone().requires_grad_()]
+        _, state = module(inputs[0])
+        y, _ = module(inputs[1], state)
+        params = list(module.parameters())
+        grads.append(torch.autograd.grad((y * weights).sum(), inputs + params, allow_unused=True))
+    names = ["input prefix", "input chunk"] + [n for n, _ in mixer.named_parameters()]
+    for name, fast, ref in zip(names, *grads):
+        if (fast is None) != (ref is None):
+            raise AssertionError(f"gradients: {name} has a gradient under one backend only")
+        if fast is not None:
+            assert_close(fast, ref, f"gradients: d loss / d {name}", dtype)
+
+
+CHECKS: dict[str, Callable[[MixerConfig, torch.dtype, st.DataObject], None]] = {
+    "reference_equality": check_reference_equality,
+    "chunk_invariance": check_chunk_invariance,
+    "padding_invariance": check_padding_invariance,
+    "fork_independence": check_fork_independence,
+    "round_trip": check_round_trip,
+    "bounded_memory": check_bounded_memory,
+    "gradients": check_gradients,
+}
+
+
+def certify(
+    config: Mapping[str, Any] | MixerConfig,
+    *,
+    dtype: torch.dtype = torch.float64,
+    checks: tuple[str, ...] = tuple(CHECKS),
+    settings: hypothesis_settings | None = None,
+) -> None:
+    """Check every invariant for the mixer `config` names; raises AssertionError on the first failure.
+
+    `settings` defaults to the loaded hypothesis profile. Runs on CPU in `dtype`.
+    """
+    config = mixer_config(config)
+    if dtype not in TOLERANCES:
+        raise ValueError(f"certify: dtype must be one of {list(TOLERANCES)}, got {dtype}")
+    unknown = set(checks) - set(CHECKS)
+    if unknown:
+        raise ValueError(f"certify: unknown checks {sorted(unknown)}; known: {list(CHECKS)}")
+    for name in checks:
+        check = CHECKS[name]
+
+        @given(data=st.data())
+        def prop(data: st.DataObject) -> None:
+            check(config, dtype, data)
+
+        if settings is not None:
+            prop = settings(prop)
+        prop()

@@ -1,0 +1,5 @@
+"""`python -m mixerzoo` runs the command line."""
+
+from mixerzoo.cli import main
+
+main()

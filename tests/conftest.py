@@ -21,3 +21,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+import torch
+
+# The suite runs thousands of tiny ops; one intra-op thread avoids OpenMP spin contention
+# on small machines (a 2-thread pool made a 1.4 ms decode step take 30 ms under load).
+torch.set_num_threads(1)

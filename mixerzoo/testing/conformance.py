@@ -281,6 +281,6 @@ def certify(
         def prop(data: st.DataObject) -> None:
             check(config, dtype, data)
 
-        if settings is not None:
-            prop = settings(prop)
+        # one minimal failing example per check, raised as a plain AssertionError
+        prop = hypothesis_settings(settings, report_multiple_bugs=False)(prop)
         prop()

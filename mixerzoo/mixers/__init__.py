@@ -2,7 +2,15 @@
 
 from mixerzoo.mixers.attention import Attention, AttentionConfig, KVCache, RingKVCache, RopeConfig
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
+from mixerzoo.mixers.mamba2 import Mamba2, Mamba2Config, Mamba2State
+from mixerzoo.mixers.registry import build_mixer, list_mixers, mixer_class, mixer_config, register_mixer
+
+for _builtin in (Attention, GatedDeltaNet, Mamba2):
+    register_mixer(_builtin)
 
 __all__ = [
-    "Attention", "AttentionConfig", "KVCache", "Mixer", "MixerConfig", "MixerState", "RingKVCache", "RopeConfig",
+    "Attention", "AttentionConfig", "GatedDeltaNet", "GatedDeltaNetConfig", "GatedDeltaNetState", "KVCache",
+    "Mamba2", "Mamba2Config", "Mamba2State", "Mixer", "MixerConfig", "MixerState", "RingKVCache", "RopeConfig",
+    "build_mixer", "list_mixers", "mixer_class", "mixer_config", "register_mixer",
 ]

@@ -47,6 +47,8 @@ class GatedDeltaNetConfig(MixerConfig):
             raise ValueError(f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); set head_dim")
         if self.value_heads % self.n_heads:
             raise ValueError(f"n_v_heads ({self.value_heads}) must be a multiple of n_heads ({self.n_heads})")
+        if self.backend == "flash":
+            raise ValueError("backend 'flash' has no gated delta rule kernel; use 'auto', 'reference', 'torch' or 'fla'")
         if not float(self.key_dim * self.expand_v).is_integer():
             raise ValueError(f"head_dim ({self.key_dim}) * expand_v ({self.expand_v}) must be an integer")
         return self
@@ -131,7 +133,8 @@ class GatedDeltaNet(Mixer):
 
     def _conv(self, conv: nn.Conv1d, x: torch.Tensor, tail: torch.Tensor, valid: torch.Tensor):
         """Short conv + SiLU over the valid tokens; returns (activations, new tail)."""
-        y, tail = causal_conv1d(x, conv.weight[:, 0, :], tail, valid, conv.bias, backend=self.config.backend)
+        backend = "reference" if self.config.backend == "reference" else "torch"  # the conv has no CUDA kernel
+        y, tail = causal_conv1d(x, conv.weight[:, 0, :], tail, valid, conv.bias, backend=backend)
         return F.silu(y), tail
 
     def _forward(self, x, state, positions, valid):

@@ -1,0 +1,164 @@
+"""Mamba2's state-space duality (SSD) scan with "reference", "torch" and "fla" backends."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mixerzoo.ops._backend import choose_backend
+from mixerzoo.ops.gated_delta_rule import _segment_decay
+
+_OP = "ssd"
+
+
+def ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the Mamba2 SSD recurrence over a chunk of tokens; return the outputs and the final state.
+
+    Per head h, with state S [P, N]:
+        S_t = exp(dt_t A_h) S_{t-1} + dt_t x_t B_t^T
+        y_t = S_t C_t                                   (no D skip connection)
+
+    Args:
+        x: [Bt, T, H, P] inputs.
+        dt: [Bt, T, H] step sizes (> 0, already through softplus; not checked).
+        A: [H] decay rates (< 0; not checked).
+        B, C: [Bt, T, G, N] input and output projections, H % G == 0; head h reads group h // (H // G).
+        initial_state: [Bt, H, P, N] state before the first token; zeros when None.
+        backend: "auto", "reference" (loop over time), "torch" (chunked) or "fla" (CUDA kernels).
+        chunk_size: chunk length of the "torch" and "fla" backends ("fla" needs a power of two).
+
+    Returns:
+        y: [Bt, T, H, P] in x's dtype.
+        state: [Bt, H, P, N] in float64 when any input is float64, else float32.
+    """
+    batch, seq_len, heads, dim_p, groups, dim_n = _check_inputs(x, dt, A, B, C, initial_state, chunk_size)
+    dtype = torch.float64 if torch.float64 in {t.dtype for t in (x, dt, A, B, C)} else torch.float32
+    chosen = choose_backend(_OP, backend, x, supported=("fla", "torch", "reference"))
+    if chosen == "fla" and dtype == torch.float64:
+        if backend != "auto":
+            raise ValueError(f"{_OP}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
+        chosen = "torch"
+    if chosen == "fla":
+        return _fla(x, dt, A, B, C, initial_state, chunk_size)
+
+    ratio = heads // groups
+    B_, C_ = (t.to(dtype).repeat_interleave(ratio, dim=2) for t in (B, C))  # [Bt, T, H, N]
+    x_, dt_ = x.to(dtype), dt.to(dtype)
+    log_decay = dt_ * A.to(dtype)  # [Bt, T, H], <= 0
+    if initial_state is None:
+        state = x_.new_zeros(batch, heads, dim_p, dim_n)
+    else:
+        state = initial_state.to(dtype)
+    if chosen == "reference" or seq_len == 1:
+        y, state = _recurrent(x_ * dt_[..., None], log_decay, B_, C_, state)
+    else:
+        y, state = _chunked(x_ * dt_[..., None], log_decay, B_, C_, state, chunk_size)
+    return y.to(x.dtype), state
+
+
+def _check_inputs(x, dt, A, B, C, initial_state, chunk_size):
+    """Validate shapes, dtypes and devices; return (Bt, T, H, P, G, N)."""
+    named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "initial_state": initial_state}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be [Bt, T, H, P], got {list(x.shape)}")
+    batch, seq_len, heads, dim_p = x.shape
+    _expect(dt, "dt", "[Bt, T, H]", (batch, seq_len, heads))
+    _expect(A, "A", "[H]", (heads,))
+    if B.dim() != 4 or B.shape[:2] != (batch, seq_len):
+        raise ValueError(f"{_OP}: B must be [Bt, T, G, N] with [Bt, T] = {[batch, seq_len]}, got {list(B.shape)}")
+    groups, dim_n = B.shape[2:]
+    if heads % groups:
+        raise ValueError(f"{_OP}: x has H = {heads} heads, not a multiple of the G = {groups} groups of B and C")
+    _expect(C, "C", "[Bt, T, G, N]", (batch, seq_len, groups, dim_n))
+    if initial_state is not None:
+        _expect(initial_state, "initial_state", "[Bt, H, P, N]", (batch, heads, dim_p, dim_n))
+    if seq_len == 0:
+        raise ValueError(f"{_OP}: T must be at least 1, got x of shape {list(x.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    return batch, seq_len, heads, dim_p, groups, dim_n
+
+
+def _expect(t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{_OP}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
+
+
+def _recurrent(xdt, log_decay, B, C, state):
+    """Loop over time. xdt = x * dt [Bt, T, H, P]; log_decay [Bt, T, H]; B, C [Bt, T, H, N]; state [Bt, H, P, N]."""
+    outputs = []
+    for t in range(xdt.shape[1]):
+        state = state * log_decay[:, t].exp()[..., None, None] + xdt[:, t, :, :, None] * B[:, t, :, None, :]
+        outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    return torch.stack(outputs, dim=1), state  # [Bt, T, H, P], [Bt, H, P, N]
+
+
+def _chunked(xdt, log_decay, B, C, state, chunk_size):
+    """Chunked SSD: quadratic form within chunks, the state carried across chunks. Shapes as in `_recurrent`."""
+    batch, seq_len, heads, dim_p = xdt.shape
+    dim_n = B.shape[-1]
+    size = min(chunk_size, seq_len)
+    n_chunks = -(-seq_len // size)
+    pad = n_chunks * size - seq_len
+
+    def chunks(t: torch.Tensor) -> torch.Tensor:  # [Bt, T, H, *D] -> [Bt*H, N, L, *D]; pads are zeros
+        t = t.movedim(2, 1)
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
+        return t.reshape(batch * heads, n_chunks, size, *t.shape[3:])
+
+    xdt_c, B_c, C_c = chunks(xdt), chunks(B), chunks(C)  # [BH, N, L, P|N]; padded steps write nothing
+    log_decay_c = chunks(log_decay)  # [BH, N, L]; padded steps do not decay
+    decay = _segment_decay(log_decay_c)  # [BH, N, L, L]
+    cum = log_decay_c.cumsum(-1)  # [BH, N, L], from the chunk start
+    decay_out = decay[..., -1, :, None]  # [BH, N, L, 1]: from step i to the chunk end
+    decay_all = cum[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]: across the chunk
+
+    inject = (decay_out * xdt_c).transpose(-1, -2) @ B_c  # [BH, N, P, N]; S_end = decay_all S0 + inject
+    state = state.reshape(batch * heads, dim_p, dim_n)
+    starts = []
+    for i in range(n_chunks):
+        starts.append(state)
+        state = torch.addcmul(inject[:, i], decay_all[:, i], state)
+    start = torch.stack(starts, dim=1)  # [BH, N, P, N]
+
+    y = ((C_c @ B_c.transpose(-1, -2)) * decay) @ xdt_c  # [BH, N, L, P], within the chunk
+    y = y + cum.exp()[..., None] * (C_c @ start.transpose(-1, -2))  # from the chunk's start state
+    y = y.reshape(batch, heads, n_chunks * size, dim_p)[:, :, :seq_len].movedim(1, 2)
+    return y, state.reshape(batch, heads, dim_p, dim_n)
+
+
+def _fla(x, dt, A, B, C, initial_state, chunk_size):
+    """flash-linear-attention's simple-GLA kernel (CUDA): q = C, k = B, v = x dt, g = A dt, scale 1, state [.., N, P]."""
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(f"{_OP}: backend 'fla' takes a power-of-two chunk_size, got {chunk_size}")
+    ratio = x.shape[2] // B.shape[2]
+    q, k = (t.to(x.dtype).repeat_interleave(ratio, dim=2) for t in (C, B))  # [Bt, T, H, N]
+    v = (x * dt[..., None]).to(x.dtype)  # [Bt, T, H, P]
+    g = dt.to(torch.float32) * A.to(torch.float32)  # [Bt, T, H]
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32).transpose(-1, -2).contiguous()  # [Bt, H, N, P]
+    y, state = chunk_simple_gla(
+        q, k, v, g=g, scale=1.0, initial_state=initial_state, output_final_state=True, chunk_size=chunk_size
+    )
+    return y.to(x.dtype), state.to(torch.float32).transpose(-1, -2)

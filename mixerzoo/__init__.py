@@ -1,6 +1,10 @@
 """mixerzoo: token mixers that all speak one recurrent-state protocol, composed into hybrid models."""
 
 from mixerzoo import ops, registry
-from mixerzoo.mixers import Attention, AttentionConfig, Mixer, MixerConfig, MixerState
+from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, generate, prefill, stream
+from mixerzoo.mixers import Attention, AttentionConfig, GatedDeltaNet, Mamba2, Mixer, MixerConfig, MixerState
 
-__all__ = ["Attention", "AttentionConfig", "Mixer", "MixerConfig", "MixerState", "ops", "registry"]
+__all__ = [
+    "Attention", "AttentionConfig", "Decoder", "DecoderState", "GatedDeltaNet", "LayoutSpec", "Mamba2", "Mixer",
+    "MixerConfig", "MixerState", "generate", "ops", "prefill", "registry", "stream",
+]

@@ -1,4 +1,11 @@
-"""Blocks that compose mixers into models (norms, MLPs, residual blocks, the Decoder).
+"""Blocks that compose mixers into models: the layout spec, SwiGLU, the residual Block, the Decoder."""
 
-Empty until the compose issue lands; mixers never import from here.
-"""
+from mixerzoo.blocks.costs import flops_per_token, parameter_count, state_nbytes
+from mixerzoo.blocks.decoder import Block, Decoder, DecoderState, SwiGLU
+from mixerzoo.blocks.generate import STOPPED, generate, prefill, sample, stream
+from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
+
+__all__ = [
+    "STOPPED", "Block", "Decoder", "DecoderState", "LayerSpec", "LayoutSpec", "MLPSpec", "SwiGLU", "flops_per_token",
+    "generate", "parameter_count", "prefill", "sample", "state_nbytes", "stream",
+]

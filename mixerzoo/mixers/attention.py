@@ -81,6 +81,11 @@ class AttentionConfig(MixerConfig):
         """Per-head dimension."""
         return self.head_dim or self.d_model // self.n_heads
 
+    def mixing_flops_per_token(self, context: int) -> int:
+        """q.k and p.v against every visible key: 4 * heads * head_dim * min(context, window)."""
+        visible = context if self.window is None else min(context, self.window)
+        return 4 * self.n_heads * self.dim * visible
+
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """K and V for `window` slots (sliding) or every token (full), plus the token count."""
         slots = n_tokens if self.window is None else self.window

@@ -44,6 +44,10 @@ class MixerConfig(BaseModel):
         """Bytes of the state after `n_tokens` tokens per row, for activations in `dtype`."""
         raise NotImplementedError
 
+    def mixing_flops_per_token(self, context: int) -> int:
+        """FLOPs one token spends mixing with the past (beyond its projections) after `context` tokens."""
+        raise NotImplementedError
+
     def identity(self) -> dict:
         """The fields a saved state must agree on (everything but the backend)."""
         return self.model_dump(mode="json", exclude={"backend"})

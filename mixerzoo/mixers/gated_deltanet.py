@@ -68,6 +68,10 @@ class GatedDeltaNetConfig(MixerConfig):
         """Number of value heads."""
         return self.n_v_heads or self.n_heads
 
+    def mixing_flops_per_token(self, context: int) -> int:
+        """Recurrent form per value head: decay (KV), S^T k (2KV), rank-1 write (2KV), S^T q (2KV)."""
+        return 7 * self.value_heads * self.key_dim * self.value_dim
+
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """Conv tails (activation dtype) plus the recurrent matrix (at least float32): constant."""
         item = torch.empty((), dtype=dtype).element_size()

@@ -86,6 +86,10 @@ class Mamba2Config(MixerConfig):
         """Channels of the causal conv: x, B and C together."""
         return self.d_inner + 2 * self.n_groups * self.d_state
 
+    def mixing_flops_per_token(self, context: int) -> int:
+        """Recurrent form per head: decay (PN), write dt x B^T (2PN), read S C (2PN)."""
+        return 5 * self.n_heads * self.head_dim * self.d_state
+
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """The conv tail (activation dtype) and the SSM state (float32, or float64): constant in n_tokens."""
         itemsize = torch.empty((), dtype=dtype).element_size()

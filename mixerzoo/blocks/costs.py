@@ -1,0 +1,38 @@
+"""What a spec costs, from the config alone: parameters, state bytes at a context, FLOPs per token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixerzoo.blocks.decoder import Decoder
+from mixerzoo.blocks.spec import LayoutSpec
+
+_COUNTER_BYTES = 8  # the model-level int64 count of tokens seen, per row
+
+
+def meta_model(spec: LayoutSpec) -> Decoder:
+    """The Decoder built on the meta device: shapes without memory."""
+    with torch.device("meta"):
+        return Decoder(spec)
+
+
+def parameter_count(spec: LayoutSpec) -> int:
+    """Number of parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in meta_model(spec).parameters())
+
+
+def state_nbytes(spec: LayoutSpec, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the model-level state after `context` tokens per row, activations in `dtype`."""
+    per_row = sum(layer.mixer.state_nbytes(context, 1, dtype=dtype) for layer in spec.layers) + _COUNTER_BYTES
+    return batch_size * per_row
+
+
+def flops_per_token(spec: LayoutSpec, context: int) -> int:
+    """FLOPs of one decode step after `context` tokens: 2 per weight of every linear and conv
+    (LM head included, embedding lookup free) plus each mixer's mixing with the past."""
+    model = meta_model(spec)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    head = spec.vocab_size * spec.d_model if spec.tie_embeddings else 0  # the tied head is the embedding
+    mixing = sum(layer.mixer.mixing_flops_per_token(context) for layer in spec.layers)
+    return 2 * (weights + head) + mixing

@@ -1,0 +1,205 @@
+"""SwiGLU, the pre-norm residual Block, and the Decoder LM built from a LayoutSpec, with its state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from typing_extensions import Self
+
+from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
+from mixerzoo.mixers import Mixer, MixerState, build_mixer
+from mixerzoo.mixers.base import atomic_save_safetensors
+
+_STATE_FORMAT = "mixerzoo.decoder_state/1"
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), with Llama / Qwen parameter names."""
+
+    def __init__(self, d_model: int, spec: MLPSpec):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, spec.hidden, bias=spec.bias)
+        self.up_proj = nn.Linear(d_model, spec.hidden, bias=spec.bias)
+        self.down_proj = nn.Linear(spec.hidden, d_model, bias=spec.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d_model] -> [..., d_model]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when there is an MLP."""
+
+    def __init__(self, spec: LayerSpec, norm_eps: float):
+        super().__init__()
+        d_model = spec.mixer.d_model
+        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer: Mixer = build_mixer(spec.mixer)
+        if spec.mlp.type == "swiglu":
+            self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
+            self.mlp = SwiGLU(d_model, spec.mlp)
+
+    def forward(self, x, state, *, positions=None, valid=None):
+        """x [B, T, d_model] after `state` -> (x, new state)."""
+        mixed, state = self.mixer(self.mixer_norm(x), state, positions=positions, valid=valid)
+        x = x + mixed
+        if hasattr(self, "mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state
+
+
+@dataclasses.dataclass
+class DecoderState:
+    """The model-level state: each layer's mixer state plus the valid tokens seen per row."""
+
+    layers: list[MixerState]
+    seen: torch.Tensor  # [B] int64
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows (independent streams)."""
+        return self.seen.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every layer's state and the position counter."""
+        return sum(s.nbytes for s in self.layers) + self.seen.numel() * self.seen.element_size()
+
+    def clone(self) -> Self:
+        """An independent fork."""
+        return DecoderState([s.clone() for s in self.layers], self.seen.clone())
+
+    def to(self, device=None, dtype=None) -> Self:
+        """Moved to `device`, activation tensors in `dtype` (recurrent states stay float32)."""
+        return DecoderState([s.to(device=device, dtype=dtype) for s in self.layers], self.seen.to(device=device))
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
+        """The sub-batch of `rows`."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.seen.device).reshape(-1)
+        return DecoderState([s.select(index) for s in self.layers], self.seen.index_select(0, index))
+
+    @classmethod
+    def concat(cls, states: Sequence[Self]) -> Self:
+        """One batch holding the rows of `states` in order."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        if len({len(s.layers) for s in states}) != 1:
+            raise ValueError("cannot concat states of models with different layer counts")
+        layers = [type(group[0]).concat(list(group)) for group in zip(*(s.layers for s in states))]
+        return DecoderState(layers, torch.cat([s.seen for s in states]))
+
+    def save(self, path: str | os.PathLike, spec: LayoutSpec) -> None:
+        """One safetensors file with the spec embedded, written atomically."""
+        tensors = {"seen": self.seen}
+        for i, layer in enumerate(self.layers):
+            tensors.update({f"layers.{i}.{name}": t for name, t in layer.tensors().items()})
+        metadata = {
+            "format": _STATE_FORMAT,
+            "spec": spec.to_json(),
+            "layer_states": json.dumps([type(s).__name__ for s in self.layers]),
+        }
+        atomic_save_safetensors({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, Path(path), metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: "Decoder", *, device: torch.device | str = "cpu") -> Self:
+        """Read a state written by `save`; refuses a file saved for another spec."""
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _STATE_FORMAT:
+                raise ValueError(f"{path}: not a mixerzoo decoder state (format {metadata.get('format')!r})")
+            saved = LayoutSpec.from_json(metadata["spec"])
+            if _without_backends(saved) != _without_backends(model.spec):
+                raise ValueError(f"{path}: state was saved for another spec; saved:\n{saved.to_yaml()}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        layers = []
+        for i, block in enumerate(model.layers):
+            prefix = f"layers.{i}."
+            fields = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
+            layers.append(block.mixer.state_class(**fields))
+        return cls(layers, tensors["seen"])
+
+
+def _without_backends(spec: LayoutSpec) -> list[dict]:
+    return [{**layer.model_dump(mode="json"), "mixer": layer.mixer.identity()} for layer in spec.layers] + [
+        spec.model_dump(mode="json", exclude={"layers"})
+    ]
+
+
+class Decoder(nn.Module):
+    """A decoder LM built from a LayoutSpec: `logits, state = model(input_ids, state)`.
+
+    The same call prefills (any chunk length), decodes (T = 1) and streams; `valid`
+    [B, T] marks real tokens, pads are no-ops. positions default to the valid tokens
+    seen per row and are passed to every mixer ([3, B, T] for M-RoPE).
+    """
+
+    def __init__(self, spec: LayoutSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
+        self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
+        if not spec.tie_embeddings:
+            self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> DecoderState:
+        """The state before any token."""
+        device = self.embed.weight.device if device is None else device
+        dtype = self.embed.weight.dtype if dtype is None else dtype
+        layers = [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.layers]
+        return DecoderState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> DecoderState:
+        """A state saved with `state.save(path, model.spec)`."""
+        return DecoderState.load(path, self, device=device)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head over final hidden states [B, T, d_model] -> [B, T, vocab]."""
+        weight = self.embed.weight if self.spec.tie_embeddings else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        state: DecoderState | None = None,
+        *,
+        embeds: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DecoderState]:
+        """input_ids [B, T] (or embeds [B, T, d_model]) after `state` -> (logits [B, T, vocab], state)."""
+        if (input_ids is None) == (embeds is None):
+            raise ValueError("Decoder: give exactly one of input_ids and embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"Decoder: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.spec.vocab_size):
+                raise ValueError(f"Decoder: token ids must be in [0, {self.spec.vocab_size}), got "
+                                 f"{int(input_ids.min())}..{int(input_ids.max())}")
+            embeds = self.embed(input_ids)
+        batch, length = embeds.shape[:2]
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        if state is None:
+            state = self.init_state(batch, device=embeds.device, dtype=embeds.dtype)
+        elif state.batch_size != batch or len(state.layers) != len(self.layers):
+            raise ValueError(f"Decoder: input has batch {batch}, the state has {state.batch_size} rows and "
+                             f"{len(state.layers)} layers (the model has {len(self.layers)})")
+        if positions is None:
+            positions = state.seen[:, None] + valid.cumsum(1) - 1
+        x, new_layers = embeds, []
+        for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
+            try:
+                x, layer_state = block(x, layer_state, positions=positions, valid=valid)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
+            new_layers.append(layer_state)
+        return self.logits(self.norm(x)), DecoderState(new_layers, state.seen + valid.sum(1))

@@ -1,0 +1,112 @@
+"""Generation on the model-level state: chunked prefill, decode steps, sampling, streaming."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from mixerzoo.blocks.decoder import Decoder, DecoderState
+
+STOPPED = -1  # token id reported for rows that have already stopped
+
+
+@torch.inference_mode()
+def prefill(
+    model: Decoder,
+    input_ids: torch.Tensor,
+    state: DecoderState | None = None,
+    *,
+    valid: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, DecoderState]:
+    """Feed prompts [B, T] (pads marked by `valid`) in chunks of `chunk_size` (default: one call).
+
+    Returns the logits [B, vocab] at each row's last valid token (zeros for a row with
+    none) and the state after the prompts.
+    """
+    batch, length = input_ids.shape
+    if valid is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"prefill: chunk_size must be >= 1, got {chunk_size}")
+    step = chunk_size or length
+    last = torch.zeros(batch, model.spec.vocab_size, device=input_ids.device)
+    for start in range(0, length, step):
+        ids, chunk_valid = input_ids[:, start : start + step], valid[:, start : start + step]
+        logits, state = model(ids, state, valid=chunk_valid)
+        has_token = chunk_valid.any(1)
+        last_index = chunk_valid.shape[1] - 1 - chunk_valid.flip(1).to(torch.int8).argmax(1)  # last valid per row
+        last = torch.where(has_token[:, None], logits[torch.arange(batch), last_index].float(), last)
+    return last, state
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else sampled after
+    temperature scaling, keeping the top_k tokens and the smallest set with mass >= top_p."""
+    if temperature < 0:
+        raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"sample: top_k must be >= 1, got {top_k}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k is not None:
+        kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        mass_before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+        drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def stream(
+    model: Decoder,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    valid: torch.Tensor | None = None,
+    state: DecoderState | None = None,
+    chunk_size: int | None = None,
+    stop_tokens: Sequence[int] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row [B] at each step, STOPPED (-1) for rows that are done.
+
+    A row stops after emitting one of `stop_tokens`; its later steps are pads (no-ops on
+    its state). Ends after max_new_tokens steps or when every row has stopped.
+    """
+    logits, state = prefill(model, input_ids, state, valid=valid, chunk_size=chunk_size)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
+    running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        yield torch.where(running, token, STOPPED)
+        running &= ~torch.isin(token, stops)
+        if not running.any():
+            return
+        step_logits, state = model(token[:, None], state, valid=running[:, None])
+        logits = step_logits[:, 0].float()
+
+
+def generate(model: Decoder, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """All tokens of `stream` (same arguments) as [B, steps], STOPPED after a row's stop token."""
+    tokens = list(stream(model, input_ids, **kwargs))
+    if not tokens:
+        return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=input_ids.device)
+    return torch.stack(tokens, dim=1)

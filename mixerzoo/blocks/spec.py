@@ -1,0 +1,183 @@
+"""LayoutSpec: a decoder as d_model, vocab, and a list of layers (mixer + MLP), in YAML or JSON.
+
+Layers are written out, or given as a `pattern` of letters with a `legend` (Megatron-style,
+repeated to n_layers), or as a `ratio` of legend letters spread evenly over n_layers;
+`overrides` patch single layers. Validation expands every form into `layers`, so a
+validated spec always holds the explicit list, and dumps round-trip to an equal spec.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from typing_extensions import Self
+
+from mixerzoo.mixers import MixerConfig, RopeConfig, mixer_class, mixer_config
+
+
+class MLPSpec(BaseModel):
+    """The channel mixer after each token mixer: SwiGLU, or none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["swiglu", "none"] = "swiglu"
+    hidden: int | None = Field(None, gt=0, description="SwiGLU inner width")
+    bias: bool = False
+
+    @model_validator(mode="after")
+    def _hidden_matches_type(self) -> Self:
+        if self.type == "swiglu" and self.hidden is None:
+            raise ValueError("mlp.hidden is required for a swiglu MLP")
+        if self.type == "none" and self.hidden is not None:
+            raise ValueError("mlp.hidden must be unset for type 'none'")
+        return self
+
+
+class LayerSpec(BaseModel):
+    """One decoder layer: a token mixer (any registered type) and an MLP."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mixer: SerializeAsAny[MixerConfig]
+    mlp: MLPSpec
+
+    @field_validator("mixer", mode="before")
+    @classmethod
+    def _resolve_type(cls, value: Any) -> MixerConfig:
+        return mixer_config(value) if isinstance(value, dict) else value
+
+
+def _deep_merge(base: dict, patch: dict) -> dict:
+    merged = dict(base)
+    for key, value in patch.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _ratio_letters(ratio: dict[str, int], n_layers: int) -> str:
+    """Letters spread over n_layers in proportion to `ratio`; the most frequent letter fills the gaps."""
+    total = sum(ratio.values())
+    majority = max(ratio, key=ratio.get)
+    letters: list[str | None] = [None] * n_layers
+    for letter, weight in ratio.items():
+        if letter == majority:
+            continue
+        count = round(n_layers * weight / total)
+        free = [i for i, slot in enumerate(letters) if slot is None]
+        for k in range(count):  # evenly spaced, first slot at the start of each span
+            letters[free[(k * len(free)) // count]] = letter
+    return "".join(slot or majority for slot in letters)
+
+
+def _where(index: int, letter: str | None) -> str:
+    return f"layer {index}" + (f" (pattern letter {letter!r})" if letter else "")
+
+
+def _describe(error: ValidationError) -> str:
+    """Pydantic errors as 'field.path: message; ...' on one line."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
+
+
+class LayoutSpec(BaseModel):
+    """A decoder language model: embeddings, layers (mixer + MLP, pre-norm residual), final norm, LM head."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    d_model: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    layers: list[LayerSpec]
+    norm_eps: float = Field(1e-6, gt=0)
+    tie_embeddings: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_layers(cls, data: Any) -> Any:
+        """Turn pattern / ratio + legend (+ overrides) into an explicit layer list."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        shorthand = {key: data.pop(key) for key in ("n_layers", "pattern", "ratio", "legend", "mlp", "rope", "overrides") if key in data}
+        if "layers" in data:
+            if {"pattern", "ratio", "legend"} & shorthand.keys():
+                raise ValueError("give either layers or pattern/ratio + legend, not both")
+            raw_layers = [dict(layer) for layer in data["layers"]]
+            letters = [None] * len(raw_layers)
+        else:
+            raw_layers, letters = cls._layers_from_pattern(data, shorthand)
+        if "n_layers" in shorthand and shorthand["n_layers"] != len(raw_layers):
+            raise ValueError(f"n_layers is {shorthand['n_layers']} but {len(raw_layers)} layers are given")
+        for index, patch in (shorthand.get("overrides") or {}).items():
+            if not 0 <= int(index) < len(raw_layers):
+                raise ValueError(f"overrides: layer {index} does not exist (the spec has {len(raw_layers)} layers)")
+            raw_layers[int(index)] = _deep_merge(raw_layers[int(index)], patch)
+        layers = []
+        for i, (raw, letter) in enumerate(zip(raw_layers, letters)):
+            raw.setdefault("mlp", shorthand.get("mlp", {"type": "none"}))
+            mixer = dict(raw.get("mixer") or {})
+            mixer.setdefault("d_model", data.get("d_model"))
+            try:
+                if "rope" in shorthand and "type" in mixer and "rope" in mixer_class(mixer["type"]).config_class.model_fields:
+                    mixer.setdefault("rope", shorthand["rope"])
+                layers.append(LayerSpec.model_validate({**raw, "mixer": mixer}))
+            except ValidationError as error:
+                raise ValueError(f"{_where(i, letter)}: {_describe(error)}") from None
+            except (KeyError, ValueError) as error:
+                raise ValueError(f"{_where(i, letter)}: {error}") from None
+        data["layers"] = layers
+        return data
+
+    @staticmethod
+    def _layers_from_pattern(data: dict, shorthand: dict) -> tuple[list[dict], list[str]]:
+        legend = shorthand.get("legend")
+        if not legend:
+            raise ValueError("a spec needs layers, or a pattern / ratio with a legend")
+        if ("pattern" in shorthand) == ("ratio" in shorthand):
+            raise ValueError("give exactly one of pattern and ratio")
+        if "ratio" in shorthand:
+            if "n_layers" not in shorthand:
+                raise ValueError("a ratio needs n_layers")
+            ratio = shorthand["ratio"]
+            if not ratio or any(not isinstance(w, int) or w < 0 for w in ratio.values()):
+                raise ValueError(f"ratio weights must be non-negative integers, got {ratio}")
+            letters = _ratio_letters(ratio, shorthand["n_layers"])
+        else:
+            pattern = shorthand["pattern"]
+            if not pattern:
+                raise ValueError("pattern is empty")
+            n_layers = shorthand.get("n_layers", len(pattern))
+            if n_layers % len(pattern) and len(pattern) != n_layers:
+                raise ValueError(f"pattern {pattern!r} ({len(pattern)} letters) does not tile n_layers = {n_layers}")
+            letters = (pattern * (n_layers // len(pattern)))[:n_layers]
+        missing = sorted(set(letters) - set(legend))
+        if missing:
+            raise ValueError(f"pattern letters {missing} are missing from the legend (it has {sorted(legend)})")
+        return [{"mixer": dict(legend[letter])} for letter in letters], list(letters)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of decoder layers."""
+        return len(self.layers)
+
+    def to_yaml(self) -> str:
+        """The spec as YAML (explicit layers); `LayoutSpec.from_yaml` reads it back equal."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "LayoutSpec":
+        """A validated spec from YAML text (safe_load)."""
+        return cls.model_validate(yaml.safe_load(text))
+
+    def to_json(self) -> str:
+        """The spec as canonical JSON (sorted keys)."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LayoutSpec":
+        """A validated spec from JSON text."""
+        return cls.model_validate_json(text)
+
+
+__all__ = ["LayerSpec", "LayoutSpec", "MLPSpec", "RopeConfig"]

@@ -1,0 +1,157 @@
+"""Decoder-level properties on hybrid layouts: chunking, decode, padding, far past the window, save / load."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from mixerzoo import Decoder, LayoutSpec
+from mixerzoo.blocks import STOPPED, flops_per_token, generate, parameter_count, prefill, sample, state_nbytes, stream
+from mixerzoo.registry import list_recipes, recipe
+from mixerzoo.testing import assert_close, assert_states_close
+
+F64 = torch.float64
+LEGEND = {
+    "G": {"type": "gated_deltanet", "n_heads": 2, "head_dim": 8, "chunk_size": 8},
+    "S": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 4, "qkv_bias": True},
+    "F": {"type": "attention", "n_heads": 4, "n_kv_heads": 1},
+    "M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "chunk_size": 8},
+}
+
+
+def hybrid(pattern: str = "GSFM", vocab: int = 40) -> Decoder:
+    """A float64 decoder over `pattern` with perturbed weights."""
+    spec = LayoutSpec.model_validate(
+        {"d_model": 32, "vocab_size": vocab, "pattern": pattern, "legend": {k: LEGEND[k] for k in set(pattern)},
+         "mlp": {"hidden": 48}}
+    )
+    model = Decoder(spec).to(F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def assert_decoder_states_close(a, b, what):
+    assert torch.equal(a.seen, b.seen), f"{what}: seen {a.seen.tolist()} != {b.seen.tolist()}"
+    for i, (x, y) in enumerate(zip(a.layers, b.layers)):
+        assert_states_close(x, y, f"{what}, layer {i}", F64)
+
+
+@given(seed=st.integers(0, 2**31 - 1), length=st.integers(1, 40), data=st.data())
+def test_chunked_prefill_equals_one_shot(seed, length, data):
+    torch.manual_seed(seed)
+    model = hybrid()
+    ids = torch.randint(0, 40, (2, length))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, length - 1)), max_size=4))) if length > 1 else []
+    with torch.no_grad():
+        one, s_one = model(ids)
+        state, pieces = None, []
+        for a, b in zip([0, *cuts], [*cuts, length]):
+            logits, state = model(ids[:, a:b], state)
+            pieces.append(logits)
+    assert_close(torch.cat(pieces, 1), one, "chunked logits", F64)
+    assert_decoder_states_close(state, s_one, "chunked state")
+
+
+@pytest.mark.parametrize("pattern", ["GSF", "SGGG", "MMMS", "F"])
+def test_decoding_far_past_the_window_equals_full_forward(pattern):
+    # The hybrid-cache bug class: [linear, sliding, full] crashing or drifting past the window.
+    torch.manual_seed(0)
+    model = hybrid(pattern)
+    ids = torch.randint(0, 40, (2, 60))  # window 4: 15x past it
+    with torch.no_grad():
+        full, _ = model(ids)
+        logits, state = model(ids[:, :5])
+        steps = [logits]
+        for t in range(5, 60):
+            logits, state = model(ids[:, t : t + 1], state)
+            steps.append(logits)
+    assert_close(torch.cat(steps, 1), full, f"{pattern}: prefill + 55 decode steps vs one forward", F64)
+
+
+def test_left_padded_batch_equals_each_prompt_alone():
+    torch.manual_seed(1)
+    model = hybrid()
+    prompts = [torch.randint(1, 40, (n,)) for n in (9, 3, 6)]
+    width = max(len(p) for p in prompts) + 2
+    ids = torch.zeros(3, width, dtype=torch.long)
+    valid = torch.zeros(3, width, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], valid[row, width - len(p):] = p, True
+    batched = generate(model, ids, valid=valid, max_new_tokens=12, chunk_size=4)
+    last, state = prefill(model, ids, valid=valid, chunk_size=3)
+    for row, p in enumerate(prompts):
+        alone = generate(model, p[None], max_new_tokens=12)
+        assert torch.equal(batched[row], alone[0]), (row, batched[row].tolist(), alone[0].tolist())
+        last_alone, state_alone = prefill(model, p[None])
+        assert_close(last[row], last_alone[0], f"row {row} last logits", F64)
+        assert_decoder_states_close(state.select([row]), state_alone, f"row {row} state")
+
+
+def test_saved_state_continues_exactly_and_refuses_another_spec(tmp_path):
+    torch.manual_seed(2)
+    model = hybrid()
+    ids = torch.randint(0, 40, (2, 30))
+    with torch.no_grad():
+        _, state = model(ids[:, :20])
+        state.save(tmp_path / "state.safetensors", model.spec)
+        loaded = model.load_state(tmp_path / "state.safetensors")
+        assert torch.equal(model(ids[:, 20:], loaded)[0], model(ids[:, 20:], state)[0])
+    with pytest.raises(ValueError, match="saved for another spec"):
+        hybrid("GSF").load_state(tmp_path / "state.safetensors")
+
+
+def test_fork_and_batch_select_concat():
+    torch.manual_seed(3)
+    model = hybrid()
+    with torch.no_grad():
+        _, state = model(torch.randint(0, 40, (3, 10)))
+        fork = state.clone()
+        model(torch.randint(0, 40, (3, 5)), state)
+        assert_decoder_states_close(fork, state, "original after advancing a copy")
+        regrouped = type(state).concat([state.select([2]), state.select([0, 1])])
+        nxt = torch.randint(0, 40, (3, 4))
+        a, _ = model(nxt, state)
+        b, _ = model(nxt[[2, 0, 1]], regrouped)
+    assert_close(b, a[[2, 0, 1]], "logits after select + concat", F64)
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]])
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits).tolist() == [1]
+    assert all(sample(logits, temperature=1.0, top_k=1, generator=gen).item() == 1 for _ in range(20))
+    assert all(sample(logits, temperature=5.0, top_p=0.01, generator=gen).item() == 1 for _ in range(20))
+    drawn = {sample(logits, temperature=1.0, top_k=2, generator=gen).item() for _ in range(200)}
+    assert drawn == {1, 3}
+    with pytest.raises(ValueError, match="top_p"):
+        sample(logits, temperature=1.0, top_p=0.0)
+
+
+def test_stop_tokens_end_rows_and_stream_matches_generate():
+    torch.manual_seed(4)
+    model = hybrid()
+    ids = torch.randint(0, 40, (2, 6))
+    free = generate(model, ids, max_new_tokens=10)
+    stop = int(free[0, 2])
+    stopped = generate(model, ids, max_new_tokens=10, stop_tokens=[stop])
+    first = int((free[0] == stop).nonzero()[0])
+    assert stopped[0, first] == stop and (stopped[0, first + 1:] == STOPPED).all()
+    streamed = torch.stack(list(stream(model, ids, max_new_tokens=10, stop_tokens=[stop])), 1)
+    assert torch.equal(streamed, stopped)
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_config_costs_match_the_built_tiny_model(name):
+    spec = recipe(name, "tiny")
+    model = Decoder(spec)
+    assert parameter_count(spec) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        _, state = model(torch.randint(0, spec.vocab_size, (2, 37)))
+    assert state.nbytes == state_nbytes(spec, 37, batch_size=2, dtype=torch.float32)
+
+
+def test_flops_grow_with_context_only_for_unbounded_attention():
+    assert flops_per_token(recipe("transformer", "small"), 65536) > 10 * flops_per_token(recipe("transformer", "small"), 1024)
+    infinitevl = recipe("infinitevl", "small")
+    assert flops_per_token(infinitevl, 65536) == flops_per_token(infinitevl, 1024)

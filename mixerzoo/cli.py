@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-from mixerzoo.registry import build_mixer
+from mixerzoo.blocks import flops_per_token, parameter_count, state_nbytes
+from mixerzoo.registry import SIZES, build_mixer, list_recipes, recipe
+
+_CONTEXTS = {"8K": 8192, "128K": 131072, "1M": 1048576}
 
 
 def demo(context: int, window: int, d_model: int) -> None:
@@ -49,6 +52,31 @@ def demo(context: int, window: int, d_model: int) -> None:
         print(f"| {name} | {state.nbytes:,} | {predicted:,} | {replay_ok} | {exact} | {ms:.3f} |")
 
 
+def recipes(size: str) -> None:
+    """Print every recipe's parameters, state bytes (bf16 activations, float32 recurrent
+    states) and decode FLOPs per token at 8K / 128K / 1M context, from the config alone."""
+    header = " | ".join(f"state @{k}" for k in _CONTEXTS) + " | " + " | ".join(f"GFLOP/token @{k}" for k in _CONTEXTS)
+    print(f"recipes at size {size!r} (computed from the spec on the meta device; nothing runs)\n")
+    print(f"| recipe | layers | parameters | {header} |")
+    print("|---|---|---:|" + "---:|" * (2 * len(_CONTEXTS)))
+    for name in list_recipes():
+        spec = recipe(name, size)
+        letters = "".join(_letter(layer.mixer) for layer in spec.layers)
+        states = " | ".join(_mib(state_nbytes(spec, n)) for n in _CONTEXTS.values())
+        flops = " | ".join(f"{flops_per_token(spec, n) / 1e9:.2f}" for n in _CONTEXTS.values())
+        print(f"| {name} | {letters} | {parameter_count(spec):,} | {states} | {flops} |")
+
+
+def _letter(mixer) -> str:
+    if mixer.type == "attention":
+        return "F" if mixer.window is None else "S"
+    return {"gated_deltanet": "G", "mamba2": "M"}.get(mixer.type, "?")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mixerzoo` command."""
     parser = argparse.ArgumentParser(prog="mixerzoo", description=__doc__)
@@ -57,9 +85,13 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--context", type=int, default=4096)
     demo_parser.add_argument("--window", type=int, default=256)
     demo_parser.add_argument("--d-model", type=int, default=128)
+    recipes_parser = commands.add_parser("recipes", help="every recipe with its costs, without building it")
+    recipes_parser.add_argument("--size", choices=SIZES, default="paper")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.context, args.window, args.d_model)
+    elif args.command == "recipes":
+        recipes(args.size)
 
 
 if __name__ == "__main__":

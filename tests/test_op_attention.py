@@ -58,6 +58,16 @@ def test_reference_equals_fla_naive_parallel_attn(inputs):
     assert_close(attention(q, k, v, window, backend="reference"), expected, "fla naive_parallel_attn", torch.float64)
 
 
+@given(attention_inputs(torch.float64))
+def test_bidirectional_torch_equals_reference(inputs):
+    q, k, v, _ = inputs
+    got = attention(q, k, v, causal=False, backend="torch")
+    assert_close(got, attention(q, k, v, causal=False, backend="reference"), "bidirectional", torch.float64)
+    if q.shape[1] == 1:  # the last position sees every key either way
+        return
+    assert not torch.allclose(got, attention(q, k, v, backend="torch")), "causal=False must see future keys"
+
+
 def test_gradients_of_torch_backend_match_reference():
     gen = torch.Generator().manual_seed(0)
     for window in (None, 1, 7, 200):
@@ -97,6 +107,7 @@ def test_windowed_torch_backend_never_builds_a_t_by_t_mask(monkeypatch):
         (((2, 3, 4, 8), (2, 3, 4, 8), (2, 3, 4, 8)), {"window": 0}, "window must be"),
         (((2, 3, 4, 8), (2, 3, 4, 8), (2, 3, 4, 8)), {"backend": "cudnn"}, "unknown backend"),
         (((2, 3, 4, 8), (2, 3, 4, 8), (2, 3, 4, 8)), {"backend": "flash"}, "needs CUDA"),
+        (((2, 3, 4, 8), (2, 3, 4, 8), (2, 3, 4, 8)), {"window": 2, "causal": False}, "window needs causal"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(shapes, kwargs, message):

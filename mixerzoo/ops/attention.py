@@ -1,8 +1,10 @@
-"""Causal softmax attention with grouped KV heads, a key offset and an optional sliding window.
+"""Softmax attention with grouped KV heads: causal with a key offset and an optional sliding
+window, or bidirectional.
 
-Queries are the LAST Tq positions of the Tk keys: query i sits at position
+Causal: queries are the LAST Tq positions of the Tk keys: query i sits at position
 Tk - Tq + i and sees keys j <= Tk - Tq + i, and with window=W only keys
-j > Tk - Tq + i - W (itself and the W - 1 before it).
+j > Tk - Tq + i - W (itself and the W - 1 before it). Bidirectional (causal=False):
+every query sees every key.
 """
 
 from __future__ import annotations
@@ -25,15 +27,21 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    *,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention; returns o [B, Tq, Hq, Dv] in q's dtype.
+    """Causal (optionally sliding-window) or bidirectional attention; returns o [B, Tq, Hq, Dv] in q's dtype.
 
     q [B, Tq, Hq, D]; k [B, Tk, Hkv, D]; v [B, Tk, Hkv, Dv]; Hq % Hkv == 0 (query head h
     reads KV head h // (Hq // Hkv)); Tk >= Tq >= 1. scale defaults to D ** -0.5.
     """
     _check_inputs(q, k, v, window)
+    if not causal and window is not None:
+        raise ValueError("attention: a window needs causal=True")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = choose_backend("attention", backend, q, supported=("flash", "torch", "fla", "reference"))
+    if not causal:
+        return _BIDIRECTIONAL[name](q, k, v, scale)
     return _BACKENDS[name](q, k, v, window, scale)
 
 
@@ -66,17 +74,18 @@ def _allowed(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None)
     return allowed
 
 
-def _reference(q, k, v, window, scale):
+def _reference(q, k, v, window, scale, causal=True):
     """Masked softmax over an explicit [Tq, Tk] mask, in the inputs' dtype."""
     tq, tk = q.shape[1], k.shape[1]
     group = q.shape[2] // k.shape[2]
     k = k.repeat_interleave(group, dim=2)  # [B, Tk, Hq, D]
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, Hq, Tq, Tk]
-    query_pos = torch.arange(tk - tq, tk, device=q.device)
-    allowed = _allowed(query_pos, torch.arange(tk, device=q.device), window)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    if causal:
+        query_pos = torch.arange(tk - tq, tk, device=q.device)
+        allowed = _allowed(query_pos, torch.arange(tk, device=q.device), window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
 
 
 def _sdpa(q, k, v, scale, attn_mask=None, is_causal=False):
@@ -127,4 +136,20 @@ def _fla(q, k, v, window, scale):
     return parallel_attn(q, k, v, scale=scale, window_size=window)
 
 
+def _flash_bidirectional(q, k, v, scale):
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func(q, k, v, softmax_scale=scale, causal=False)
+
+
+def _fla_bidirectional(q, k, v, scale):
+    raise ValueError("attention: backend 'fla' is causal only; use 'flash' or 'torch' for causal=False")
+
+
 _BACKENDS = {"reference": _reference, "torch": _torch, "flash": _flash, "fla": _fla}
+_BIDIRECTIONAL = {
+    "reference": lambda q, k, v, scale: _reference(q, k, v, None, scale, causal=False),
+    "torch": _sdpa,
+    "flash": _flash_bidirectional,
+    "fla": _fla_bidirectional,
+}

@@ -2,10 +2,10 @@
 
 from mixerzoo.blocks.costs import flops_per_token, parameter_count, state_nbytes
 from mixerzoo.blocks.decoder import Block, Decoder, DecoderState, SwiGLU
-from mixerzoo.blocks.generate import STOPPED, generate, prefill, sample, stream
+from mixerzoo.blocks.generate import STOPPED, continue_stream, generate, prefill, sample, stream
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 
 __all__ = [
-    "STOPPED", "Block", "Decoder", "DecoderState", "LayerSpec", "LayoutSpec", "MLPSpec", "SwiGLU", "flops_per_token",
+    "STOPPED", "Block", "continue_stream", "Decoder", "DecoderState", "LayerSpec", "LayoutSpec", "MLPSpec", "SwiGLU", "flops_per_token",
     "generate", "parameter_count", "prefill", "sample", "state_nbytes", "stream",
 ]

@@ -80,20 +80,38 @@ def stream(
     valid: torch.Tensor | None = None,
     state: DecoderState | None = None,
     chunk_size: int | None = None,
+    **sampling,
+) -> Iterator[torch.Tensor]:
+    """Prefill the prompts, then yield the next token of every row [B] per step (see `continue_stream`).
+
+    sampling: stop_tokens, temperature, top_k, top_p, generator.
+    """
+    logits, state = prefill(model, input_ids, state, valid=valid, chunk_size=chunk_size)
+    yield from continue_stream(model, logits, state, max_new_tokens=max_new_tokens, **sampling)
+
+
+@torch.inference_mode()
+def continue_stream(
+    model,
+    logits: torch.Tensor,
+    state,
+    *,
+    max_new_tokens: int,
     stop_tokens: Sequence[int] = (),
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row [B] at each step, STOPPED (-1) for rows that are done.
+    """From next-token logits [B, vocab] and the state that produced them, yield the next token
+    of every row [B] at each step, STOPPED (-1) for rows that are done.
 
-    A row stops after emitting one of `stop_tokens`; its later steps are pads (no-ops on
-    its state). Ends after max_new_tokens steps or when every row has stopped.
+    `model(tokens [B, 1], state, valid=...)` must return (logits [B, 1, vocab], state): a
+    Decoder or a VLM. A row stops after emitting one of `stop_tokens`; its later steps are
+    pads (no-ops on its state). Ends after max_new_tokens steps or when every row has stopped.
     """
-    logits, state = prefill(model, input_ids, state, valid=valid, chunk_size=chunk_size)
-    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=input_ids.device)
-    running = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
+    running = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     for _ in range(max_new_tokens):
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield torch.where(running, token, STOPPED)

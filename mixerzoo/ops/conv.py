@@ -57,7 +57,10 @@ def _reference(x, weight, tail, valid, bias):
 
 
 def _torch(x, weight, tail, valid, bias):
-    """Move each row's valid tokens to the front (in order), convolve after the tail, scatter back."""
+    """Move each row's valid tokens to the front (in order), convolve after the tail, scatter back;
+    a single token (decode) takes the one-step form."""
+    if x.shape[1] == 1:
+        return _reference(x, weight, tail, valid, bias)
     taps = weight.shape[1]
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # [B, T]: valid first
     packed = torch.cat([tail, x.gather(1, order[..., None].expand_as(x))], dim=1)  # [B, W - 1 + T, C]

@@ -34,7 +34,7 @@ class MixerConfig(BaseModel):
     the registry find it.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
     type: str
     d_model: int = Field(gt=0, description="width of the residual stream")

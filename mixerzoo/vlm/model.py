@@ -1,0 +1,236 @@
+"""The vision-language model: a Qwen2.5-VL vision tower feeding any Decoder layout, with M-RoPE.
+
+`logits, state = vlm(input_ids, pixel_values=..., image_grid_thw=..., state=state)`: the
+vision features replace the image / video pad tokens, M-RoPE positions continue from the
+state, and the decoder runs the usual recurrent-state protocol, so prefill, decode and
+streaming video are the same call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+from safetensors import safe_open
+from torch import nn
+from typing_extensions import Self
+
+from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec
+from mixerzoo.mixers.base import atomic_save_safetensors
+from mixerzoo.vlm.positions import MRopeState, mrope_positions
+from mixerzoo.vlm.processor import ProcessorConfig
+from mixerzoo.vlm.vision import VisionConfig, VisionTower
+
+_STATE_FORMAT = "mixerzoo.vlm_state/1"
+
+
+class VLMSpec(BaseModel):
+    """A VLM: the decoder layout, the vision tower, and the token / position conventions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decoder: LayoutSpec
+    vision: VisionConfig
+    processor: ProcessorConfig = ProcessorConfig()
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> Self:
+        if self.vision.out_hidden_size != self.decoder.d_model:
+            raise ValueError(f"vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
+                             f"decoder.d_model ({self.decoder.d_model})")
+        for i, layer in enumerate(self.decoder.layers):
+            rope = getattr(layer.mixer, "rope", None)
+            if rope is not None and rope.kind != "mrope":
+                raise ValueError(f"decoder layer {i}: a VLM needs rope kind 'mrope' on attention layers, got {rope.kind!r}")
+        vocab = self.decoder.vocab_size
+        p = self.processor
+        for name in ("vision_start_id", "vision_end_id", "image_pad_id", "video_pad_id"):
+            if not 0 <= getattr(p, name) < vocab:
+                raise ValueError(f"processor.{name} ({getattr(p, name)}) is outside the vocabulary (size {vocab})")
+        return self
+
+
+@dataclasses.dataclass
+class VLMState:
+    """The decoder's state plus the M-RoPE position state, per row."""
+
+    decoder: DecoderState
+    rope: MRopeState
+
+    @property
+    def batch_size(self) -> int:
+        """Number of rows (independent streams)."""
+        return self.decoder.batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the state holds."""
+        return self.decoder.nbytes + sum(t.numel() * t.element_size() for t in self.rope.tensors().values())
+
+    def clone(self) -> Self:
+        """An independent fork."""
+        return VLMState(self.decoder.clone(), self.rope.clone())
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
+        """The sub-batch of `rows`."""
+        return VLMState(self.decoder.select(rows), self.rope.select(rows))
+
+    @classmethod
+    def concat(cls, states: Sequence[Self]) -> Self:
+        """One batch holding the rows of `states` in order."""
+        return VLMState(DecoderState.concat([s.decoder for s in states]), MRopeState.concat([s.rope for s in states]))
+
+    def save(self, path: str | os.PathLike, spec: VLMSpec) -> None:
+        """One safetensors file (decoder state, positions, and the spec), written atomically."""
+        tensors = {"seen": self.decoder.seen}
+        for i, layer in enumerate(self.decoder.layers):
+            tensors.update({f"layers.{i}.{name}": t for name, t in layer.tensors().items()})
+        tensors.update({f"rope.{name}": t for name, t in self.rope.tensors().items()})
+        metadata = {"format": _STATE_FORMAT, "spec": spec.model_dump_json()}
+        atomic_save_safetensors({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, Path(path), metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: "VLM", *, device: torch.device | str = "cpu") -> Self:
+        """Read a state written by `save`; refuses a file saved for another spec."""
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != _STATE_FORMAT:
+                raise ValueError(f"{path}: not a mixerzoo VLM state (format {metadata.get('format')!r})")
+            saved = VLMSpec.model_validate_json(metadata["spec"])
+            if _identity(saved) != _identity(model.spec):
+                raise ValueError(f"{path}: state was saved for another VLM spec")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        layers = []
+        for i, block in enumerate(model.decoder.layers):
+            prefix = f"layers.{i}."
+            layers.append(block.mixer.state_class(**{k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
+        rope = MRopeState.from_tensors({k[len("rope."):]: t for k, t in tensors.items() if k.startswith("rope.")})
+        return cls(DecoderState(layers, tensors["seen"]), rope)
+
+
+def _identity(spec: VLMSpec) -> str:
+    """The spec without op backends (they never change parameters or state layout)."""
+    data = json.loads(spec.model_dump_json())
+    for layer in data["decoder"]["layers"]:
+        layer["mixer"].pop("backend", None)
+    data["vision"].pop("backend", None)
+    return json.dumps(data, sort_keys=True)
+
+
+class VLM(nn.Module):
+    """Vision tower + patch merger + Decoder: `logits, state = vlm(input_ids, ..., state=state)`."""
+
+    def __init__(self, spec: VLMSpec):
+        super().__init__()
+        self.spec = spec
+        self.visual = VisionTower(spec.vision)
+        self.decoder = Decoder(spec.decoder)
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> VLMState:
+        """The state before any token."""
+        decoder = self.decoder.init_state(batch_size, device=device, dtype=dtype)
+        return VLMState(decoder, MRopeState.init(batch_size, device=decoder.seen.device))
+
+    def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> VLMState:
+        """A state saved with `state.save(path, vlm.spec)`."""
+        return VLMState.load(path, self, device=device)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings [B, T, d_model] with image / video pad tokens replaced by vision features."""
+        embeds = self.decoder.embed(input_ids)
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        p = self.spec.processor
+        for kind, pad_id, pixels, grid in (
+            ("image", p.image_pad_id, pixel_values, image_grid_thw),
+            ("video", p.video_pad_id, pixel_values_videos, video_grid_thw),
+        ):
+            slots = (input_ids == pad_id) & valid
+            n_slots = int(slots.sum())
+            if pixels is None:
+                if n_slots:
+                    raise ValueError(f"VLM: {n_slots} {kind} pad tokens but no {kind} pixels were given")
+                continue
+            features = self.visual(pixels.to(embeds.dtype), grid)  # [N_tokens, d_model]
+            if features.shape[0] != n_slots:
+                raise ValueError(f"VLM: {n_slots} {kind} pad tokens but the {kind} pixels give {features.shape[0]} features")
+            embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: VLMState | None = None,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
+        valid: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> tuple[torch.Tensor, VLMState]:
+        """input_ids [B, T] (+ media) after `state` -> (logits [B, T, vocab], state).
+
+        Media whose pad tokens are in input_ids come with this call; the decoder may then run
+        in chunks of `chunk_size` tokens (vision features and positions are computed once).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"VLM: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        if state is None:
+            state = self.init_state(batch, device=input_ids.device, dtype=self.decoder.embed.weight.dtype)
+        embeds = self.embed(
+            input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=valid,
+        )
+        positions, rope = mrope_positions(
+            input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            second_per_grid_ts=second_per_grid_ts, valid=valid, state=state.rope, config=self.spec.processor,
+        )
+        step = chunk_size or length
+        decoder_state, logits = state.decoder, []
+        for start in range(0, length, step):
+            end = start + step
+            chunk_logits, decoder_state = self.decoder(
+                embeds=embeds[:, start:end], state=decoder_state,
+                positions=positions[:, :, start:end], valid=valid[:, start:end],
+            )
+            logits.append(chunk_logits)
+        return torch.cat(logits, dim=1), VLMState(decoder_state, rope)
+
+
+def save_vlm(model: VLM, path: str | os.PathLike) -> None:
+    """Weights and spec in one safetensors file, written atomically (tied weights stored once)."""
+    tensors = {k: t.detach().contiguous().cpu() for k, t in model.state_dict().items()}
+    atomic_save_safetensors(tensors, Path(path), {"format": "mixerzoo.vlm/1", "spec": model.spec.model_dump_json()})
+
+
+def load_vlm(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> VLM:
+    """A VLM saved with `save_vlm`."""
+    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != "mixerzoo.vlm/1":
+            raise ValueError(f"{path}: not a mixerzoo VLM file (format {metadata.get('format')!r})")
+        spec = VLMSpec.model_validate_json(metadata["spec"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.device("meta"):
+        model = VLM(spec)
+    model.load_state_dict({k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}, strict=True, assign=True)
+    return model.eval()

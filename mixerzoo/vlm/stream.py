@@ -1,0 +1,95 @@
+"""Streaming video: frames are prefilled into one running state; questions fork it."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from mixerzoo.blocks import STOPPED, continue_stream
+from mixerzoo.vlm.model import VLM, VLMState
+from mixerzoo.vlm.processor import expand_vision_tokens, process_video
+
+
+@dataclass
+class StreamStats:
+    """Per-frame prefill latency and state size of a session."""
+
+    frame_seconds: list[float] = field(default_factory=list)
+    state_nbytes: list[int] = field(default_factory=list)
+
+    @property
+    def frames(self) -> int:
+        """Frames pushed so far."""
+        return len(self.frame_seconds)
+
+    @property
+    def fps(self) -> float:
+        """Frames per second of prefill over all frames pushed."""
+        total = sum(self.frame_seconds)
+        return self.frames / total if total else 0.0
+
+
+class StreamSession:
+    """A video stream held in one VLM state of batch 1.
+
+    Each pushed frame becomes its own video block (resized to frame_size x frame_size,
+    so (frame_size / 28)^2 visual tokens) whose temporal M-RoPE positions continue from
+    the stream; `ask` answers on a fork and leaves the stream untouched.
+    """
+
+    def __init__(self, model: VLM, *, frame_size: int = 448, fps: float = 2.0):
+        factor = model.spec.processor.patch_size * model.spec.processor.merge_size
+        if frame_size % factor:
+            raise ValueError(f"StreamSession: frame_size must be a multiple of {factor}, got {frame_size}")
+        self.model = model
+        self.fps = fps
+        self.processor = model.spec.processor.model_copy(
+            update={"video_min_pixels": frame_size * frame_size, "video_max_pixels": frame_size * frame_size}
+        )
+        self.state: VLMState = model.init_state(1)
+        self.stats = StreamStats()
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Visual tokens each frame adds (at frame_size x frame_size)."""
+        side = int(self.processor.video_max_pixels**0.5) // (self.processor.patch_size * self.processor.merge_size)
+        return side * side
+
+    @torch.inference_mode()
+    def push_frames(self, frames: np.ndarray | Sequence[np.ndarray]) -> None:
+        """Prefill frames ([T, H, W, 3] uint8, or a list of [H, W, 3]) into the running state."""
+        for frame in frames:
+            start = time.perf_counter()
+            pixels, grid, seconds = process_video(np.asarray(frame)[None], self.processor, fps=self.fps)
+            ids = torch.tensor([expand_vision_tokens(["video"], video_grid_thw=grid, config=self.processor)])
+            _, self.state = self.model(
+                ids, self.state, pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[seconds]
+            )
+            self.stats.frame_seconds.append(time.perf_counter() - start)
+            self.stats.state_nbytes.append(self.state.nbytes)
+
+    @torch.inference_mode()
+    def ask(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 32, stop_tokens: Sequence[int] = ()) -> list[int]:
+        """Greedy answer to a tokenised question, computed on a fork of the stream's state."""
+        fork = self.state.clone()
+        logits, fork = self.model(torch.tensor([list(prompt_ids)]), fork)
+        answer = []
+        for token in continue_stream(self.model, logits[:, -1].float(), fork, max_new_tokens=max_new_tokens,
+                                     stop_tokens=stop_tokens):
+            if int(token) == STOPPED:
+                break
+            answer.append(int(token))
+        return answer
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Persist the stream's memory (its state) atomically."""
+        self.state.save(path, self.model.spec)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Continue from a memory saved with `save` (refused if it was saved for another model spec)."""
+        self.state = self.model.load_state(path)

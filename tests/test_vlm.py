@@ -55,7 +55,10 @@ CASES = {
     "text": ([], {}),
     "one image": ([("image", 6)], dict(pixel_values=(24,), image_grid_thw=[[1, 4, 6]])),
     "two images": ([("image", 6), ("image", 4)], dict(pixel_values=(40,), image_grid_thw=[[1, 4, 6], [1, 4, 4]])),
-    "video": ([("video", 8)], dict(pixel_values_videos=(32,), video_grid_thw=[[2, 4, 4]], second_per_grid_ts=[1.0])),
+    # 0.5 s per temporal patch (2 tokens / s): temporal positions stay within the block's
+    # spatial extent. Past it, transformers 5.x starts the next text at block start + max(h, w)
+    # while Qwen's rule (ours) uses max position + 1; tests/test_vlm_positions.py pins that.
+    "video": ([("video", 8)], dict(pixel_values_videos=(32,), video_grid_thw=[[2, 4, 4]], second_per_grid_ts=[0.5])),
 }
 
 

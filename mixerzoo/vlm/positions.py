@@ -7,7 +7,7 @@ The rule (Qwen2.5-VL's `get_rope_index`, as released by the Qwen team):
   (grid_h / merge_size, grid_w / merge_size); starting at position s, its token
   (t_idx, h_idx, w_idx) (row-major) takes
   (s + floor(t_idx * second_per_grid_t * tokens_per_second), s + h_idx, s + w_idx),
-  with second_per_grid_t = 0 for images;
+  with second_per_grid_t = 0 for images (the product is taken in float64, in that order);
 - the token after a block takes max(every position so far) + 1.
 
 Transformers 5.x differs in one place: after a block it continues at s + max(h, w), which
@@ -138,21 +138,17 @@ def mrope_positions(
         state = MRopeState.init(B)
     if state.batch_size != B:
         raise ValueError(f"state has {state.batch_size} rows, input_ids has {B}")
-    grids = {
-        _IMAGE: _merged_grids(image_grid_thw, "image_grid_thw", config.merge_size),
-        _VIDEO: _merged_grids(video_grid_thw, "video_grid_thw", config.merge_size),
-    }
-    n_videos = len(grids[_VIDEO])
+    image_rows = _merged_grids(image_grid_thw, "image_grid_thw", config.merge_size)
+    video_rows = _merged_grids(video_grid_thw, "video_grid_thw", config.merge_size)
     if second_per_grid_ts is None:
-        seconds = [1.0] * n_videos
+        seconds = [1.0] * len(video_rows)
     else:
-        seconds = [float(s) for s in torch.as_tensor(second_per_grid_ts, dtype=torch.float64).reshape(-1).tolist()]
-        if len(seconds) != n_videos:
-            raise ValueError(f"second_per_grid_ts has {len(seconds)} values for {n_videos} video_grid_thw rows")
+        seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float64).reshape(-1).tolist()
+        if len(seconds) != len(video_rows):
+            raise ValueError(f"second_per_grid_ts has {len(seconds)} values for {len(video_rows)} video_grid_thw rows")
         if any(not s >= 0 for s in seconds):
             raise ValueError(f"second_per_grid_ts must be >= 0, got {seconds}")
-    grids[_IMAGE] = [(g, 0.0) for g in grids[_IMAGE]]
-    grids[_VIDEO] = list(zip(grids[_VIDEO], seconds))
+    grids = {_IMAGE: [(g, 0.0) for g in image_rows], _VIDEO: list(zip(video_rows, seconds))}  # (merged grid, secs)
     used = {_IMAGE: 0, _VIDEO: 0}
 
     ids = input_ids.detach().to("cpu", torch.long)
@@ -175,7 +171,8 @@ def mrope_positions(
         p, L = 0, len(where)
         while p < L:
             if kind == _TEXT:  # text up to the next pad token, then open a block there
-                q = int(vision_at[torch.searchsorted(vision_at, p)]) if len(vision_at) and p <= vision_at[-1] else L
+                j = int(torch.searchsorted(vision_at, p))
+                q = int(vision_at[j]) if j < len(vision_at) else L
                 out[:, p:q] = torch.arange(nxt, nxt + q - p)
                 nxt += q - p
                 p = q

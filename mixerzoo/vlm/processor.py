@@ -291,6 +291,8 @@ def expand_vision_tokens(
             ids += [config.vision_start_id] + [pad[part]] * (t * h * w // config.merge_size**2) + [config.vision_end_id]
         elif isinstance(part, (Sequence, torch.Tensor, np.ndarray)):
             text = [int(x) for x in (part.tolist() if hasattr(part, "tolist") else part)]
+            if pad["image"] in text or pad["video"] in text:
+                raise ValueError(f"part {i}: text holds an image or video pad id; write 'image' / 'video' parts instead")
             ids += text
         else:
             raise TypeError(f"part {i}: expected a list of token ids, 'image' or 'video', got {type(part).__name__}")

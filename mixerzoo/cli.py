@@ -77,6 +77,28 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f} MiB"
 
 
+def stream(video: str, recipe_name: str, size: str, frame_size: int, fps: float, checkpoint: str | None) -> None:
+    """Stream a video file through a VLM session frame by frame, with a progress bar, then
+    print per-frame latency, FPS and state bytes."""
+    from tqdm import tqdm
+
+    from mixerzoo.vlm import VLM, StreamSession, load_vlm, read_video, vlm_recipe
+
+    torch.manual_seed(0)
+    model = load_vlm(checkpoint) if checkpoint else VLM(vlm_recipe(recipe_name, size)).eval()
+    frames, _ = read_video(video, fps=fps)
+    session = StreamSession(model, frame_size=frame_size, fps=fps)
+    for frame in tqdm(frames, desc=f"{recipe_name}/{size}", unit="frame"):
+        session.push_frames(frame[None])
+    stats = session.stats
+    latencies = sorted(stats.frame_seconds)
+    print(f"\n| model | frames | tokens/frame | FPS | median ms/frame | p95 ms/frame | state bytes first | last |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {checkpoint or recipe_name + '/' + size} | {stats.frames} | {session.tokens_per_frame} | {stats.fps:.1f} | "
+          f"{latencies[len(latencies) // 2] * 1e3:.1f} | {latencies[int(len(latencies) * 0.95)] * 1e3:.1f} | "
+          f"{stats.state_nbytes[0]:,} | {stats.state_nbytes[-1]:,} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mixerzoo` command."""
     parser = argparse.ArgumentParser(prog="mixerzoo", description=__doc__)
@@ -87,11 +109,20 @@ def main(argv: list[str] | None = None) -> None:
     demo_parser.add_argument("--d-model", type=int, default=128)
     recipes_parser = commands.add_parser("recipes", help="every recipe with its costs, without building it")
     recipes_parser.add_argument("--size", choices=SIZES, default="paper")
+    stream_parser = commands.add_parser("stream", help="stream a video file through a VLM session")
+    stream_parser.add_argument("video")
+    stream_parser.add_argument("--recipe", default="infinitevl")
+    stream_parser.add_argument("--size", choices=SIZES, default="tiny")
+    stream_parser.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square")
+    stream_parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
+    stream_parser.add_argument("--checkpoint", help="a VLM saved with mixerzoo.vlm.save_vlm (default: random weights)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.context, args.window, args.d_model)
     elif args.command == "recipes":
         recipes(args.size)
+    elif args.command == "stream":
+        stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint)
 
 
 if __name__ == "__main__":

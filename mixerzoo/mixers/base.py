@@ -89,6 +89,12 @@ class MixerState:
         """An independent copy (a fork): advancing one never changes the other."""
         return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
 
+    def contiguous(self) -> Self:
+        """The state with every tensor contiguous (the canonical layout that save / load reproduces)."""
+        if all(t.is_contiguous() for t in self.tensors().values()):
+            return self
+        return dataclasses.replace(self, **{k: t.contiguous() for k, t in self.tensors().items()})
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
         """The state on `device`, with floating tensors (except float32-pinned ones) in `dtype`."""
         fields = {f.name: f for f in dataclasses.fields(self)}
@@ -234,7 +240,8 @@ class Mixer(nn.Module):
             if state.device != x.device:
                 raise ValueError(f"{name}: x is on {x.device} but the state is on {state.device}")
             state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
-        return self._forward(x, state, positions, valid)
+        y, state = self._forward(x, state, positions, valid)
+        return y, state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
 
     def _forward(
         self, x: torch.Tensor, state: MixerState, positions: torch.Tensor | None, valid: torch.Tensor

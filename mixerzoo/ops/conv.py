@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
 
@@ -64,7 +63,10 @@ def _torch(x, weight, tail, valid, bias):
     taps = weight.shape[1]
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # [B, T]: valid first
     packed = torch.cat([tail, x.gather(1, order[..., None].expand_as(x))], dim=1)  # [B, W - 1 + T, C]
-    y = F.conv1d(packed.transpose(1, 2), weight[:, None, :], bias, groups=x.shape[2]).transpose(1, 2)  # [B, T, C]
+    length = x.shape[1]
+    y = sum(packed[:, j : j + length] * weight[:, j] for j in range(taps))  # [B, T, C]: depthwise, few taps
+    if bias is not None:
+        y = y + bias
     n_valid = valid.sum(1)  # [B]
     y = y * (torch.arange(x.shape[1], device=x.device) < n_valid[:, None])[..., None]  # packed pads -> 0
     out = torch.zeros_like(y).scatter(1, order[..., None].expand_as(y), y)

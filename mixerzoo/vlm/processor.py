@@ -214,8 +214,9 @@ def process_video(
         min_pixels=config.video_min_pixels,
         max_pixels=config.video_max_pixels,
     )
-    pils += [pils[-1]] * (-len(pils) % config.temporal_patch_size)
     video = np.stack([_normalized_chw(pil, height, width, config) for pil in pils])  # [T, 3, H, W]
+    pad = -len(pils) % config.temporal_patch_size  # repeat the last (already resized) frame
+    video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
     rows, grid = _patchify(video, config)
     second_per_grid_t = config.temporal_patch_size / fps
     return torch.from_numpy(rows), torch.tensor([grid], dtype=torch.long), second_per_grid_t

@@ -96,11 +96,25 @@ class DecoderState:
         layers = [type(group[0]).concat(list(group)) for group in zip(*(s.layers for s in states))]
         return DecoderState(layers, torch.cat([s.seen for s in states]))
 
-    def save(self, path: str | os.PathLike, spec: LayoutSpec) -> None:
-        """One safetensors file with the spec embedded, written atomically."""
+    def flat_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a flat name: "seen" and "layers.{i}.{field}"."""
         tensors = {"seen": self.seen}
         for i, layer in enumerate(self.layers):
             tensors.update({f"layers.{i}.{name}": t for name, t in layer.tensors().items()})
+        return tensors
+
+    @classmethod
+    def from_flat_tensors(cls, tensors: dict[str, torch.Tensor], model: "Decoder") -> Self:
+        """The state of `model` from `flat_tensors` output (each layer's state class from its mixer)."""
+        layers = []
+        for i, block in enumerate(model.layers):
+            prefix = f"layers.{i}."
+            layers.append(block.mixer.state_class(**{k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
+        return cls(layers, tensors["seen"])
+
+    def save(self, path: str | os.PathLike, spec: LayoutSpec) -> None:
+        """One safetensors file with the spec embedded, written atomically."""
+        tensors = self.flat_tensors()
         metadata = {
             "format": _STATE_FORMAT,
             "spec": spec.to_json(),
@@ -119,12 +133,7 @@ class DecoderState:
             if _without_backends(saved) != _without_backends(model.spec):
                 raise ValueError(f"{path}: state was saved for another spec; saved:\n{saved.to_yaml()}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        layers = []
-        for i, block in enumerate(model.layers):
-            prefix = f"layers.{i}."
-            fields = {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}
-            layers.append(block.mixer.state_class(**fields))
-        return cls(layers, tensors["seen"])
+        return cls.from_flat_tensors(tensors, model)
 
 
 def _without_backends(spec: LayoutSpec) -> list[dict]:

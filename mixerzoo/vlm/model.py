@@ -87,9 +87,7 @@ class VLMState:
 
     def save(self, path: str | os.PathLike, spec: VLMSpec) -> None:
         """One safetensors file (decoder state, positions, and the spec), written atomically."""
-        tensors = {"seen": self.decoder.seen}
-        for i, layer in enumerate(self.decoder.layers):
-            tensors.update({f"layers.{i}.{name}": t for name, t in layer.tensors().items()})
+        tensors = self.decoder.flat_tensors()
         tensors.update({f"rope.{name}": t for name, t in self.rope.tensors().items()})
         metadata = {"format": _STATE_FORMAT, "spec": spec.model_dump_json()}
         atomic_save_safetensors({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, Path(path), metadata)
@@ -105,12 +103,9 @@ class VLMState:
             if _identity(saved) != _identity(model.spec):
                 raise ValueError(f"{path}: state was saved for another VLM spec")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        layers = []
-        for i, block in enumerate(model.decoder.layers):
-            prefix = f"layers.{i}."
-            layers.append(block.mixer.state_class(**{k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
         rope = MRopeState.from_tensors({k[len("rope."):]: t for k, t in tensors.items() if k.startswith("rope.")})
-        return cls(DecoderState(layers, tensors["seen"]), rope)
+        decoder = DecoderState.from_flat_tensors({k: t for k, t in tensors.items() if not k.startswith("rope.")}, model.decoder)
+        return cls(decoder, rope)
 
 
 def _identity(spec: VLMSpec) -> str:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from mixerzoo.blocks import continue_stream
 from mixerzoo.mixers import Attention, GatedDeltaNet
 from mixerzoo.vlm.hf import convert, load_pretrained
-from mixerzoo.vlm.model import VLM, load_vlm, save_vlm
+from mixerzoo.vlm.model import VLM, generate_vlm, load_vlm, save_vlm
 from mixerzoo.vlm.recipes import list_vlm_recipes, vlm_recipe
 from mixerzoo.vlm.stream import StreamSession
 
@@ -99,6 +99,7 @@ def test_chunked_prefill_and_greedy_decode_match_transformers(hf_checkpoint):
         logits, state = ours(ids, chunk_size=5, **media)
         got = torch.stack(list(continue_stream(ours, logits[:, -1], state, max_new_tokens=20)), 1)[0]
     assert got.tolist() == expected.tolist()
+    assert generate_vlm(ours, ids, max_new_tokens=20, chunk_size=7, **media)[0].tolist() == expected.tolist()
 
 
 def _release_checkpoint(hf_path, out, window=8):
@@ -208,3 +209,24 @@ def test_full_attention_stream_grows_for_contrast():
     session.push_frames(np.zeros((5, 56, 56, 3), dtype=np.uint8))
     sizes = session.stats.state_nbytes
     assert all(b > a for a, b in zip(sizes, sizes[1:]))
+
+
+def test_left_padded_vlm_batch_generates_like_each_prompt_alone():
+    torch.manual_seed(0)
+    model = VLM(vlm_recipe("infinitevl", "tiny")).double().eval()
+    p = model.spec.processor
+    prompts = [[1, 2, p.vision_start_id] + [p.image_pad_id] * 6 + [p.vision_end_id, 3], [4, p.vision_start_id]
+               + [p.image_pad_id] * 4 + [p.vision_end_id, 5, 6, 7, 8, 9]]
+    grids = [torch.tensor([[1, 4, 6]]), torch.tensor([[1, 4, 4]])]
+    pixels = [torch.randn(24, 1176, dtype=torch.float64), torch.randn(16, 1176, dtype=torch.float64)]
+    width = max(map(len, prompts)) + 2
+    ids = torch.zeros(2, width, dtype=torch.long)
+    valid = torch.zeros(2, width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], valid[row, width - len(prompt):] = torch.tensor(prompt), True
+    batched = generate_vlm(model, ids, valid=valid, max_new_tokens=8, pixel_values=torch.cat(pixels),
+                           image_grid_thw=torch.cat(grids))
+    for row, prompt in enumerate(prompts):
+        alone = generate_vlm(model, torch.tensor([prompt]), max_new_tokens=8, pixel_values=pixels[row],
+                             image_grid_thw=grids[row])
+        assert batched[row].tolist() == alone[0].tolist()

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec
+from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
 from mixerzoo.mixers.base import atomic_save_safetensors
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
 from mixerzoo.vlm.processor import ProcessorConfig
@@ -229,3 +229,23 @@ def load_vlm(path: str | os.PathLike, *, device: torch.device | str = "cpu", dty
         model = VLM(spec)
     model.load_state_dict({k: t if dtype is None else t.to(dtype) for k, t in tensors.items()}, strict=True, assign=True)
     return model.eval()
+
+
+@torch.inference_mode()
+def generate_vlm(model: VLM, input_ids: torch.Tensor, *, max_new_tokens: int, state: VLMState | None = None,
+                 valid: torch.Tensor | None = None, chunk_size: int | None = None, **media_and_sampling) -> torch.Tensor:
+    """Tokens [B, steps] after prompts with media (STOPPED after a row's stop token).
+
+    media_and_sampling: the VLM's media keywords (pixel_values, image_grid_thw, ...) and
+    `continue_stream`'s sampling keywords (stop_tokens, temperature, top_k, top_p, generator).
+    """
+    media_keys = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    media = {k: v for k, v in media_and_sampling.items() if k in media_keys}
+    sampling = {k: v for k, v in media_and_sampling.items() if k not in media_keys}
+    if valid is None:
+        valid = torch.ones_like(input_ids, dtype=torch.bool)
+    logits, state = model(input_ids, state, valid=valid, chunk_size=chunk_size, **media)
+    last = valid.shape[1] - 1 - valid.flip(1).to(torch.int8).argmax(1)  # each row's last valid token
+    first = logits[torch.arange(input_ids.shape[0]), last].float()
+    tokens = list(continue_stream(model, first, state, max_new_tokens=max_new_tokens, **sampling))
+    return torch.stack(tokens, dim=1) if tokens else input_ids.new_empty(input_ids.shape[0], 0)

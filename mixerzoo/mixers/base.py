@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -51,6 +52,18 @@ class MixerConfig(BaseModel):
     def identity(self) -> dict:
         """The fields a saved state must agree on (everything but the backend)."""
         return self.model_dump(mode="json", exclude={"backend"})
+
+
+def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a recurrent state for activations in `dtype`: float32, or float64 for float64 runs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def step_size_bias(n: int, *, dt_min: float = 1e-3, dt_max: float = 1e-1, floor: float = 1e-4) -> torch.Tensor:
+    """Biases [n] whose softplus is a step size drawn log-uniformly in [dt_min, dt_max] (at least `floor`),
+    as Mamba2 and Gated DeltaNet initialise dt_bias."""
+    dt = torch.empty(n).uniform_(math.log(dt_min), math.log(dt_max)).exp().clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
 
 
 def _batch_first_fields(state: "MixerState") -> list[dataclasses.Field]:

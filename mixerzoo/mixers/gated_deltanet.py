@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.attention import Attention
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, recurrent_dtype, step_size_bias
 from mixerzoo.ops import causal_conv1d, gated_delta_rule
 
 _L2_EPS = 1e-6  # as fla's l2norm
@@ -90,11 +90,6 @@ class GatedDeltaNetState(MixerState):
     recurrent: torch.Tensor = dataclasses.field(metadata={"float32": True})  # [B, HV, K, V], float32 (float64 runs: float64)
 
 
-def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a recurrent state for activations in `dtype`: float32, or float64 for float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class GatedDeltaNet(Mixer):
     """Gated DeltaNet mixer with fla-compatible parameters."""
 
@@ -111,8 +106,7 @@ class GatedDeltaNet(Mixer):
         self.a_proj = nn.Linear(c.d_model, c.value_heads, bias=False)
         self.b_proj = nn.Linear(c.d_model, c.value_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(c.value_heads).uniform_(0, 16).log())
-        dt = torch.empty(c.value_heads).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.dt_bias = nn.Parameter(step_size_bias(c.value_heads))
         self.q_conv1d = nn.Conv1d(key_width, key_width, c.conv_size, groups=key_width, bias=c.conv_bias)
         self.k_conv1d = nn.Conv1d(key_width, key_width, c.conv_size, groups=key_width, bias=c.conv_bias)
         self.v_conv1d = nn.Conv1d(value_width, value_width, c.conv_size, groups=value_width, bias=c.conv_bias)

@@ -20,13 +20,8 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, recurrent_dtype, step_size_bias
 from mixerzoo.ops import causal_conv1d, ssd
-
-
-def ssm_state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The SSM state's dtype for activations in `dtype`: float32, or float64 for float64 runs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 class Mamba2Config(MixerConfig):
@@ -93,7 +88,7 @@ class Mamba2Config(MixerConfig):
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """The conv tail (activation dtype) and the SSM state (float32, or float64): constant in n_tokens."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        ssm_itemsize = torch.empty((), dtype=ssm_state_dtype(dtype)).element_size()
+        ssm_itemsize = torch.empty((), dtype=recurrent_dtype(dtype)).element_size()
         conv = (self.d_conv - 1) * self.conv_channels * itemsize
         ssm = self.n_heads * self.head_dim * self.d_state * ssm_itemsize
         return batch_size * (conv + ssm)
@@ -122,7 +117,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z [..., dim] -> [..., dim] in y's dtype, computed in at least float32."""
-        compute = ssm_state_dtype(y.dtype)
+        compute = recurrent_dtype(y.dtype)
         gated = (y.to(compute) * F.silu(z.to(compute))).unflatten(-1, (-1, self.group_size))  # [..., G, dim / G]
         normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + self.eps)
         return (normed.flatten(-2) * self.weight.to(compute)).to(y.dtype)
@@ -141,9 +136,7 @@ class Mamba2(Mixer):
         self.conv1d = nn.Conv1d(
             c.conv_channels, c.conv_channels, c.d_conv, groups=c.conv_channels, bias=c.conv_bias
         )  # weight [C, 1, W]; only its parameters are used, through causal_conv1d
-        log_min, log_max = math.log(c.dt_min), math.log(c.dt_max)
-        dt = torch.exp(torch.rand(c.n_heads) * (log_max - log_min) + log_min).clamp(min=c.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # [H]: softplus(dt_bias) = dt
+        self.dt_bias = nn.Parameter(step_size_bias(c.n_heads, dt_min=c.dt_min, dt_max=c.dt_max, floor=c.dt_init_floor))
         self.A_log = nn.Parameter(torch.empty(c.n_heads).uniform_(*c.A_init_range).log())  # [H]
         self.D = nn.Parameter(torch.ones(c.n_heads))  # [H]
         self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.n_groups, c.norm_eps)
@@ -156,7 +149,7 @@ class Mamba2(Mixer):
         dtype = self.out_proj.weight.dtype if dtype is None else dtype
         conv = torch.zeros(batch_size, c.d_conv - 1, c.conv_channels, device=device, dtype=dtype)
         ssm = torch.zeros(
-            batch_size, c.n_heads, c.head_dim, c.d_state, device=device, dtype=ssm_state_dtype(dtype)
+            batch_size, c.n_heads, c.head_dim, c.d_state, device=device, dtype=recurrent_dtype(dtype)
         )
         return Mamba2State(conv=conv, ssm=ssm)
 

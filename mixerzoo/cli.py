@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     stream_parser.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square")
     stream_parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     stream_parser.add_argument("--checkpoint", help="a VLM saved with mixerzoo.vlm.save_vlm (default: random weights)")
+    ablate_parser = commands.add_parser("ablate", help="run an ablation experiment YAML (resumable)")
+    ablate_parser.add_argument("experiment", help="experiment YAML (see experiments/efficiency.yaml)")
+    ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
+    ablate_parser.add_argument("--scale", type=float, help="override the experiment's scale")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.context, args.window, args.d_model)
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         recipes(args.size)
     elif args.command == "stream":
         stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint)
+    elif args.command == "ablate":
+        from mixerzoo.ablate.runner import ablate
+
+        print(ablate(args.experiment, args.out, scale=args.scale), end="")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,314 @@
+"""The ablation runner: an experiment YAML -> runs -> resumable results.
+
+```yaml
+name: efficiency-small          # results go to <out>/<name>/
+study: efficiency               # a registered study (mixerzoo.ablate.studies)
+sweep:                          # cartesian product, the last key varying fastest
+  recipe: [transformer, infinitevl]
+  size: [small]
+  settings.repeats: [5, 20]     # "settings.<key>" sweeps one study setting
+fixed: {contexts: [1024, 4096]} # merged into every run's settings
+scale: 1.0                      # passed to studies as settings["scale"]
+```
+
+Sweep keys are RunConfig fields (recipe, size, seed, window, ratio, settings: a list of
+dicts) or `settings.<key>`; `recipe` is required. `run_experiment` appends each finished
+run's rows to `<out>/<name>/runs.jsonl` (each row: the study's columns plus the run's
+fields, its settings as `settings.<key>` columns, and `run_key`), skips runs already there,
+and regenerates `results.csv`, `table.md` and `plot.png` from the rows of the current runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
+from typing_extensions import Self
+
+from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_studies
+
+_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
+_SCALARS = (str, int, float, bool, type(None))
+
+
+class ExperimentConfig(BaseModel):
+    """An ablation experiment: a study run over the cartesian product of `sweep`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="results directory name")
+    study: str
+    sweep: dict[str, list[Any]]
+    fixed: dict[str, Any] = Field(default_factory=dict, description="merged into every run's settings")
+    scale: float = Field(1.0, gt=0, description="passed to the study as settings['scale']")
+
+    @field_validator("study")
+    @classmethod
+    def _study_is_registered(cls, name: str) -> str:
+        if name not in list_studies():
+            raise ValueError(f"unknown study {name!r}; registered studies: {list_studies()}")
+        return name
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_keys(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in sweep.items():
+            if key not in _RUN_FIELDS and not (key.startswith("settings.") and len(key) > len("settings.")):
+                raise ValueError(f"sweep.{key}: not a run field; use one of {list(_RUN_FIELDS)} or 'settings.<key>'")
+            if not values:
+                raise ValueError(f"sweep.{key}: needs at least one value")
+        if "recipe" not in sweep:
+            raise ValueError("sweep.recipe: required (a list of recipe names)")
+        return sweep
+
+    @model_validator(mode="after")
+    def _runs_are_valid(self) -> Self:
+        from mixerzoo.registry import list_recipes
+
+        for recipe in self.sweep["recipe"]:
+            if recipe not in list_recipes():
+                raise ValueError(f"sweep.recipe: unknown recipe {recipe!r}; registered: {list_recipes()}")
+        expand(self)  # every run must validate as a RunConfig
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "ExperimentConfig":
+        """The experiment in YAML file `path` (yaml.safe_load)."""
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def expand(experiment: ExperimentConfig) -> list[RunConfig]:
+    """The experiment's runs: the cartesian product of its sweep in the sweep's key order
+    (the last key varying fastest), with `fixed` and `scale` merged into each run's settings."""
+    keys = list(experiment.sweep)
+    runs = []
+    for values in itertools.product(*(experiment.sweep[k] for k in keys)):
+        fields: dict[str, Any] = {}
+        settings = dict(experiment.fixed)
+        for key, value in zip(keys, values):
+            if key == "settings":
+                if not isinstance(value, dict):
+                    raise ValueError(f"sweep.settings: each value must be a mapping, got {value!r}")
+                settings.update(value)
+            elif key.startswith("settings."):
+                settings[key.removeprefix("settings.")] = value
+            else:
+                fields[key] = value
+        settings["scale"] = experiment.scale
+        try:
+            runs.append(RunConfig(study=experiment.study, settings=settings, **fields))
+        except ValidationError as error:
+            where = "; ".join(f"sweep.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ValueError(where) from None
+    return runs
+
+
+def run_row_fields(run: RunConfig) -> Row:
+    """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
+    row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "size": run.size, "seed": run.seed,
+                "window": run.window, "ratio": run.ratio}
+    for key, value in sorted(run.settings.items()):
+        row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)
+    return row
+
+
+def read_rows(path: Path) -> list[Row]:
+    """The rows of complete runs in a runs.jsonl file (without the `run_rows` bookkeeping column).
+
+    What a crash while appending leaves is dropped and the file rewritten without it: an
+    unparsable last line, and the rows of a run with fewer rows than it reported. An
+    unparsable line elsewhere is an error.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    lines = [line for line in data.split(b"\n") if line.strip()]
+    rows, damaged = [], bool(data) and not data.endswith(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if number < len(lines):
+                raise ValueError(f"{path}: row {number} is malformed and not the last one; fix or remove it")
+            damaged = True
+            continue
+        rows.append(row)
+    counts = collections.Counter(row.get("run_key") for row in rows)
+    complete = [row for row in rows if counts[row.get("run_key")] == row.get("run_rows")]
+    if damaged or len(complete) < len(rows):
+        _atomic_write(path, "".join(json.dumps(row) + "\n" for row in complete).encode())
+    return [{k: v for k, v in row.items() if k != "run_rows"} for row in complete]
+
+
+def _append_rows(path: Path, rows: list[Row]) -> None:
+    text = "".join(json.dumps({**row, "run_rows": len(rows)}) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would otherwise survive the rename
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_rows(run: RunConfig, rows: Any) -> list[Row]:
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise TypeError(f"study {run.study!r} must return a non-empty list of dicts, got {type(rows).__name__}")
+    reserved = run_row_fields(run).keys() | {"run_rows"}
+    for row in rows:
+        clash = sorted(reserved & row.keys())
+        if clash:
+            raise ValueError(f"study {run.study!r} returned columns {clash} that the runner reserves for run fields")
+        bad = sorted(k for k, v in row.items() if not isinstance(v, _SCALARS))
+        if bad:
+            raise TypeError(f"study {run.study!r} returned non-scalar values in columns {bad}")
+    return rows
+
+
+def _columns(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def to_csv(rows: list[Row]) -> str:
+    """The rows as CSV text, columns in first-seen order."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=_columns(rows), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def to_markdown(rows: list[Row], title: str) -> str:
+    """A markdown table of the rows; columns equal in every row (and `run_key`) are listed above it instead."""
+    columns = [c for c in _columns(rows) if c != "run_key"]
+    constant = {c: rows[0].get(c) for c in columns if len(rows) > 1 and all(r.get(c) == rows[0].get(c) for r in rows)}
+    shown = [c for c in columns if c not in constant]
+    lines = [f"# {title}", ""]
+    if constant:
+        lines += ["Same in every row: " + ", ".join(f"{c}={'null' if v is None else _cell(v)}" for c, v in constant.items()), ""]
+    lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in shown) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _latency_column(rows: list[Row]) -> str | None:
+    return next((c for c in _columns(rows) if "latency" in c and all(isinstance(r.get(c), (int, float)) for r in rows)), None)
+
+
+def default_plot(rows: list[Row], path: Path) -> bool:
+    """If rows have a `context` and a latency column, plot latency against context per recipe
+    (and per other varying run field) to PNG `path` and return True; otherwise return False."""
+    latency = _latency_column(rows)
+    if latency is None or not all(isinstance(r.get("context"), int) for r in rows):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varying = [f for f in ("recipe", "size", "seed", "window", "ratio") if len({r.get(f) for r in rows}) > 1] or ["recipe"]
+    series: dict[str, list[Row]] = {}
+    for row in rows:
+        series.setdefault(" ".join(f"{row.get(f)}" if f == "recipe" else f"{f}={row.get(f)}" for f in varying), []).append(row)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, mine in series.items():
+        mine = sorted(mine, key=lambda r: r["context"])
+        ax.plot([r["context"] for r in mine], [r[latency] for r in mine], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(latency)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
+    title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
+    _atomic_write(out_dir / "results.csv", to_csv(rows).encode())
+    _atomic_write(out_dir / "table.md", to_markdown(rows, title).encode())
+    plot = get_plot(experiment.study) or default_plot
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
+    os.close(fd)
+    try:
+        if plot(rows, Path(tmp)) is not False:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out_dir / "plot.png")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True) -> Path:
+    """Run every run of `experiment` that has no rows yet in `<out_root>/<name>/runs.jsonl`,
+    appending each run's rows when it finishes, then regenerate results.csv, table.md and
+    plot.png from the current runs' rows. Returns the results directory."""
+    out_dir = Path(out_root) / experiment.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = out_dir / "runs.jsonl"
+    runs = expand(experiment)
+    done = {row.get("run_key") for row in read_rows(jsonl)}
+    study = get_study(experiment.study)
+    pending = [run for run in runs if run.key() not in done]
+    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=experiment.name, unit="run", disable=not progress)
+    for run in pending:
+        bar.set_postfix_str(f"{run.recipe}/{run.size}")
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+            try:
+                rows = _check_rows(run, study(run, Path(scratch)))
+            except Exception as error:
+                raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
+        fields = run_row_fields(run)
+        _append_rows(jsonl, [{**fields, **row} for row in rows])
+        bar.update()
+    bar.close()
+    order = {run.key(): i for i, run in enumerate(runs)}
+    rows = sorted((r for r in read_rows(jsonl) if r.get("run_key") in order), key=lambda r: order[r["run_key"]])
+    _write_outputs(out_dir, experiment, rows)
+    return out_dir
+
+
+def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
+           progress: bool = True) -> str:
+    """Run the experiment in YAML file `path` (with `scale` overriding its scale, if given)
+    and return its markdown table."""
+    data = yaml.safe_load(Path(path).read_text())
+    if scale is not None and isinstance(data, dict):
+        data["scale"] = scale
+    experiment = ExperimentConfig.model_validate(data)
+    out_dir = run_experiment(experiment, Path(out_root), progress=progress)
+    return (out_dir / "table.md").read_text()
+
+
+__all__ = ["ExperimentConfig", "ablate", "default_plot", "expand", "read_rows", "run_experiment", "run_row_fields",
+           "to_csv", "to_markdown"]

@@ -1,0 +1,235 @@
+"""Ablation studies: what one run of an experiment measures, registered by name.
+
+A study is a function `study(run, scratch_dir) -> rows`: given a `RunConfig` (recipe, size,
+seed, window / ratio overrides, study-specific `settings`) and a scratch directory it may
+write to (deleted after the run), it returns one or more result rows, each a flat dict of
+str / int / float / bool / None. The runner (`mixerzoo.ablate.runner`) adds the run's fields
+and its `run_key` to every row, stores them, and skips runs whose key already has rows.
+
+Writing a study::
+
+    from mixerzoo.ablate.studies import RunConfig, build_spec, register_study
+
+    @register_study("my-study")                      # optional: plot=fn(rows, path)
+    def my_study(run: RunConfig, scratch: Path) -> list[dict]:
+        spec = build_spec(run)                        # recipe at size, overrides applied
+        n = run.settings.get("steps", 100)            # study settings, with defaults
+        scale = run.settings.get("scale", 1.0)        # the experiment's scale factor
+        return [{"loss": ...}]
+
+Studies in `mixerzoo.ablate` modules listed in `_BUILTIN_MODULES` (such as `mqar_study`)
+register themselves when first looked up; a study defined elsewhere registers when its
+module is imported. Built in here: `efficiency` (decode latency, prefill throughput,
+state bytes, parameters and FLOPs per token against context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, flops_per_token, parameter_count, state_nbytes
+from mixerzoo.registry import recipe
+
+Row = dict[str, Any]
+Study = Callable[["RunConfig", Path], list[Row]]
+PlotHook = Callable[[list[Row], Path], None]
+
+_STUDIES: dict[str, Study] = {}
+_PLOTS: dict[str, PlotHook] = {}
+_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study",)
+
+
+class RunConfig(BaseModel):
+    """One run of a study: a recipe at a size and seed, optional overrides, study settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study: str
+    recipe: str
+    size: str = "tiny"
+    seed: int = 0
+    window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
+    ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
+                              description="'A:G' attention : Gated DeltaNet layer ratio, if set")
+    settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
+
+    def key(self) -> str:
+        """A stable short hash of the run's canonical JSON: identifies the run for resuming."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def register_study(name: str, *, plot: PlotHook | None = None) -> Callable[[Study], Study]:
+    """Decorator registering `study(run, scratch_dir) -> rows` under `name`, with an optional
+    `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`."""
+
+    def decorate(study: Study) -> Study:
+        if name in _STUDIES:
+            raise ValueError(f"study {name!r} is already registered")
+        _STUDIES[name] = study
+        if plot is not None:
+            _PLOTS[name] = plot
+        return study
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    for module in _BUILTIN_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+
+def list_studies() -> list[str]:
+    """Registered study names."""
+    _load_builtin()
+    return sorted(_STUDIES)
+
+
+def get_study(name: str) -> Study:
+    """The study registered as `name`; KeyError listing the registered studies otherwise."""
+    _load_builtin()
+    if name not in _STUDIES:
+        raise KeyError(f"unknown study {name!r}; registered: {sorted(_STUDIES)}")
+    return _STUDIES[name]
+
+
+def get_plot(name: str) -> PlotHook | None:
+    """The plot hook registered with study `name`, or None."""
+    _load_builtin()
+    return _PLOTS.get(name)
+
+
+def build_spec(run: RunConfig) -> LayoutSpec:
+    """The spec of `run.recipe` at `run.size`, with the run's overrides applied.
+
+    `ratio` 'A:G' rebuilds the layer list with A attention layers per G Gated DeltaNet
+    layers spread evenly over the same depth (the recipe's own attention and Gated
+    DeltaNet layers are the templates; a recipe lacking either is an error). `window`
+    then sets the window of every sliding-window attention layer (full-attention
+    layers stay full).
+    """
+    spec = recipe(run.recipe, run.size)
+    if run.ratio is not None:
+        spec = _with_ratio(spec, run.recipe, run.ratio)
+    if run.window is not None:
+        data = spec.model_dump(mode="json")
+        for layer in data["layers"]:
+            if layer["mixer"]["type"] == "attention" and layer["mixer"].get("window") is not None:
+                layer["mixer"]["window"] = run.window
+        spec = LayoutSpec.model_validate(data)
+    return spec
+
+
+def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
+    templates = {}
+    for layer in spec.layers:
+        letter = {"attention": "A", "gated_deltanet": "G"}.get(layer.mixer.type)
+        if letter:
+            templates.setdefault(letter, layer.model_dump(mode="json"))
+    for letter, kind in (("A", "attention"), ("G", "Gated DeltaNet")):
+        if letter not in templates:
+            raise ValueError(f"ratio {ratio!r}: recipe {name!r} has no {kind} layer to use as a template")
+    attention, gdn = (int(part) for part in ratio.split(":"))
+    if attention + gdn == 0:
+        raise ValueError(f"ratio {ratio!r}: at least one weight must be positive")
+    data = spec.model_dump(mode="json", exclude={"layers"})
+    data.update(n_layers=spec.n_layers, ratio={"G": gdn, "A": attention},  # a tie puts attention first
+                legend={letter: layer["mixer"] for letter, layer in templates.items()}, mlp=templates["A"]["mlp"])
+    return LayoutSpec.model_validate(data)
+
+
+# ---------------------------------------------------------------- efficiency study
+
+FILL_SCALE = 0.1  # small random state values keep attention and the recurrences finite
+_EFFICIENCY_SETTINGS = {"contexts", "repeats", "prefill_tokens", "threads", "scale"}
+
+
+def filled_state(model: Decoder, context: int) -> DecoderState:
+    """A batch-1 state of the size `context` seen tokens leave, holding small random values
+    (floating tensors 0.1 * randn with their token-dependent dims sized `context`, token
+    counters equal to `context`): decode cost at a long context without the prefill."""
+    empty = model.init_state(1)
+
+    def fill(layer_state):
+        tensors = {}
+        for field in dataclasses.fields(layer_state):
+            t = getattr(layer_state, field.name)
+            if t.is_floating_point():
+                grow = set(field.metadata.get("variable_dims", ()))
+                shape = [context if d in grow else size for d, size in enumerate(t.shape)]
+                tensors[field.name] = FILL_SCALE * torch.randn(shape, dtype=t.dtype)
+            else:
+                tensors[field.name] = torch.full_like(t, context)
+        return dataclasses.replace(layer_state, **tensors)
+
+    return DecoderState([fill(s) for s in empty.layers], torch.full_like(empty.seen, context))
+
+
+@register_study("efficiency")
+def efficiency(run: RunConfig, scratch: Path) -> list[Row]:
+    """Per context: decode latency, prefill throughput, state bytes (measured and predicted),
+    parameters and FLOPs per token of the run's Decoder (float32, batch 1, inference mode).
+
+    Settings: `contexts` (default [1024, 4096, 16384]), `repeats` (decode steps timed, the
+    median reported; default 5), `prefill_tokens` (one prefill call from an empty state;
+    default 512), `threads` (torch intra-op threads while measuring; default 1). Decode starts from a state filled with random values of the size
+    `context` tokens leave, not from a prefill (`state_fill="random"` in every row).
+    """
+    unknown = sorted(run.settings.keys() - _EFFICIENCY_SETTINGS)
+    if unknown:
+        raise ValueError(f"efficiency: unknown settings {unknown}; known: {sorted(_EFFICIENCY_SETTINGS)}")
+    contexts = [int(c) for c in run.settings.get("contexts", [1024, 4096, 16384])]
+    repeats = int(run.settings.get("repeats", 5))
+    prefill_tokens = int(run.settings.get("prefill_tokens", 512))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(int(run.settings.get("threads", 1)))
+    try:
+        return _efficiency(run, contexts, repeats, prefill_tokens)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_tokens: int) -> list[Row]:
+    torch.manual_seed(run.seed)
+    spec = build_spec(run)
+    model = Decoder(spec).eval()
+    parameters, rows = parameter_count(spec), []
+    with torch.inference_mode():
+        prompt = torch.randint(spec.vocab_size, (1, prefill_tokens))
+        model(prompt[:, :8])  # warm-up
+        start = time.perf_counter()
+        model(prompt)
+        prefill_s = time.perf_counter() - start
+        for context in contexts:
+            state = filled_state(model, context)
+            token = torch.randint(spec.vocab_size, (1, 1))
+            model(token, state)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(token, state)
+                times.append(time.perf_counter() - start)
+            rows.append(dict(
+                context=context, decode_latency_ms=statistics.median(times) * 1e3, decode_repeats=repeats,
+                state_fill="random", prefill_tokens=prefill_tokens, prefill_tokens_per_s=prefill_tokens / prefill_s,
+                state_nbytes=state.nbytes, predicted_state_nbytes=state_nbytes(spec, context, dtype=torch.float32),
+                parameters=parameters, flops_per_token=flops_per_token(spec, context), threads=torch.get_num_threads(),
+            ))
+            del state
+    return rows
+
+
+__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "filled_state", "get_plot", "get_study",
+           "list_studies", "register_study"]

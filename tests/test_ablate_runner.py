@@ -1,0 +1,156 @@
+"""The ablation runner: sweep expansion, config errors, the efficiency study, resuming, the CLI."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from mixerzoo.ablate.runner import ExperimentConfig, expand, read_rows, run_experiment
+from mixerzoo.ablate.studies import RunConfig, build_spec, list_studies, register_study
+from mixerzoo.cli import main
+
+CALLS: list[str] = []
+
+
+@register_study("test-counting")
+def _counting(run: RunConfig, scratch: Path) -> list[dict]:
+    """Two rows per run; records the call."""
+    assert scratch.is_dir()
+    CALLS.append(run.key())
+    return [{"part": 0, "value": run.seed * 10.0}, {"part": 1, "value": run.seed * 10.0 + 1}]
+
+
+def _experiment(**overrides) -> ExperimentConfig:
+    data = dict(name="exp", study="test-counting", sweep={"recipe": ["gdn", "swa"], "seed": [0, 1, 2]}, fixed={"steps": 3})
+    return ExperimentConfig.model_validate({**data, **overrides})
+
+
+def test_expansion_is_a_cartesian_product_in_sweep_order_with_stable_keys():
+    runs = expand(_experiment())
+    assert [(r.recipe, r.seed) for r in runs] == [("gdn", 0), ("gdn", 1), ("gdn", 2), ("swa", 0), ("swa", 1), ("swa", 2)]
+    assert all(r.settings == {"steps": 3, "scale": 1.0} for r in runs)
+    assert [r.key() for r in runs] == [r.key() for r in expand(_experiment())]
+    assert len({r.key() for r in runs}) == 6
+    same = RunConfig(study="test-counting", recipe="gdn", settings={"scale": 1.0, "steps": 3})
+    assert same.key() == runs[0].key()  # settings order does not matter
+    assert RunConfig(study="test-counting", recipe="gdn", seed=1).key() != RunConfig(study="test-counting", recipe="gdn").key()
+
+
+def test_settings_sweeps_merge_over_fixed():
+    runs = expand(_experiment(sweep={"recipe": ["gdn"], "settings.steps": [1, 2], "settings": [{"lr": 0.1}, {"lr": 0.2}]}))
+    assert [r.settings for r in runs] == [
+        {"steps": 1, "lr": 0.1, "scale": 1.0}, {"steps": 1, "lr": 0.2, "scale": 1.0},
+        {"steps": 2, "lr": 0.1, "scale": 1.0}, {"steps": 2, "lr": 0.2, "scale": 1.0},
+    ]
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(sweeps={"recipe": ["gdn"]}), "sweeps"),
+    (dict(sweep={"recipe": ["gdn"], "sead": [0]}), "sweep.sead"),
+    (dict(sweep={"recipe": ["nope"]}), "sweep.recipe"),
+    (dict(sweep={"seed": [0]}), "sweep.recipe"),
+    (dict(sweep={"recipe": ["gdn"], "ratio": ["1-3"]}), "sweep.ratio"),
+    (dict(study="no-such-study"), "study"),
+])
+def test_bad_configs_name_the_field(change, field):
+    with pytest.raises(ValidationError) as error:
+        _experiment(**change)
+    assert field in str(error.value)
+
+
+def test_unknown_study_lists_the_registered_studies():
+    with pytest.raises(ValidationError, match="efficiency") as error:
+        _experiment(study="efficency")
+    assert "test-counting" in str(error.value) and set(list_studies()) >= {"efficiency", "test-counting"}
+
+
+def test_build_spec_applies_window_and_ratio_overrides():
+    spec = build_spec(RunConfig(study="efficiency", recipe="infinitevl", ratio="1:1", window=7))
+    kinds = [(layer.mixer.type, getattr(layer.mixer, "window", None)) for layer in spec.layers]
+    assert kinds == [("attention", 7), ("gated_deltanet", None)] * 4
+    full = build_spec(RunConfig(study="efficiency", recipe="transformer", window=7))
+    assert all(layer.mixer.window is None for layer in full.layers)
+    with pytest.raises(ValueError, match="Gated DeltaNet"):
+        build_spec(RunConfig(study="efficiency", recipe="swa", ratio="1:3"))
+
+
+def test_efficiency_at_minimal_scale_writes_every_output(tmp_path):
+    experiment = ExperimentConfig(name="eff", study="efficiency", sweep={"recipe": ["transformer", "infinitevl"]},
+                                  fixed={"contexts": [64, 256], "repeats": 1, "prefill_tokens": 16})
+    out = run_experiment(experiment, tmp_path, progress=False)
+    assert {p.name for p in out.iterdir()} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["recipe"], r["context"]) for r in rows] == [("transformer", "64"), ("transformer", "256"),
+                                                           ("infinitevl", "64"), ("infinitevl", "256")]
+    for column in ("run_key", "size", "decode_latency_ms", "prefill_tokens_per_s", "state_nbytes",
+                   "predicted_state_nbytes", "parameters", "flops_per_token", "state_fill"):
+        assert column in rows[0], column
+    for row in rows:
+        assert row["state_nbytes"] == row["predicted_state_nbytes"] and row["state_fill"] == "random"
+    by = {(r["recipe"], r["context"]): int(r["state_nbytes"]) for r in rows}
+    assert by["transformer", "256"] > by["transformer", "64"] and by["infinitevl", "256"] == by["infinitevl", "64"]
+    assert "| transformer | 64 |" in (out / "table.md").read_text()
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_skips_done_runs_and_recovers_from_an_interruption(tmp_path):
+    experiment = _experiment()
+    CALLS.clear()
+    out = run_experiment(experiment, tmp_path, progress=False)
+    assert len(CALLS) == 6
+    jsonl = out / "runs.jsonl"
+    assert len(read_rows(jsonl)) == 12
+
+    CALLS.clear()
+    run_experiment(experiment, tmp_path, progress=False)
+    assert CALLS == []
+
+    # interruption: the last run wrote only one of its two rows, the first run's rows are gone,
+    # and a crash left half a line at the end
+    lines = jsonl.read_text().splitlines()
+    first, last = json.loads(lines[0])["run_key"], json.loads(lines[-1])["run_key"]
+    kept = [line for line in lines if json.loads(line)["run_key"] != first][:-1]
+    jsonl.write_text("\n".join(kept) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    CALLS.clear()
+    run_experiment(experiment, tmp_path, progress=False)
+    assert sorted(CALLS) == sorted([first, last])
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]  # every line parses
+    assert len(rows) == 12 and len({r["run_key"] for r in rows}) == 6
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["recipe"], r["seed"], r["part"]) for r in table] == [
+        (recipe, str(seed), str(part)) for recipe in ("gdn", "swa") for seed in range(3) for part in range(2)]
+
+
+def test_a_malformed_row_inside_the_file_is_an_error(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    path.write_text('{"run_key": "a", "run_rows": 1}\nnot json\n{"run_key": "b", "run_rows": 1}\n')
+    with pytest.raises(ValueError, match="row 2"):
+        read_rows(path)
+
+
+def _tiny_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(dict(name="cli-eff", study="efficiency", sweep={"recipe": ["gdn"], "size": ["tiny"]},
+                                        fixed={"contexts": [32], "repeats": 1, "prefill_tokens": 8})))
+    return path
+
+
+def test_cli_ablate_prints_the_table(tmp_path, capsys):
+    main(["ablate", str(_tiny_yaml(tmp_path)), "--out", str(tmp_path / "results"), "--scale", "0.5"])
+    out = capsys.readouterr().out
+    assert "| gdn |" in out and "| settings.scale |" in out and "| 0.5 |" in out
+    assert (tmp_path / "results" / "cli-eff" / "table.md").read_text() == out
+
+
+def test_python_dash_m_ablate(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mixerzoo", "ablate", str(_tiny_yaml(tmp_path)), "--out",
+                           str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "decode_latency_ms" in done.stdout and (tmp_path / "results" / "cli-eff" / "runs.jsonl").exists()

@@ -155,3 +155,15 @@ def test_flops_grow_with_context_only_for_unbounded_attention():
     assert flops_per_token(recipe("transformer", "small"), 65536) > 10 * flops_per_token(recipe("transformer", "small"), 1024)
     infinitevl = recipe("infinitevl", "small")
     assert flops_per_token(infinitevl, 65536) == flops_per_token(infinitevl, 1024)
+
+
+@pytest.mark.parametrize("name", ["transformer", "infinitevl", "mamba2"])
+def test_fresh_model_starts_near_uniform_predictions(name):
+    # An N(0, 1) tied embedding made the first loss ~58 instead of ln(vocab) ~ 5.5.
+    torch.manual_seed(0)
+    spec = recipe(name, "tiny")
+    ids = torch.randint(0, spec.vocab_size, (4, 64))
+    with torch.no_grad():
+        logits, _ = Decoder(spec)(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert abs(loss.item() - torch.log(torch.tensor(spec.vocab_size * 1.0)).item()) < 0.5, loss.item()

@@ -19,6 +19,7 @@ from mixerzoo.mixers import Mixer, MixerState, build_mixer
 from mixerzoo.mixers.base import atomic_save_safetensors
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
+_EMBED_STD = 0.02  # token embedding init (GPT-2 / Qwen initializer_range)
 
 
 class SwiGLU(nn.Module):
@@ -154,6 +155,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        nn.init.normal_(self.embed.weight, std=_EMBED_STD)  # N(0, 1) would make tied logits ~sqrt(d) too large
         self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:

@@ -1,0 +1,73 @@
+"""The `mqar` study: train a recipe's Decoder on MQAR and measure recall accuracy.
+
+One run trains a fresh model (seeded by the run's seed) on fresh MQAR batches and
+evaluates it on examples from a different seed. Settings (unknown keys are an error):
+
+    seq_len, n_pairs       the MQAR shape (required)
+    steps: 300             training steps, multiplied by the experiment's `scale`
+    lr: 3e-3               AdamW peak learning rate (cosine decay to 0)
+    batch_size: 32         training examples per step
+    eval_examples: 512     held-out examples
+    power_a: 0.01          query-placement power law
+    scale: 1.0             set by the runner
+
+The vocabulary is the spec's (256 at tiny). Row columns: seq_len, n_pairs, swa_window
+(the largest sliding window in the spec, None without one), accuracy, final_loss,
+initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens), parameters,
+train_seconds, threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mixerzoo.ablate.studies import RunConfig, build_spec, register_study
+from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
+from mixerzoo.tasks.mqar import MQARConfig, evaluate_mqar, train_mqar
+
+EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a training seed of another run
+
+
+class MQARSettings(BaseModel):
+    """The `mqar` study's settings (a run's `settings`), validated: a misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq_len: int = Field(gt=0)
+    n_pairs: int = Field(gt=0)
+    steps: int = Field(300, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(32, gt=0)
+    eval_examples: int = Field(512, gt=0)
+    power_a: float = Field(0.01, gt=0, le=1)
+    scale: float = Field(1.0, gt=0)
+
+
+def swa_window(spec: LayoutSpec) -> int | None:
+    """The largest sliding window among the spec's attention layers; None if it has none."""
+    windows = [layer.mixer.window for layer in spec.layers if getattr(layer.mixer, "window", None) is not None]
+    return max(windows, default=None)
+
+
+@register_study("mqar")
+def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
+    """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""
+    settings = MQARSettings.model_validate(run.settings)
+    spec = build_spec(run)
+    task = MQARConfig(vocab_size=spec.vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs,
+                      power_a=settings.power_a)
+    torch.manual_seed(run.seed)
+    model = Decoder(spec)
+    steps = max(1, round(settings.steps * settings.scale))
+    trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed)
+    accuracy = evaluate_mqar(model, task, settings.eval_examples, run.seed + EVAL_SEED_OFFSET)
+    return [dict(
+        seq_len=task.seq_len, n_pairs=task.n_pairs, swa_window=swa_window(spec), accuracy=accuracy,
+        final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
+        state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),
+        train_seconds=trained["seconds"], threads=torch.get_num_threads(),
+    )]

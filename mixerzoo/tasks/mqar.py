@@ -1,0 +1,148 @@
+"""MQAR: multi-query associative recall (Arora et al., "Zoology", 2023), generator, training and evaluation.
+
+An example of length T with n key-value pairs over a vocabulary V:
+
+    k1 v1 k2 v2 ... kn vn  0 0 k2 0 0 0 k1 ... 0      inputs
+    -100 ....................... v2 ......  v1 ... -100  labels
+
+* keys are distinct tokens from [1, V/2), values are distinct tokens from [V/2, V);
+* the 2n-token prefix lists the pairs; each key is then queried once, at a distinct
+  position of the remaining T - 2n positions, drawn by a power law over the distance d
+  from the prefix (P(d) proportional to d^(a-1), a = 0.01: mostly near, sometimes far);
+* at a query position the input is the key and the label is its value, so the logits at
+  position t predict labels[t] (no shift); every other position is filler token 0 (never a
+  key: keys start at 1) with label -100 (ignored by cross entropy).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal, Self
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mixerzoo.blocks import Decoder
+
+IGNORE = -100
+FILLER = 0
+
+
+class MQARConfig(BaseModel):
+    """Shape of an MQAR example: vocabulary, sequence length, number of pairs, query power law."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(gt=0, description="tokens 0..V-1: 0 filler, [1, V/2) keys, [V/2, V) values")
+    seq_len: int = Field(gt=0, description="tokens per example, prefix and queries included")
+    n_pairs: int = Field(gt=0, description="key-value pairs per example, each queried once")
+    power_a: float = Field(0.01, gt=0, le=1, description="query distance d from the prefix has P(d) ~ d^(a-1)")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Self:
+        """The pairs and queries fit in the sequence; the vocabulary holds n distinct keys and values."""
+        if self.seq_len < 4 * self.n_pairs:
+            raise ValueError(f"seq_len ({self.seq_len}) must be >= 4 * n_pairs ({4 * self.n_pairs}): the "
+                             f"{2 * self.n_pairs}-token kv prefix must leave at least as many positions for queries")
+        n_keys, n_values = self.vocab_size // 2 - 1, self.vocab_size - self.vocab_size // 2
+        if min(n_keys, n_values) < self.n_pairs:
+            raise ValueError(f"vocab_size {self.vocab_size} has {n_keys} keys [1, {self.vocab_size // 2}) and "
+                             f"{n_values} values [{self.vocab_size // 2}, {self.vocab_size}); n_pairs "
+                             f"({self.n_pairs}) needs that many distinct of each: use vocab_size >= "
+                             f"{2 * self.n_pairs + 2}")
+        return self
+
+
+def _distinct(n_rows: int, low: int, high: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """[n_rows, k] long: k distinct tokens from [low, high) per row, uniformly at random."""
+    return torch.rand(n_rows, high - low, generator=generator).argsort(dim=1)[:, :k] + low
+
+
+def make_mqar(config: MQARConfig, n_examples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n_examples` MQAR examples -> (inputs [N, T] long, labels [N, T] long); the same seed gives the same data."""
+    if n_examples < 1:
+        raise ValueError(f"n_examples must be >= 1, got {n_examples}")
+    generator = torch.Generator().manual_seed(seed)
+    n, half, length = config.n_pairs, config.vocab_size // 2, config.seq_len
+    keys = _distinct(n_examples, 1, half, n, generator)
+    values = _distinct(n_examples, half, config.vocab_size, n, generator)
+
+    inputs = torch.full((n_examples, length), FILLER, dtype=torch.long)
+    labels = torch.full((n_examples, length), IGNORE, dtype=torch.long)
+    inputs[:, 0:2 * n:2], inputs[:, 1:2 * n:2] = keys, values
+
+    # Query slots: distinct distances d = 1..R after the prefix, P(d) ~ d^(a-1); pair i goes to a random slot.
+    remaining = length - 2 * n
+    weights = torch.arange(1, remaining + 1, dtype=torch.float64) ** (config.power_a - 1)
+    slots = torch.multinomial(weights.expand(n_examples, remaining), n, replacement=False, generator=generator)
+    slots = slots.gather(1, torch.rand(n_examples, n, generator=generator).argsort(dim=1))
+    positions = 2 * n + slots
+    inputs.scatter_(1, positions, keys)
+    labels.scatter_(1, positions, values)
+    return inputs, labels
+
+
+def mqar_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy of logits [B, T, V] over the query positions (labels != -100) of labels [B, T]."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def train_mqar(
+    model: Decoder,
+    config: MQARConfig,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.1,
+    schedule: Literal["cosine", "constant"] = "cosine",
+    grad_clip: float = 1.0,
+) -> dict:
+    """Train `model` in place on fresh MQAR batches (data seeded by `seed`) with AdamW and full-sequence
+    forwards `model(inputs)`; returns {"losses": per-step losses, "initial_loss", "final_loss" (mean of
+    the last tenth of the steps), "steps", "seconds"}."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    inputs, labels = make_mqar(config, steps * batch_size, seed)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    decay = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step in range(steps):
+        rows = slice(step * batch_size, (step + 1) * batch_size)
+        logits, _ = model(inputs[rows].to(device))
+        loss = mqar_loss(logits, labels[rows].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    tail = losses[-max(1, steps // 10):]
+    return {"losses": losses, "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": steps,
+            "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate_mqar(model: Decoder, config: MQARConfig, n_examples: int, seed: int, *, batch_size: int = 256) -> float:
+    """Fraction of query positions of `n_examples` fresh examples (seeded by `seed`) where argmax logits == label."""
+    inputs, labels = make_mqar(config, n_examples, seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for start in range(0, n_examples, batch_size):
+        batch_labels = labels[start:start + batch_size].to(device)
+        logits, _ = model(inputs[start:start + batch_size].to(device))
+        queried = batch_labels != IGNORE
+        correct += (logits.argmax(-1)[queried] == batch_labels[queried]).sum().item()
+        total += queried.sum().item()
+    model.train(was_training)
+    return correct / total

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,9 +55,7 @@ def gated_delta_rule(
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, chunk_size)
 
-    group = value_heads // heads
-    q_, k_ = (t.to(dtype).repeat_interleave(group, dim=2) for t in (q, k))  # [B, T, HV, K]
-    v_, g_, beta_ = (t.to(dtype) for t in (v, g, beta))
+    q_, k_, v_, g_, beta_ = (t.to(dtype) for t in (q, k, v, g, beta))
     if initial_state is None:
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
@@ -105,79 +105,90 @@ def _expect(t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> 
 
 
 def _recurrent(q, k, v, g, beta, scale, state):
-    """Loop over time. q, k [B, T, HV, K]; v [B, T, HV, V]; g, beta [B, T, HV]; state [B, HV, K, V]."""
+    """Loop over time. q, k [B, T, H, K]; v [B, T, HV, V]; g, beta [B, T, HV]; state [B, HV, K, V]."""
+    batch, seq_len, heads, _ = q.shape
+    group = v.shape[2] // heads
+    v, g, beta = (t.unflatten(2, (heads, group)) for t in (v, g, beta))  # value head j = (j // group, j % group)
+    state = state.unflatten(1, (heads, group))  # [B, H, R, K, V]
     outputs = []
-    for t in range(q.shape[1]):
-        state = state * g[:, t].exp()[..., None, None]  # [B, HV, K, V]
-        error = v[:, t] - torch.einsum("bhkv,bhk->bhv", state, k[:, t])  # [B, HV, V]
-        state = state + k[:, t, :, :, None] * (beta[:, t, :, None] * error)[:, :, None, :]
-        outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
-    return torch.stack(outputs, dim=1), state  # [B, T, HV, V], [B, HV, K, V]
+    for t in range(seq_len):
+        state = state * g[:, t].exp()[..., None, None]
+        error = v[:, t] - torch.einsum("bhrkv,bhk->bhrv", state, k[:, t])  # [B, H, R, V]
+        state = state + k[:, t, :, None, :, None] * (beta[:, t, ..., None] * error)[..., None, :]
+        outputs.append(scale * torch.einsum("bhrkv,bhk->bhrv", state, q[:, t]))
+    return torch.stack(outputs, dim=1).flatten(2, 3), state.flatten(1, 2)  # [B, T, HV, V], [B, HV, K, V]
 
 
 def _chunked(q, k, v, g, beta, scale, state, chunk_size):
-    """Chunked WY form. Shapes as in `_recurrent`; all tensors share one float dtype.
+    """Chunked WY form; shapes as in `_recurrent`, all tensors of one float dtype.
 
-    Within a chunk with decay cumsum G (from the chunk start), the written values are
-    u = T^-1 (beta v) - T^-1 (beta exp(G) k) S0 with T = I + tril_strict(beta (k k^T) exp(G_i - G_j)),
-    so the state only needs one [K, K] @ [K, V] product per chunk in the sequential loop.
+    Within a chunk, with log decays summed from the chunk start (G), the values the chunk writes are
+    u = T^-1 (beta v) - T^-1 (beta exp(G) k) S0 with T = I + strictly_lower(beta (k k^T) exp(G_i - G_j)).
+    Everything but the [C, K] @ [K, V] products that carry the state from chunk to chunk runs batched
+    over all chunks at once.
     """
     batch, seq_len, heads, dim_k = k.shape
-    dim_v = v.shape[-1]
+    value_heads, dim_v = v.shape[2:]
+    group = value_heads // heads
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
     pad = n_chunks * size - seq_len
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, HV, *D] -> [B*HV, N, C, *D]; pads are zeros
-        x = x.movedim(2, 1)
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, h, *D] -> [N, B*h, C, *D], chunk-major; pads are 0
         if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
-        return x.reshape(batch * heads, n_chunks, size, *x.shape[3:])
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
+        return x.reshape(n_chunks, -1, size, *x.shape[4:])
 
-    q_c, k_c, v_c = chunks(q), chunks(k), chunks(v)  # [BH, N, C, K|V]
-    beta_c = chunks(beta)[..., None]  # [BH, N, C, 1]; padded steps write nothing
-    g_c = chunks(g)  # [BH, N, C]; padded steps have g = 0, so they do not decay
-    decay = _segment_decay(g_c)  # [BH, N, C, C]
-    cum = g_c.cumsum(-1)  # [BH, N, C], from the chunk start
-    decay_in = cum.exp()[..., None]  # [BH, N, C, 1]: from the chunk start to step i
-    decay_out = decay[..., -1, :, None]  # [BH, N, C, 1]: from step i to the chunk end
-    decay_all = cum[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]: across the chunk
+    def per_value_head(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [N, B*HV, ..] * [N, B*H, ..]
+        return (x.unflatten(1, (-1, group)) * y[:, :, None]).flatten(1, 2)
 
-    lower = torch.tril(beta_c * (k_c @ k_c.transpose(-1, -2)) * decay, diagonal=-1)  # [BH, N, C, C]
-    eye = torch.eye(size, dtype=q.dtype, device=q.device)
-    rhs = torch.cat((beta_c * v_c, beta_c * decay_in * k_c), dim=-1)  # [BH, N, C, V + K]
-    solved = torch.linalg.solve_triangular(eye + lower, rhs, upper=False, unitriangular=True)
-    u_free, w = solved[..., :dim_v], solved[..., dim_v:]  # [BH, N, C, V], [BH, N, C, K]; u = u_free - w S0
+    q_c, k_c, v_c = chunks(q), chunks(k), chunks(v)  # [N, BH, C, K], [N, BH, C, K], [N, BHV, C, V]
+    g_c, beta_c = chunks(g), chunks(beta)[..., None]  # [N, BHV, C], [N, BHV, C, 1]; padded steps: g = beta = 0
+    # Matrices over a chunk's steps are kept transposed, [.., source j, target i], which the solve and the
+    # products below take as they are.
+    decay_t = _segment_decay(g_c)  # [N, BHV, C, C]: exp(G_i - G_j) at (j, i) for j <= i, else 0
+    decay_in = g_c.cumsum(-1).exp()[..., None]  # [N, BHV, C, 1]: from the chunk start to step i
+    decay_out = decay_t[..., -1:]  # [N, BHV, C, 1]: from step j to the chunk end
+    decay_all = decay_in[..., -1:, :]  # [N, BHV, 1, 1]: across the chunk
 
-    k_out = decay_out * k_c  # [BH, N, C, K]
-    transition = decay_all * torch.eye(dim_k, dtype=q.dtype, device=q.device) - k_out.transpose(-1, -2) @ w
-    inject = k_out.transpose(-1, -2) @ u_free  # [BH, N, K, V]; S_end = transition @ S0 + inject
+    gram_t = per_value_head(decay_t * beta_c.mT, k_c @ k_c.mT)  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
+    # X T^T = I gives X = T^-T; the solve reads only the strictly upper part of gram_t
+    eye = torch.eye(size, dtype=q.dtype, device=q.device).expand_as(gram_t)
+    t_inv = torch.linalg.solve_triangular(gram_t, eye, upper=True, left=False, unitriangular=True).mT
+    u_free = t_inv @ (beta_c * v_c)  # [N, BHV, C, V]
+    w = t_inv @ per_value_head(beta_c * decay_in, k_c)  # [N, BHV, C, K]; the chunk writes u = u_free - w S0
+    k_out = per_value_head(decay_out, k_c).mT  # [N, BHV, K, C]
+    # S_end = exp(G_C) S0 + k_out u = transition S0 + inject
+    transition = decay_all * torch.eye(dim_k, dtype=q.dtype, device=q.device) - k_out @ w  # [N, BHV, K, K]
+    inject = k_out @ u_free  # [N, BHV, K, V]
 
-    state = state.reshape(batch * heads, dim_k, dim_v)
+    state = state.reshape(batch * value_heads, dim_k, dim_v)
     starts = []
     for i in range(n_chunks):
         starts.append(state)
-        state = torch.baddbmm(inject[:, i], transition[:, i], state)
-    start = torch.stack(starts, dim=1)  # [BH, N, K, V]
+        state = torch.baddbmm(inject[i], transition[i], state)
+    start = torch.stack(starts).flatten(0, 1)  # [N * BHV, K, V]
+    u = torch.baddbmm(u_free.flatten(0, 1), w.flatten(0, 1), start, alpha=-1)  # [N * BHV, C, V]
 
-    u = u_free - w @ start  # [BH, N, C, V]
-    scores = scale * (q_c @ k_c.transpose(-1, -2)) * decay  # [BH, N, C, C], zero above the diagonal
-    o = (scale * decay_in * q_c) @ start + scores @ u  # [BH, N, C, V]
-    o = o.reshape(batch, heads, n_chunks * size, dim_v)[:, :, :seq_len].movedim(1, 2)
-    return o, state.reshape(batch, heads, dim_k, dim_v)
+    scores_t = per_value_head(decay_t, k_c @ q_c.mT).flatten(0, 1)  # [N * BHV, C, C]: (q_i . k_j) decay at (j, i)
+    q_in = per_value_head(decay_in, q_c).flatten(0, 1)  # [N * BHV, C, K]
+    o = torch.baddbmm(scores_t.mT @ u, q_in, start, beta=scale, alpha=scale)  # scale (scores u + exp(G) q S0)
+    o = o.reshape(n_chunks, batch, value_heads, size, dim_v).permute(1, 0, 3, 2, 4)
+    return o.reshape(batch, n_chunks * size, value_heads, dim_v)[:, :seq_len], state.unflatten(0, (batch, -1))
 
 
 def _segment_decay(g: torch.Tensor) -> torch.Tensor:
-    """[..., C] log decays -> [..., C, C] with exp(g_{j+1} + ... + g_i) at (i, j) for j <= i and 0 above.
+    """[..., C] log decays -> [..., C, C] holding exp(g_{j+1} + ... + g_i) at (j, i) for j <= i, and 0 for j > i.
 
-    Each entry sums only its own segment (never a difference of two long prefix sums, which
-    would lose the small decays' precision) and exponentiates only non-positive numbers.
+    Each entry sums only its own segment (never a difference of two long prefix sums, which would lose
+    the small decays' precision). Sums below log(smallest normal) are raised to it: exp of them is
+    ~1e-38 or less in float32 either way, and subnormal numbers are slow on CPUs.
     """
     size = g.shape[-1]
-    causal = torch.ones(size, size, dtype=torch.bool, device=g.device).tril()
-    # cumsum over i of g_i kept where i > j: entry (i, j) sums g_k for j < k <= i
-    segments = g[..., :, None].expand(*g.shape, size).masked_fill(~causal.tril(-1), 0).cumsum(-2)
-    return segments.masked_fill(~causal, float("-inf")).exp()
+    upper = torch.ones(size, size, dtype=g.dtype, device=g.device).triu()
+    segments = (g[..., None, :] * upper.triu(1)).cumsum(-1)  # (j, i): g_k summed over j < k <= i
+    return segments.clamp_min(math.log(torch.finfo(g.dtype).tiny)).exp() * upper
 
 
 def _fla(q, k, v, g, beta, scale, initial_state, chunk_size):

@@ -50,18 +50,17 @@ def ssd(
     if chosen == "fla":
         return _fla(x, dt, A, B, C, initial_state, chunk_size)
 
-    ratio = heads // groups
-    B_, C_ = (t.to(dtype).repeat_interleave(ratio, dim=2) for t in (B, C))  # [Bt, T, H, N]
-    x_, dt_ = x.to(dtype), dt.to(dtype)
-    log_decay = dt_ * A.to(dtype)  # [Bt, T, H], <= 0
+    x_, dt_, A_, B_, C_ = (t.to(dtype) for t in (x, dt, A, B, C))
     if initial_state is None:
         state = x_.new_zeros(batch, heads, dim_p, dim_n)
     else:
         state = initial_state.to(dtype)
+    xdt = x_ * dt_[..., None]  # [Bt, T, H, P]
+    log_decay = dt_ * A_  # [Bt, T, H], <= 0
     if chosen == "reference" or seq_len == 1:
-        y, state = _recurrent(x_ * dt_[..., None], log_decay, B_, C_, state)
+        y, state = _recurrent(xdt, log_decay, B_, C_, state)
     else:
-        y, state = _chunked(x_ * dt_[..., None], log_decay, B_, C_, state, chunk_size)
+        y, state = _chunked(xdt, log_decay, B_, C_, state, chunk_size)
     return y.to(x.dtype), state
 
 
@@ -103,47 +102,62 @@ def _expect(t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> 
 
 
 def _recurrent(xdt, log_decay, B, C, state):
-    """Loop over time. xdt = x * dt [Bt, T, H, P]; log_decay [Bt, T, H]; B, C [Bt, T, H, N]; state [Bt, H, P, N]."""
+    """Loop over time. xdt = x dt [Bt, T, H, P]; log_decay [Bt, T, H]; B, C [Bt, T, G, N]; state [Bt, H, P, N]."""
+    groups = B.shape[2]
+    xdt, log_decay = xdt.unflatten(2, (groups, -1)), log_decay.unflatten(2, (groups, -1))  # head h = (g, r)
+    state = state.unflatten(1, (groups, -1))  # [Bt, G, R, P, N]
     outputs = []
     for t in range(xdt.shape[1]):
-        state = state * log_decay[:, t].exp()[..., None, None] + xdt[:, t, :, :, None] * B[:, t, :, None, :]
-        outputs.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
-    return torch.stack(outputs, dim=1), state  # [Bt, T, H, P], [Bt, H, P, N]
+        write = xdt[:, t, :, :, :, None] * B[:, t, :, None, None, :]  # [Bt, G, R, P, N]
+        state = state * log_decay[:, t].exp()[..., None, None] + write
+        outputs.append(torch.einsum("bgrpn,bgn->bgrp", state, C[:, t]))
+    return torch.stack(outputs, dim=1).flatten(2, 3), state.flatten(1, 2)  # [Bt, T, H, P], [Bt, H, P, N]
 
 
 def _chunked(xdt, log_decay, B, C, state, chunk_size):
-    """Chunked SSD: quadratic form within chunks, the state carried across chunks. Shapes as in `_recurrent`."""
+    """Chunked SSD: the quadratic form within chunks, the state carried across them. Shapes as in `_recurrent`.
+
+    The heads that share a group of B and C are laid side by side ([.., R * P]), so B C^T is formed once
+    per group and the state is carried transposed, [N, R * P] per group.
+    """
     batch, seq_len, heads, dim_p = xdt.shape
-    dim_n = B.shape[-1]
+    groups, dim_n = B.shape[2:]
+    ratio = heads // groups
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
     pad = n_chunks * size - seq_len
 
-    def chunks(t: torch.Tensor) -> torch.Tensor:  # [Bt, T, H, *D] -> [Bt*H, N, L, *D]; pads are zeros
-        t = t.movedim(2, 1)
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [Bt, T, G, *D] -> [N, Bt*G, L, *D], chunk-major; pads are 0
         if pad:
-            t = F.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
-        return t.reshape(batch * heads, n_chunks, size, *t.shape[3:])
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
+        return x.reshape(n_chunks, -1, size, *x.shape[4:])
 
-    xdt_c, B_c, C_c = chunks(xdt), chunks(B), chunks(C)  # [BH, N, L, P|N]; padded steps write nothing
-    log_decay_c = chunks(log_decay)  # [BH, N, L]; padded steps do not decay
-    decay = _segment_decay(log_decay_c)  # [BH, N, L, L]
-    cum = log_decay_c.cumsum(-1)  # [BH, N, L], from the chunk start
-    decay_out = decay[..., -1, :, None]  # [BH, N, L, 1]: from step i to the chunk end
-    decay_all = cum[..., -1].exp()[..., None, None]  # [BH, N, 1, 1]: across the chunk
+    xdt_c = chunks(xdt.reshape(batch, -1, groups, ratio * dim_p))  # [N, BG, L, R*P]; padded steps write nothing
+    B_c, C_c = chunks(B), chunks(C)  # [N, BG, L, N]
+    log_decay_c = chunks(log_decay.unflatten(2, (groups, ratio))).transpose(-1, -2)  # [N, BG, R, L]
+    decay_t = _segment_decay(log_decay_c)  # [N, BG, R, L, L]: exp(a_{j+1} + ... + a_i) at (source j, target i)
+    cum = log_decay_c.cumsum(-1)  # [N, BG, R, L], from the chunk start
+    decay_in = cum.exp().transpose(-1, -2)[..., None]  # [N, BG, L, R, 1]: from the chunk start to step i
+    decay_out = decay_t[..., -1].transpose(-1, -2)[..., None]  # [N, BG, L, R, 1]: from step j to the chunk end
+    decay_all = cum[..., -1].exp()[:, :, None, :, None]  # [N, BG, 1, R, 1]: across the chunk
 
-    inject = (decay_out * xdt_c).transpose(-1, -2) @ B_c  # [BH, N, P, N]; S_end = decay_all S0 + inject
-    state = state.reshape(batch * heads, dim_p, dim_n)
+    xdt_heads = xdt_c.unflatten(-1, (ratio, dim_p))  # [N, BG, L, R, P]
+    inject = B_c.transpose(-1, -2) @ (decay_out * xdt_heads).flatten(-2)  # [N, BG, N, R*P]
+    state = state.unflatten(1, (groups, ratio)).permute(0, 1, 4, 2, 3).reshape(-1, dim_n, ratio, dim_p)
+    inject = inject.unflatten(-1, (ratio, dim_p))  # [N, BG, N, R, P]
     starts = []
     for i in range(n_chunks):
         starts.append(state)
-        state = torch.addcmul(inject[:, i], decay_all[:, i], state)
-    start = torch.stack(starts, dim=1)  # [BH, N, P, N]
+        state = torch.addcmul(inject[i], decay_all[i], state)  # [BG, N, R, P]: S_end^T = decay S0^T + inject
+    start = torch.stack(starts).flatten(-2)  # [N, BG, N, R*P]
 
-    y = ((C_c @ B_c.transpose(-1, -2)) * decay) @ xdt_c  # [BH, N, L, P], within the chunk
-    y = y + cum.exp()[..., None] * (C_c @ start.transpose(-1, -2))  # from the chunk's start state
-    y = y.reshape(batch, heads, n_chunks * size, dim_p)[:, :, :seq_len].movedim(1, 2)
-    return y, state.reshape(batch, heads, dim_p, dim_n)
+    mix_t = decay_t * (B_c @ C_c.mT)[:, :, None]  # [N, BG, R, L, L]: (C_i . B_j) decay at (j, i)
+    y = (mix_t.mT @ xdt_heads.transpose(2, 3)).transpose(2, 3)  # [N, BG, L, R, P], within the chunk
+    y = y + decay_in * (C_c @ start).unflatten(-1, (ratio, dim_p))  # from the chunk's start state
+    y = y.reshape(n_chunks, batch, groups, size, ratio, dim_p).permute(1, 0, 3, 2, 4, 5)
+    state = state.unflatten(0, (batch, groups)).permute(0, 1, 3, 4, 2)  # [Bt, G, R, P, N]
+    return y.reshape(batch, n_chunks * size, heads, dim_p)[:, :seq_len], state.reshape(batch, heads, dim_p, dim_n)
 
 
 def _fla(x, dt, A, B, C, initial_state, chunk_size):

@@ -1,6 +1,6 @@
 """Speed of the recurrent ops' CPU backends: gated_delta_rule (GDN) and ssd (Mamba2), forward, no grad.
 
-    python experiments/bench_recurrent_ops.py [--max-T 4096] [--max-reference-T 4096] [--repeats 5]
+    python experiments/bench_recurrent_ops.py [--max-T 4096] [--max-reference-T 8192] [--repeats 5] [--threads 1]
         prints a markdown table: "torch" (chunked) vs "reference" (loop over time) vs fla's
         pure-torch naive chunked functions, for prefill at several T and for one decode step.
     pytest experiments/bench_recurrent_ops.py --benchmark-only
@@ -12,9 +12,11 @@ Shapes: B = 1, H = 4, K = V = 64 (GDN); Bt = 1, H = 4, G = 1, P = N = 64 (SSD); 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -55,6 +57,7 @@ def ssd_inputs(seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def gdn_fla_chunk(q, k, v, g, beta, initial_state):
+    """fla's pure-torch chunked gated delta rule (chunk 64), with its final state."""
     from fla.ops.gated_delta_rule import naive_chunk_gated_delta_rule
 
     return naive_chunk_gated_delta_rule(
@@ -63,6 +66,7 @@ def gdn_fla_chunk(q, k, v, g, beta, initial_state):
 
 
 def gdn_fla_recurrent(q, k, v, g, beta, initial_state):
+    """fla's pure-torch loop over time for the gated delta rule, with its final state."""
     from fla.ops.gated_delta_rule import naive_recurrent_gated_delta_rule
 
     return naive_recurrent_gated_delta_rule(
@@ -71,6 +75,7 @@ def gdn_fla_recurrent(q, k, v, g, beta, initial_state):
 
 
 def ssd_fla_chunk(x, dt, A, B, C, initial_state):
+    """SSD through fla's pure-torch chunked simple GLA (q = C, k = B, v = x dt, g = A dt), state in our layout."""
     from fla.ops.simple_gla.naive import naive_chunk_simple_gla
 
     y, state = naive_chunk_simple_gla(
@@ -81,6 +86,7 @@ def ssd_fla_chunk(x, dt, A, B, C, initial_state):
 
 
 def ssd_fla_recurrent(x, dt, A, B, C, initial_state):
+    """SSD through fla's pure-torch simple-GLA loop over time, state in our layout."""
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
 
     y, state = naive_recurrent_simple_gla(
@@ -113,23 +119,29 @@ OPS: dict[str, tuple[Callable[..., dict], dict[str, Callable]]] = {
 }
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of `repeats` calls after `warmup` calls, under no_grad."""
+def median_seconds(fns: dict[str, Callable[[], object]], repeats: dict[str, int]) -> dict[str, float]:
+    """Median wall time of each function over its number of repeats, after one warmup call each.
+
+    The functions take turns (round robin), so load from other processes falls on all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
-        for _ in range(warmup):
+        for fn in fns.values():
             fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for turn in range(max(repeats.values())):
+            for name, fn in fns.items():
+                if turn < repeats[name]:
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def fla_available() -> bool:
+    """Whether fla's pure-torch references can be imported."""
     try:
-        import fla.ops.gated_delta_rule  # noqa: F401
-        import fla.ops.simple_gla.naive  # noqa: F401
+        for module in ("fla.ops.gated_delta_rule", "fla.ops.simple_gla.naive"):
+            importlib.import_module(module)
     except ImportError:
         return False
     return True
@@ -153,11 +165,13 @@ def table(max_t: int, max_reference_t: int, repeats: int) -> str:
         rows = [(t, "fla naive chunk") for t in PREFILL_T if t <= max_t] + [(1, "fla naive recurrent")]
         for seq_len, fla_column in rows:
             inputs = make(seq_len)
-            torch_s = median_seconds(lambda: fns["torch"](**inputs), repeats)
-            ref_s = None
+            columns = {"torch": repeats}
             if seq_len <= max_reference_t:
-                ref_s = median_seconds(lambda: fns["reference"](**inputs), repeats if seq_len <= 4096 else 1)
-            fla_s = median_seconds(lambda: fns[fla_column](**inputs), repeats) if have_fla else None
+                columns["reference"] = repeats if seq_len <= 4096 else 1
+            if have_fla:
+                columns[fla_column] = repeats
+            seconds = median_seconds({name: partial(fns[name], **inputs) for name in columns}, columns)
+            torch_s, ref_s, fla_s = seconds["torch"], seconds.get("reference"), seconds.get(fla_column)
             label = f"{seq_len} (decode; fla recurrent)" if seq_len == 1 else str(seq_len)
             lines.append(
                 f"| {op} | {label} | {cell(torch_s)} | {cell(ref_s)} | {cell(fla_s)} "
@@ -181,14 +195,18 @@ def test_speed(benchmark, op, seq_len, column):
 
 
 def main() -> None:
+    """Print the markdown table (see the module docstring for the flags)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-T", type=int, default=max(PREFILL_T), help="largest prefill T to time")
     parser.add_argument("--max-reference-T", type=int, default=8192, help="largest T to time the reference loop at")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, forward under no_grad, "
-        f"median of {args.repeats} after 1 warmup (1 for the reference above T = 4096)\n"
+        f"median of {args.repeats} after 1 warmup (1 for the reference above T = 4096), columns timed in turn\n"
     )
     print(table(args.max_T, args.max_reference_T, args.repeats))
 

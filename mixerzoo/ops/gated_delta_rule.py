@@ -32,7 +32,7 @@ def gated_delta_rule(
     Args:
         q, k: [B, T, H, K] queries and keys (not normalised here).
         v: [B, T, HV, V] values, HV % H == 0; value head j reads q/k head j // (HV // H).
-        g: [B, T, HV] log decay (<= 0; not checked).
+        g: [B, T, HV] log decay (finite, <= 0; not checked).
         beta: [B, T, HV] write strength.
         scale: output scale, default K ** -0.5.
         initial_state: [B, HV, K, V] state before the first token; zeros when None.
@@ -148,7 +148,7 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size):
     # Matrices over a chunk's steps are kept transposed, [.., source j, target i], which the solve and the
     # products below take as they are.
     decay_t = _segment_decay(g_c)  # [N, BHV, C, C]: exp(G_i - G_j) at (j, i) for j <= i, else 0
-    decay_in = g_c.cumsum(-1).exp()[..., None]  # [N, BHV, C, 1]: from the chunk start to step i
+    decay_in = _flushed_exp(g_c.cumsum(-1))[..., None]  # [N, BHV, C, 1]: from the chunk start to step i
     decay_out = decay_t[..., -1:]  # [N, BHV, C, 1]: from step j to the chunk end
     decay_all = decay_in[..., -1:, :]  # [N, BHV, 1, 1]: across the chunk
 
@@ -173,7 +173,7 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size):
 
     scores_t = per_value_head(decay_t, k_c @ q_c.mT).flatten(0, 1)  # [N * BHV, C, C]: (q_i . k_j) decay at (j, i)
     q_in = per_value_head(decay_in, q_c).flatten(0, 1)  # [N * BHV, C, K]
-    o = torch.baddbmm(scores_t.mT @ u, q_in, start, beta=scale, alpha=scale)  # scale (scores u + exp(G) q S0)
+    o = (scores_t.mT @ u).baddbmm_(q_in, start, beta=scale, alpha=scale)  # scale (scores u + exp(G) q S0)
     o = o.reshape(n_chunks, batch, value_heads, size, dim_v).permute(1, 0, 3, 2, 4)
     return o.reshape(batch, n_chunks * size, value_heads, dim_v)[:, :seq_len], state.unflatten(0, (batch, -1))
 
@@ -181,14 +181,25 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size):
 def _segment_decay(g: torch.Tensor) -> torch.Tensor:
     """[..., C] log decays -> [..., C, C] holding exp(g_{j+1} + ... + g_i) at (j, i) for j <= i, and 0 for j > i.
 
-    Each entry sums only its own segment (never a difference of two long prefix sums, which would lose
-    the small decays' precision). Sums below log(smallest normal) are raised to it: exp of them is
-    ~1e-38 or less in float32 either way, and subnormal numbers are slow on CPUs.
+    Each entry sums only its own segment: never a difference of two long prefix sums, which would lose
+    the small decays' precision.
     """
     size = g.shape[-1]
-    upper = torch.ones(size, size, dtype=g.dtype, device=g.device).triu()
+    upper = torch.ones(size, size, dtype=torch.bool, device=g.device).triu()
     segments = (g[..., None, :] * upper.triu(1)).cumsum(-1)  # (j, i): g_k summed over j < k <= i
-    return segments.clamp_min(math.log(torch.finfo(g.dtype).tiny)).exp() * upper
+    return _flushed_exp(segments, upper)
+
+
+def _flushed_exp(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x) for x <= 0 (times a boolean mask), with results below sqrt(smallest normal) flushed to 0.
+
+    The product of two results is then still a normal number (the flushed ones are below 1e-19 in
+    float32): subnormal arithmetic, and exp of inputs whose result is subnormal or 0, run tens of
+    times slower on CPUs.
+    """
+    floor = math.log(torch.finfo(x.dtype).tiny) / 2
+    keep = x > floor if mask is None else (x > floor) & mask
+    return x.clamp_min(floor).exp() * keep
 
 
 def _fla(q, k, v, g, beta, scale, initial_state, chunk_size):

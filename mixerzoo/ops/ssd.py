@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops.gated_delta_rule import _segment_decay
+from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
 
 _OP = "ssd"
 
@@ -30,7 +30,7 @@ def ssd(
     Args:
         x: [Bt, T, H, P] inputs.
         dt: [Bt, T, H] step sizes (> 0, already through softplus; not checked).
-        A: [H] decay rates (< 0; not checked).
+        A: [H] decay rates (finite, < 0; not checked).
         B, C: [Bt, T, G, N] input and output projections, H % G == 0; head h reads group h // (H // G).
         initial_state: [Bt, H, P, N] state before the first token; zeros when None.
         backend: "auto", "reference" (loop over time), "torch" (chunked) or "fla" (CUDA kernels).
@@ -127,41 +127,44 @@ def _chunked(xdt, log_decay, B, C, state, chunk_size):
     n_chunks = -(-seq_len // size)
     pad = n_chunks * size - seq_len
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [Bt, T, G, *D] -> [N, Bt*G, L, *D], chunk-major; pads are 0
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [Bt, T, G, *D] -> [n, Bt*G, L, *D], chunk-major; pads are 0
         if pad:
             x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
         x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
         return x.reshape(n_chunks, -1, size, *x.shape[4:])
 
-    xdt_c = chunks(xdt.reshape(batch, -1, groups, ratio * dim_p))  # [N, BG, L, R*P]; padded steps write nothing
-    B_c, C_c = chunks(B), chunks(C)  # [N, BG, L, N]
-    log_decay_c = chunks(log_decay.unflatten(2, (groups, ratio))).transpose(-1, -2)  # [N, BG, R, L]
-    decay_t = _segment_decay(log_decay_c)  # [N, BG, R, L, L]: exp(a_{j+1} + ... + a_i) at (source j, target i)
-    cum = log_decay_c.cumsum(-1)  # [N, BG, R, L], from the chunk start
-    decay_in = cum.exp().transpose(-1, -2)[..., None]  # [N, BG, L, R, 1]: from the chunk start to step i
-    decay_out = decay_t[..., -1].transpose(-1, -2)[..., None]  # [N, BG, L, R, 1]: from step j to the chunk end
-    decay_all = cum[..., -1].exp()[:, :, None, :, None]  # [N, BG, 1, R, 1]: across the chunk
+    xdt_c = chunks(xdt.reshape(batch, -1, groups, ratio * dim_p))  # [n, BG, L, R*P]; padded steps write nothing
+    B_c, C_c = chunks(B), chunks(C)  # [n, BG, L, N]
+    log_decay_c = chunks(log_decay.unflatten(2, (groups, ratio))).transpose(-1, -2)  # [n, BG, R, L]
+    decay_t = _segment_decay(log_decay_c)  # [n, BG, R, L, L]: exp(a_{j+1} + ... + a_i) at (source j, target i)
+    cum = log_decay_c.cumsum(-1)  # [n, BG, R, L], from the chunk start
+    decay_in = _flushed_exp(cum).transpose(-1, -2)[..., None]  # [n, BG, L, R, 1]: from the chunk start to step i
+    decay_out = decay_t[..., -1].transpose(-1, -2)[..., None]  # [n, BG, L, R, 1]: from step j to the chunk end
+    decay_all = decay_in[:, :, -1:]  # [n, BG, 1, R, 1]: across the chunk
 
-    xdt_heads = xdt_c.unflatten(-1, (ratio, dim_p))  # [N, BG, L, R, P]
-    inject = B_c.transpose(-1, -2) @ (decay_out * xdt_heads).flatten(-2)  # [N, BG, N, R*P]
+    xdt_heads = xdt_c.unflatten(-1, (ratio, dim_p))  # [n, BG, L, R, P]
+    inject = B_c.transpose(-1, -2) @ (decay_out * xdt_heads).flatten(-2)  # [n, BG, N, R*P]
     state = state.unflatten(1, (groups, ratio)).permute(0, 1, 4, 2, 3).reshape(-1, dim_n, ratio, dim_p)
-    inject = inject.unflatten(-1, (ratio, dim_p))  # [N, BG, N, R, P]
+    inject = inject.unflatten(-1, (ratio, dim_p))  # [n, BG, N, R, P]
     starts = []
     for i in range(n_chunks):
         starts.append(state)
         state = torch.addcmul(inject[i], decay_all[i], state)  # [BG, N, R, P]: S_end^T = decay S0^T + inject
-    start = torch.stack(starts).flatten(-2)  # [N, BG, N, R*P]
+    start = torch.stack(starts).flatten(-2)  # [n, BG, N, R*P]
 
-    mix_t = decay_t * (B_c @ C_c.mT)[:, :, None]  # [N, BG, R, L, L]: (C_i . B_j) decay at (j, i)
-    y = (mix_t.mT @ xdt_heads.transpose(2, 3)).transpose(2, 3)  # [N, BG, L, R, P], within the chunk
-    y = y + decay_in * (C_c @ start).unflatten(-1, (ratio, dim_p))  # from the chunk's start state
+    mix_t = decay_t * (B_c @ C_c.mT)[:, :, None]  # [n, BG, R, L, L]: (C_i . B_j) decay at (j, i)
+    y = (mix_t.mT @ xdt_heads.transpose(2, 3)).transpose(2, 3)  # [n, BG, L, R, P], within the chunk
+    y = y.addcmul_(decay_in, (C_c @ start).unflatten(-1, (ratio, dim_p)))  # from the chunk's start state
     y = y.reshape(n_chunks, batch, groups, size, ratio, dim_p).permute(1, 0, 3, 2, 4, 5)
     state = state.unflatten(0, (batch, groups)).permute(0, 1, 3, 4, 2)  # [Bt, G, R, P, N]
     return y.reshape(batch, n_chunks * size, heads, dim_p)[:, :seq_len], state.reshape(batch, heads, dim_p, dim_n)
 
 
 def _fla(x, dt, A, B, C, initial_state, chunk_size):
-    """flash-linear-attention's simple-GLA kernel (CUDA): q = C, k = B, v = x dt, g = A dt, scale 1, state [.., N, P]."""
+    """flash-linear-attention's simple-GLA kernel (CUDA): q = C, k = B, v = x dt, g = A dt, scale 1.
+
+    Its state is ours transposed, [Bt, H, N, P].
+    """
     from fla.ops.simple_gla import chunk_simple_gla
 
     if chunk_size & (chunk_size - 1):

@@ -20,13 +20,10 @@ them alike.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,14 +31,14 @@ from typing import Callable
 import pytest
 import torch
 
-from mixerzoo.blocks import Decoder, DecoderState
+from mixerzoo.blocks import Decoder, DecoderState, random_state
+from mixerzoo.mixers.base import atomic_write_bytes
 from mixerzoo.registry import recipe
 
 RECIPES = ("transformer", "infinitevl", "gdn", "swa")
 SIZE = "small"
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 PYTEST_CONTEXTS = (1024, 65536)
-FILL_SCALE = 0.1  # small random state values keep attention and the recurrences finite
 COUNTER_BYTES = 8  # DecoderState.seen: one int64 per row
 OUT_DIR = Path(__file__).resolve().parents[1] / "results" / "bench_decoder"
 STATE_NOTE = ("decode starts from a state filled with random values of the size `context` tokens "
@@ -51,30 +48,6 @@ STATE_NOTE = ("decode starts from a state filled with random values of the size 
 def make_model(name: str) -> Decoder:
     """The `small` Decoder of recipe `name`, float32, in eval mode."""
     return Decoder(recipe(name, SIZE)).eval()
-
-
-def filled_state(model: Decoder, context: int, batch_size: int = 1) -> DecoderState:
-    """A state of the size `context` seen tokens leave, holding small random values.
-
-    Every floating tensor of every layer state is random (0.1 * randn) with its
-    `variable_dims` sized `context` and its other dims as in `model.init_state`; every
-    integer tensor (the per-row token counters) and the model-level counter equal `context`.
-    """
-    empty = model.init_state(batch_size)
-
-    def fill(layer_state):
-        tensors = {}
-        for field in dataclasses.fields(layer_state):
-            t = getattr(layer_state, field.name)
-            if t.is_floating_point():
-                grow = set(field.metadata.get("variable_dims", ()))
-                shape = [context if d in grow else size for d, size in enumerate(t.shape)]
-                tensors[field.name] = FILL_SCALE * torch.randn(shape, dtype=t.dtype, device=t.device)
-            else:
-                tensors[field.name] = torch.full_like(t, context)
-        return dataclasses.replace(layer_state, **tensors)
-
-    return DecoderState([fill(s) for s in empty.layers], torch.full_like(empty.seen, context))
 
 
 def expected_nbytes(model: Decoder, context: int, batch_size: int = 1) -> int:
@@ -112,7 +85,7 @@ def test_decode_latency(benchmark, name, context):
     """pytest-benchmark: one decode step of recipe `name` from a random state of `context` tokens."""
     model = make_model(name)
     with torch.inference_mode():
-        state = filled_state(model, context)
+        state = random_state(model, context)
         check_state_nbytes(model, state, context)
         benchmark(decode_step(model, state))
 
@@ -134,21 +107,6 @@ def time_round_robin(steps: dict[int, Callable[[], object]], repeats: int, warmu
 def context_label(context: int) -> str:
     """1024 -> '1K'; a context that is not a multiple of 1024 stays as is."""
     return f"{context // 1024}K" if context % 1024 == 0 else str(context)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def report(rows: list[dict], contexts: list[int], header: str) -> str:
@@ -223,7 +181,7 @@ def main() -> None:
     with torch.inference_mode():
         for name in RECIPES:
             model = make_model(name)
-            states = {context: filled_state(model, context) for context in contexts}
+            states = {context: random_state(model, context) for context in contexts}
             for context, state in states.items():
                 check_state_nbytes(model, state, context)
             times = time_round_robin({c: decode_step(model, s) for c, s in states.items()}, args.repeats, args.warmup)
@@ -239,10 +197,10 @@ def main() -> None:
     meta = dict(size=SIZE, recipes=list(RECIPES), contexts=contexts, dtype="float32", batch_size=1,
                 threads=args.threads, repeats=args.repeats, warmup=args.warmup, torch=torch.__version__,
                 python=platform.python_version(), machine=platform.machine(), state=STATE_NOTE)
-    atomic_write(args.out / "table.md", text.encode())
-    atomic_write(args.out / "results.json", (json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n").encode())
+    atomic_write_bytes(args.out / "table.md", text.encode())
+    atomic_write_bytes(args.out / "results.json", (json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n").encode())
     title = f"Decoder {SIZE}, float32, batch 1, {args.threads} thread(s); {STATE_NOTE}"
-    atomic_write(args.out / "decode.png", plot(rows, title))
+    atomic_write_bytes(args.out / "decode.png", plot(rows, title))
     print(f"\nwrote {args.out / 'table.md'}, {args.out / 'results.json'}, {args.out / 'decode.png'}")
 
 

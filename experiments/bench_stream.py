@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mixerzoo.mixers.base import atomic_path, atomic_write_bytes
 from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
 
 OUT = Path("results/bench_stream")
@@ -63,15 +63,6 @@ def memory_run(recipe: str, count: int, every: int) -> dict:
     return dict(recipe=recipe, samples=samples)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def plot(memory: list[dict], path: Path) -> None:
     """State MiB and resident MiB against frames, one line per recipe."""
     import matplotlib
@@ -90,9 +81,8 @@ def plot(memory: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=100)
-    os.replace(tmp.name, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 def main() -> None:
@@ -100,7 +90,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=100, help="frames per FPS run")
     parser.add_argument("--memory-frames", type=int, default=2000)
     parser.add_argument("--contrast-frames", type=int, default=600, help="frames of the full-attention contrast run")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (2 threads stall when other work shares the cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fps = [fps_run("infinitevl", size, px, args.frames) for size in ("tiny", "small") for px in (224, 448)]
@@ -119,8 +109,8 @@ def main() -> None:
                      f"{first['ms_per_frame']:.1f} -> {last['ms_per_frame']:.1f} |")
     table = "\n".join(lines)
     print(table)
-    write_atomic(OUT / "table.md", (table + "\n").encode())
-    write_atomic(OUT / "results.json", json.dumps(dict(fps=fps, memory=memory), indent=1).encode())
+    atomic_write_bytes(OUT / "table.md", (table + "\n").encode())
+    atomic_write_bytes(OUT / "results.json", json.dumps(dict(fps=fps, memory=memory), indent=1).encode())
     plot(memory, OUT / "memory.png")
 
 

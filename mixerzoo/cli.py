@@ -92,7 +92,7 @@ def stream(video: str, recipe_name: str, size: str, frame_size: int, fps: float,
         session.push_frames(frame[None])
     stats = session.stats
     latencies = sorted(stats.frame_seconds)
-    print(f"\n| model | frames | tokens/frame | FPS | median ms/frame | p95 ms/frame | state bytes first | last |")
+    print("\n| model | frames | tokens/frame | FPS | median ms/frame | p95 ms/frame | state bytes first | last |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {checkpoint or recipe_name + '/' + size} | {stats.frames} | {session.tokens_per_frame} | {stats.fps:.1f} | "
           f"{latencies[len(latencies) // 2] * 1e3:.1f} | {latencies[int(len(latencies) * 0.95)] * 1e3:.1f} | "

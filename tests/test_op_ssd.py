@@ -198,6 +198,14 @@ def test_chunk_continuation(case, split, chunk_size):
     assert_rel_close(state2, state, TOL[torch.float64], "state")
 
 
+def test_long_input_in_several_spans():
+    """A sequence longer than the span of chunks the torch backend batches at once (here 16 chunks of 4)."""
+    inputs = make_inputs(5, 1, 150, 2, 2, 8, 4, a_max=0.5, with_state=True, dtype=torch.float64)
+    expected = run_with_grads(lambda **kw: ssd(**kw, backend="reference"), inputs, 5)
+    actual = run_with_grads(lambda **kw: ssd(**kw, backend="torch", chunk_size=4), inputs, 5)
+    assert_all_close(actual, expected, inputs, 5, TOL[torch.float64])
+
+
 def test_decode_steps_match_one_call():
     """T = 1 calls (the single-step path) carried through the state equal one chunked call."""
     inputs = make_inputs(3, 2, 40, 2, 2, 8, 4, a_max=1.0, with_state=True, dtype=torch.float64)

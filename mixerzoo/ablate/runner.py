@@ -36,6 +36,7 @@ from tqdm import tqdm
 from typing_extensions import Self
 
 from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_studies
+from mixerzoo.mixers.base import atomic_write_bytes
 
 _RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
 _SCALARS = (str, int, float, bool, type(None))
@@ -148,7 +149,7 @@ def read_rows(path: Path) -> list[Row]:
     counts = collections.Counter(row.get("run_key") for row in rows)
     complete = [row for row in rows if counts[row.get("run_key")] == row.get("run_rows")]
     if damaged or len(complete) < len(rows):
-        _atomic_write(path, "".join(json.dumps(row) + "\n" for row in complete).encode())
+        atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in complete).encode())
     return [{k: v for k, v in row.items() if k != "run_rows"} for row in complete]
 
 
@@ -158,20 +159,6 @@ def _append_rows(path: Path, rows: list[Row]) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp's 0o600 would otherwise survive the rename
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_rows(run: RunConfig, rows: Any) -> list[Row]:
@@ -256,8 +243,8 @@ def default_plot(rows: list[Row], path: Path) -> bool:
 
 def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
-    _atomic_write(out_dir / "results.csv", to_csv(rows).encode())
-    _atomic_write(out_dir / "table.md", to_markdown(rows, title).encode())
+    atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
+    atomic_write_bytes(out_dir / "table.md", to_markdown(rows, title).encode())
     plot = get_plot(experiment.study) or default_plot
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
     os.close(fd)

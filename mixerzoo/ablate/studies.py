@@ -25,7 +25,6 @@ state bytes, parameters and FLOPs per token against context).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -38,7 +37,7 @@ from typing import Any, Callable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, flops_per_token, parameter_count, state_nbytes
+from mixerzoo.blocks import Decoder, LayoutSpec, flops_per_token, parameter_count, random_state, state_nbytes
 from mixerzoo.registry import recipe
 
 Row = dict[str, Any]
@@ -152,29 +151,7 @@ def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
 
 # ---------------------------------------------------------------- efficiency study
 
-FILL_SCALE = 0.1  # small random state values keep attention and the recurrences finite
 _EFFICIENCY_SETTINGS = {"contexts", "repeats", "prefill_tokens", "threads", "scale"}
-
-
-def filled_state(model: Decoder, context: int) -> DecoderState:
-    """A batch-1 state of the size `context` seen tokens leave, holding small random values
-    (floating tensors 0.1 * randn with their token-dependent dims sized `context`, token
-    counters equal to `context`): decode cost at a long context without the prefill."""
-    empty = model.init_state(1)
-
-    def fill(layer_state):
-        tensors = {}
-        for field in dataclasses.fields(layer_state):
-            t = getattr(layer_state, field.name)
-            if t.is_floating_point():
-                grow = set(field.metadata.get("variable_dims", ()))
-                shape = [context if d in grow else size for d, size in enumerate(t.shape)]
-                tensors[field.name] = FILL_SCALE * torch.randn(shape, dtype=t.dtype)
-            else:
-                tensors[field.name] = torch.full_like(t, context)
-        return dataclasses.replace(layer_state, **tensors)
-
-    return DecoderState([fill(s) for s in empty.layers], torch.full_like(empty.seen, context))
 
 
 @register_study("efficiency")
@@ -213,7 +190,7 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
         model(prompt)
         prefill_s = time.perf_counter() - start
         for context in contexts:
-            state = filled_state(model, context)
+            state = random_state(model, context)
             token = torch.randint(spec.vocab_size, (1, 1))
             model(token, state)  # warm-up
             times = []
@@ -231,5 +208,5 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
     return rows
 
 
-__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "filled_state", "get_plot", "get_study",
+__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "get_plot", "get_study",
            "list_studies", "register_study"]

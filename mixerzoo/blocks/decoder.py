@@ -214,3 +214,27 @@ class Decoder(nn.Module):
                 raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
             new_layers.append(layer_state)
         return self.logits(self.norm(x)), DecoderState(new_layers, state.seen + valid.sum(1))
+
+
+def random_state(model: Decoder, context: int, *, batch_size: int = 1, scale: float = 0.1) -> DecoderState:
+    """A state of the size `context` seen tokens leave, holding small random values: decode cost
+    at a long context without the prefill (benchmarks say so when they use it).
+
+    Floating tensors are scale * randn with their `variable_dims` sized `context`; integer
+    tensors (token counters) and the model-level counter equal `context`.
+    """
+    empty = model.init_state(batch_size)
+
+    def fill(layer_state: MixerState) -> MixerState:
+        tensors = {}
+        for field in dataclasses.fields(layer_state):
+            t = getattr(layer_state, field.name)
+            if t.is_floating_point():
+                grow = set(field.metadata.get("variable_dims", ()))
+                shape = [context if d in grow else size for d, size in enumerate(t.shape)]
+                tensors[field.name] = scale * torch.randn(shape, dtype=t.dtype, device=t.device)
+            else:
+                tensors[field.name] = torch.full_like(t, context)
+        return dataclasses.replace(layer_state, **tensors)
+
+    return DecoderState([fill(s) for s in empty.layers], torch.full_like(empty.seen, context))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from mixerzoo.ops._backend import choose_backend
 
 _OP = "gated_delta_rule"
+_SPAN_CHUNKS = 16  # chunks the "torch" backend batches at once
 
 
 def gated_delta_rule(
@@ -62,9 +63,16 @@ def gated_delta_rule(
         state = initial_state.to(dtype)
     if chosen == "reference" or seq_len == 1:
         o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
-    else:
-        o, state = _chunked(q_, k_, v_, g_, beta_, scale, state, chunk_size)
-    return o.to(v.dtype), state
+        return o.to(v.dtype), state
+    # Spans of _SPAN_CHUNKS chunks one after the other, the state carried: the batched temporaries stay
+    # small (cache-resident, and bounded for a long prefill) at the price of one call per span.
+    span = _SPAN_CHUNKS * chunk_size
+    outputs = []
+    for start in range(0, seq_len, span):
+        part = (t[:, start : start + span] for t in (q_, k_, v_, g_, beta_))
+        o, state = _chunked(*part, scale, state, chunk_size)
+        outputs.append(o.to(v.dtype))
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):

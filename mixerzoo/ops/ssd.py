@@ -9,6 +9,7 @@ from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
 
 _OP = "ssd"
+_SPAN_CHUNKS = 16  # chunks the "torch" backend batches at once
 
 
 def ssd(
@@ -59,9 +60,16 @@ def ssd(
     log_decay = dt_ * A_  # [Bt, T, H], <= 0
     if chosen == "reference" or seq_len == 1:
         y, state = _recurrent(xdt, log_decay, B_, C_, state)
-    else:
-        y, state = _chunked(xdt, log_decay, B_, C_, state, chunk_size)
-    return y.to(x.dtype), state
+        return y.to(x.dtype), state
+    # Spans of _SPAN_CHUNKS chunks one after the other, the state carried: the batched temporaries stay
+    # small (cache-resident, and bounded for a long prefill) at the price of one call per span.
+    span = _SPAN_CHUNKS * chunk_size
+    outputs = []
+    for start in range(0, seq_len, span):
+        part = (t[:, start : start + span] for t in (xdt, log_decay, B_, C_))
+        y, state = _chunked(*part, state, chunk_size)
+        outputs.append(y.to(x.dtype))
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
 
 
 def _check_inputs(x, dt, A, B, C, initial_state, chunk_size):

@@ -8,10 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
+from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans
 
 _OP = "gated_delta_rule"
-_SPAN_CHUNKS = 16  # chunks the "torch" backend batches at once
-
 
 def gated_delta_rule(
     q: torch.Tensor,
@@ -64,52 +63,34 @@ def gated_delta_rule(
     if chosen == "reference" or seq_len == 1:
         o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
         return o.to(v.dtype), state
-    # Spans of _SPAN_CHUNKS chunks one after the other, the state carried: the batched temporaries stay
-    # small (cache-resident, and bounded for a long prefill) at the price of one call per span.
-    span = _SPAN_CHUNKS * chunk_size
-    outputs = []
-    for start in range(0, seq_len, span):
-        part = (t[:, start : start + span] for t in (q_, k_, v_, g_, beta_))
-        o, state = _chunked(*part, scale, state, chunk_size)
-        outputs.append(o.to(v.dtype))
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
+    def span(q, k, v, g, beta, state):
+        return _chunked(q, k, v, g, beta, scale, state, chunk_size)
+
+    return in_spans(span, (q_, k_, v_, g_, beta_), state, chunk_size, v.dtype)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
     """Validate shapes, dtypes and devices; return (B, T, H, K, HV, V)."""
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": initial_state}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but q is on {q.device}")
+    check_float_tensors(_OP, named)
     if q.dim() != 4:
         raise ValueError(f"{_OP}: q must be [B, T, H, K], got {list(q.shape)}")
     batch, seq_len, heads, dim_k = q.shape
-    _expect(k, "k", "[B, T, H, K]", (batch, seq_len, heads, dim_k))
+    expect_shape(_OP, k, "k", "[B, T, H, K]", (batch, seq_len, heads, dim_k))
     if v.dim() != 4 or v.shape[:2] != (batch, seq_len):
         raise ValueError(f"{_OP}: v must be [B, T, HV, V] with [B, T] = {[batch, seq_len]}, got {list(v.shape)}")
     value_heads, dim_v = v.shape[2:]
     if value_heads % heads:
         raise ValueError(f"{_OP}: v has HV = {value_heads} heads, not a multiple of the H = {heads} heads of q and k")
-    _expect(g, "g", "[B, T, HV]", (batch, seq_len, value_heads))
-    _expect(beta, "beta", "[B, T, HV]", (batch, seq_len, value_heads))
+    expect_shape(_OP, g, "g", "[B, T, HV]", (batch, seq_len, value_heads))
+    expect_shape(_OP, beta, "beta", "[B, T, HV]", (batch, seq_len, value_heads))
     if initial_state is not None:
-        _expect(initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
+        expect_shape(_OP, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
     if seq_len == 0:
         raise ValueError(f"{_OP}: T must be at least 1, got q of shape {list(q.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
     return batch, seq_len, heads, dim_k, value_heads, dim_v
-
-
-def _expect(t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{_OP}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
 
 
 def _recurrent(q, k, v, g, beta, scale, state):

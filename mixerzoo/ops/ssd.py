@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
+from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans
 from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
 
 _OP = "ssd"
-_SPAN_CHUNKS = 16  # chunks the "torch" backend batches at once
-
 
 def ssd(
     x: torch.Tensor,
@@ -61,52 +62,31 @@ def ssd(
     if chosen == "reference" or seq_len == 1:
         y, state = _recurrent(xdt, log_decay, B_, C_, state)
         return y.to(x.dtype), state
-    # Spans of _SPAN_CHUNKS chunks one after the other, the state carried: the batched temporaries stay
-    # small (cache-resident, and bounded for a long prefill) at the price of one call per span.
-    span = _SPAN_CHUNKS * chunk_size
-    outputs = []
-    for start in range(0, seq_len, span):
-        part = (t[:, start : start + span] for t in (xdt, log_decay, B_, C_))
-        y, state = _chunked(*part, state, chunk_size)
-        outputs.append(y.to(x.dtype))
-    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state
+    return in_spans(functools.partial(_chunked, chunk_size=chunk_size), (xdt, log_decay, B_, C_), state, chunk_size, x.dtype)
 
 
 def _check_inputs(x, dt, A, B, C, initial_state, chunk_size):
     """Validate shapes, dtypes and devices; return (Bt, T, H, P, G, N)."""
     named = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "initial_state": initial_state}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{_OP}: {name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{_OP}: {name} is on {t.device} but x is on {x.device}")
+    check_float_tensors(_OP, named)
     if x.dim() != 4:
         raise ValueError(f"{_OP}: x must be [Bt, T, H, P], got {list(x.shape)}")
     batch, seq_len, heads, dim_p = x.shape
-    _expect(dt, "dt", "[Bt, T, H]", (batch, seq_len, heads))
-    _expect(A, "A", "[H]", (heads,))
+    expect_shape(_OP, dt, "dt", "[Bt, T, H]", (batch, seq_len, heads))
+    expect_shape(_OP, A, "A", "[H]", (heads,))
     if B.dim() != 4 or B.shape[:2] != (batch, seq_len):
         raise ValueError(f"{_OP}: B must be [Bt, T, G, N] with [Bt, T] = {[batch, seq_len]}, got {list(B.shape)}")
     groups, dim_n = B.shape[2:]
     if heads % groups:
         raise ValueError(f"{_OP}: x has H = {heads} heads, not a multiple of the G = {groups} groups of B and C")
-    _expect(C, "C", "[Bt, T, G, N]", (batch, seq_len, groups, dim_n))
+    expect_shape(_OP, C, "C", "[Bt, T, G, N]", (batch, seq_len, groups, dim_n))
     if initial_state is not None:
-        _expect(initial_state, "initial_state", "[Bt, H, P, N]", (batch, heads, dim_p, dim_n))
+        expect_shape(_OP, initial_state, "initial_state", "[Bt, H, P, N]", (batch, heads, dim_p, dim_n))
     if seq_len == 0:
         raise ValueError(f"{_OP}: T must be at least 1, got x of shape {list(x.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
     return batch, seq_len, heads, dim_p, groups, dim_n
-
-
-def _expect(t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{_OP}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
 
 
 def _recurrent(xdt, log_decay, B, C, state):

@@ -1,0 +1,48 @@
+"""Input checks and the span loop shared by the recurrent ops (gated_delta_rule, ssd)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Chunks the "torch" backends batch at once: spans of this many chunks run one after the other with
+# the state carried, so the batched temporaries stay small (cache-resident, bounded for a long prefill).
+SPAN_CHUNKS = 16
+
+
+def check_float_tensors(op: str, named: dict[str, torch.Tensor | None]) -> None:
+    """Each given tensor is a floating-point torch.Tensor on the first one's device (None skipped)."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def expect_shape(op: str, t: torch.Tensor, name: str, layout: str, shape: tuple[int, ...]) -> None:
+    """Raise naming the tensor, its layout and the expected shape unless t has `shape`."""
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
+
+
+def in_spans(
+    chunked: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+    tensors: tuple[torch.Tensor, ...],
+    state: torch.Tensor,
+    chunk_size: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `chunked(*time_slices, state) -> (out, state)` over spans of SPAN_CHUNKS chunks along
+    dim 1 of `tensors`, carrying the state; returns (outputs in out_dtype, final state)."""
+    span = SPAN_CHUNKS * chunk_size
+    outputs = []
+    for start in range(0, tensors[0].shape[1], span):
+        out, state = chunked(*(t[:, start : start + span] for t in tensors), state)
+        outputs.append(out.to(out_dtype))
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)), state

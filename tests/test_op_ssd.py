@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mixerzoo.ops.ssd import ssd
+from mixerzoo.testing import assert_rel_close
 
 # Relative error bound: max |actual - expected| / max |expected|, on every output, state and gradient.
 # float64: 1e-10. Both backends are exact algebra; what separates them is rounding (eps64 = 1.1e-16)
@@ -23,16 +24,6 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # prefix sums of the log decays, which costs it a little more: measured <= 3.6e-6 against our float64
 # reference), so ours in float32 and in float64 are held to the float32 bound against it.
 FLA_TOL = 1e-5
-
-
-def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    """Same shape, every element finite, and max-abs error within tol of expected's max-abs."""
-    assert actual.shape == expected.shape, f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
-    assert torch.isfinite(expected).all(), f"{what}: expected has non-finite values"
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    error = (actual.double() - expected.double()).abs().max().item()
-    size = expected.double().abs().max().item()
-    assert error <= tol * max(size, 1e-30), f"{what}: max-abs error {error:.3e} > {tol:g} * max-abs {size:.3e}"
 
 
 def assert_sum_close(actual: torch.Tensor, expected: torch.Tensor, terms: torch.Tensor, tol: float, what: str) -> None:

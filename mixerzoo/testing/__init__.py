@@ -1,5 +1,7 @@
 """The conformance kit: `certify(config)` checks a mixer against the protocol's invariants."""
 
-from mixerzoo.testing.conformance import CHECKS, TOLERANCES, assert_close, assert_states_close, build_pair, certify
+from mixerzoo.testing.conformance import (
+    CHECKS, TOLERANCES, assert_close, assert_rel_close, assert_states_close, build_pair, certify,
+)
 
-__all__ = ["CHECKS", "TOLERANCES", "assert_close", "assert_states_close", "build_pair", "certify"]
+__all__ = ["CHECKS", "TOLERANCES", "assert_close", "assert_rel_close", "assert_states_close", "build_pair", "certify"]

@@ -44,6 +44,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype:
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}", check_dtype=False)
 
 
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """Same shape, every element finite, and max-abs error within tol of expected's max-abs."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {list(actual.shape)} != {list(expected.shape)}")
+    if not torch.isfinite(expected).all():
+        raise AssertionError(f"{what}: expected has non-finite values")
+    if not torch.isfinite(actual).all():
+        raise AssertionError(f"{what}: non-finite values")
+    error = (actual.double() - expected.double()).abs().max().item()
+    size = expected.double().abs().max().item()
+    if error > tol * max(size, 1e-30):
+        raise AssertionError(f"{what}: max-abs error {error:.3e} > {tol:g} * max-abs {size:.3e}")
+
+
 def assert_states_close(actual: MixerState, expected: MixerState, what: str, dtype: torch.dtype) -> None:
     """Every tensor of two states equal within tolerance (integer tensors exactly)."""
     if type(actual) is not type(expected):

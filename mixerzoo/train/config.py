@@ -1,0 +1,147 @@
+"""Training configs: one validated pydantic model per YAML file (`extra="forbid"` everywhere)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Self
+
+Stage = Literal["distill-layers", "distill-logits", "sft", "long-sft"]
+STAGES: tuple[str, ...] = ("distill-layers", "distill-logits", "sft", "long-sft")
+
+# Parameter groups a freezing policy may name (see mixerzoo.train.params.parameter_groups).
+# Mixer types ("attention", "gated_deltanet", "mamba2", plugins) are groups too.
+GROUPS = ("all", "created", "vision", "merger", "embeddings", "mlp", "norms", "lora")
+
+# What each stage trains unless the config says otherwise (InfiniteVL's recipe: the layers the
+# conversion created, then attention too for SFT; MLPs, vision and embeddings stay frozen).
+DEFAULT_TRAIN = {
+    "distill-layers": ["created"],
+    "distill-logits": ["created"],
+    "sft": ["created", "attention"],
+    "long-sft": ["created", "attention"],
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Strict):
+    """Where a model comes from: a saved checkpoint, a fresh recipe, or a conversion of the teacher."""
+
+    checkpoint: Path | None = Field(None, description="a file written by mixerzoo.train.save_model")
+    recipe: str | None = Field(None, description="a registered recipe name (fresh random weights, or the target of convert)")
+    size: str = Field("tiny", description="recipe size")
+    vlm: bool = Field(True, description="build the recipe as a VLM (vision tower + decoder) rather than a Decoder LM")
+    convert_from_teacher: bool = Field(
+        False, description="build `recipe`'s layout from the teacher: copied weights, new mixers initialised")
+    window: int | None = Field(None, gt=0, description="sliding window of converted attention layers "
+                               "(default: the recipe's window at `size`)")
+    seed: int = Field(0, description="seed of fresh random weights")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if (self.checkpoint is None) == (self.recipe is None):
+            raise ValueError("give exactly one of `checkpoint` and `recipe`")
+        if self.convert_from_teacher and self.recipe is None:
+            raise ValueError("convert_from_teacher needs `recipe` (the target layout)")
+        return self
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio` x lr."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null: no clipping")
+
+
+class DataConfig(_Strict):
+    """The examples: a synthetic task or a JSONL file, and how they are batched."""
+
+    source: Literal["mqar", "visual-recall", "jsonl"]
+    path: Path | None = Field(None, description="the JSONL file (source: jsonl)")
+    tokenizer: str = Field("bytes", description='"bytes" (UTF-8 bytes as ids) or a Hugging Face tokenizer path')
+    task: dict = Field(default_factory=dict, description="the synthetic task's config fields")
+    n_examples: int = Field(1024, gt=0, description="synthetic examples generated")
+    seed: int = 0
+    pack: bool = Field(False, description="pack examples into rows of max_length, states reset per document")
+    max_length: int | None = Field(None, gt=0, description="row length when packing; longer examples are an error")
+
+    @model_validator(mode="after")
+    def _fields_fit(self) -> Self:
+        if (self.source == "jsonl") != (self.path is not None):
+            raise ValueError("`path` is required for source 'jsonl' and only for it")
+        if self.pack and self.max_length is None:
+            raise ValueError("pack: true needs max_length")
+        return self
+
+
+class LoRAConfig(_Strict):
+    """Low-rank adapters on the named Linear projections of the decoder."""
+
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
+                               description="Linear module names (last path component) that get adapters")
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    """One stage of training: models, data, optimisation, freezing, checkpoints."""
+
+    stage: Stage
+    out_dir: Path
+    student: ModelSource
+    teacher: ModelSource | None = None
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    steps: int = Field(gt=0)
+    micro_batch_size: int = Field(8, gt=0, description="examples per forward on one process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step on one process")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="autocast dtype of forwards")
+    train: list[str] | None = Field(None, description="parameter groups that train (others frozen); default per stage")
+    lora: LoRAConfig | None = None
+    temperature: float = Field(2.0, gt=0, description="distill-logits: softmax temperature T (loss scaled by T^2)")
+    kl_direction: Literal["student||teacher", "teacher||student"] = Field(
+        "student||teacher", description="distill-logits: which KL; teacher||student is the forward KL of Hinton et al.")
+    layer_mse_weight: float = Field(0.0, ge=0, description="distill-logits: weight of the optional per-layer MSE term")
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(1, gt=0)
+    seed: int = 0
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="auto: ddp under torchrun with several processes, else none")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _stage_needs(self) -> Self:
+        if self.stage.startswith("distill") and self.teacher is None:
+            raise ValueError(f"stage {self.stage!r} needs a teacher")
+        if self.student.convert_from_teacher and self.teacher is None:
+            raise ValueError("student.convert_from_teacher needs a teacher")
+        if self.lora is not None and self.stage != "long-sft":
+            raise ValueError(f"lora is a long-sft option, not {self.stage!r}")
+        if self.stage == "long-sft" and not self.data.pack:
+            raise ValueError("long-sft packs sequences: set data.pack: true and data.max_length")
+        return self
+
+    @property
+    def train_groups(self) -> list[str]:
+        """The parameter groups that train in this stage."""
+        if self.train is not None:
+            return self.train
+        return ["lora"] if self.lora is not None else DEFAULT_TRAIN[self.stage]
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read and validate a YAML file (relative paths inside stay relative to the working directory)."""
+        with open(path) as f:
+            return cls.model_validate(yaml.safe_load(f))

@@ -1,0 +1,276 @@
+"""Training stages, freezing, LoRA, data, schedule, resume after a kill, and 2-process runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mixerzoo.tasks.mqar import IGNORE
+from mixerzoo.train import (ByteTokenizer, Example, JSONLDataset, LoRAConfig, TrainConfig, apply_lora, build_model,
+                            collate, fold_lora, load_model, parameter_groups, save_model, train)
+from mixerzoo.train.config import ModelSource
+from mixerzoo.train.loop import example_indices, lr_factor
+from mixerzoo.vlm import VLM, vlm_recipe
+
+MQAR = {"source": "mqar", "task": {"seq_len": 24, "n_pairs": 3, "vocab_size": 248}, "n_examples": 64}
+
+
+def _config(tmp_path: Path, **fields) -> TrainConfig:
+    base = dict(stage="sft", out_dir=tmp_path / "run", student={"recipe": "transformer", "vlm": False}, data=MQAR,
+                steps=8, micro_batch_size=4, train=["all"], progress=False, optim={"lr": 3e-3})
+    return TrainConfig.model_validate({**base, **fields})
+
+
+def _losses(out_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory) -> Path:
+    """A tiny full-attention VLM teacher with random weights, saved."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_model(VLM(vlm_recipe("transformer", "tiny")), path)
+    return path
+
+
+def _assert_lowered(losses: list[float]) -> None:
+    assert all(np.isfinite(losses)), losses
+    assert np.mean(losses[-2:]) < losses[0], f"loss did not go down: {losses}"
+
+
+def test_sft_lowers_cross_entropy(tmp_path):
+    summary = train(_config(tmp_path, steps=10))
+    _assert_lowered(summary["losses"])
+    assert _losses(tmp_path / "run") == summary["losses"]  # metrics.jsonl holds every step
+    assert isinstance(load_model(tmp_path / "run" / "model.safetensors"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("stage, extra", [("distill-layers", {}), ("distill-logits", {}),
+                                          ("distill-logits", {"layer_mse_weight": 0.5, "kl_direction": "teacher||student"})])
+def test_distillation_stages_lower_their_loss(tmp_path, teacher_path, stage, extra):
+    config = _config(tmp_path, stage=stage, teacher={"checkpoint": teacher_path},
+                     student={"recipe": "infinitevl", "convert_from_teacher": True}, train=None, steps=8, **extra)
+    summary = train(config)
+    _assert_lowered(summary["losses"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = {"distill-layers": {"loss_layer_mse"}, "distill-logits": {"loss_kl"} | ({"loss_layer_mse"} if extra else set())}
+    assert expected[stage] <= set(rows[0])
+
+
+def test_distill_logits_is_zero_for_a_copy_of_the_teacher(tmp_path, teacher_path):
+    """KL of a model against itself is 0 (both directions), so the student's first loss is ~0."""
+    for direction in ("student||teacher", "teacher||student"):
+        config = _config(tmp_path / direction.replace("|", "_"), stage="distill-logits", teacher={"checkpoint": teacher_path},
+                         student={"checkpoint": teacher_path}, steps=1, kl_direction=direction)
+        assert abs(train(config)["losses"][0]) < 1e-6
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize("policy", [None, ["created"], ["mlp", "norms"], ["vision", "merger"], ["embeddings", "attention"]])
+def test_freezing_trains_exactly_the_named_groups(tmp_path, teacher_path, policy):
+    """Parameters in the named groups change; every other parameter is bit-identical after training."""
+    config = _config(tmp_path, teacher={"checkpoint": teacher_path}, train=policy, steps=2,
+                     student={"recipe": "infinitevl", "convert_from_teacher": True}, data=_jsonl_data(tmp_path))
+    teacher = load_model(teacher_path)
+    before = build_model(config.student, teacher)
+    groups = parameter_groups(before, teacher)
+    named = set().union(*(groups[g] for g in config.train_groups))
+    initial = _snapshot(before)
+    after = _snapshot(load_model(train(config)["out_dir"] + "/model.safetensors"))
+    changed = {k for k in initial if not torch.equal(initial[k], after[k])}
+    assert changed <= named, f"frozen parameters changed: {sorted(changed - named)[:5]}"
+    # a trained tensor may keep its value only if it got no gradient signal (e.g. a zero-initialised gate)
+    assert len(changed) >= 0.8 * len(named), f"only {len(changed)} of {len(named)} trainable tensors changed"
+
+
+def test_unknown_group_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        train(_config(tmp_path, train=["mlps"]))
+
+
+def test_lora_trains_only_adapters_and_folds_into_plain_linears():
+    torch.manual_seed(0)
+    model = build_model(ModelSource(recipe="infinitevl", vlm=False))
+    ids = torch.randint(0, 200, (2, 12))
+    reference, _ = model(ids)
+    wrapped = apply_lora(model, LoRAConfig(targets=["q_proj", "v_proj"], rank=4))
+    assert wrapped and all(w.endswith(("q_proj", "v_proj")) for w in wrapped)
+    groups = parameter_groups(model)
+    assert groups["lora"] and all("lora_" in name for name in groups["lora"])
+    same, _ = model(ids)
+    torch.testing.assert_close(same, reference, rtol=0, atol=0)  # B = 0 at init: an exact no-op
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    adapted, _ = model(ids)
+    plain = build_model(ModelSource(recipe="infinitevl", vlm=False))
+    plain.load_state_dict(fold_lora(model.state_dict(), LoRAConfig(targets=["q_proj", "v_proj"], rank=4)))
+    folded, _ = plain(ids)
+    # float32: the folded weight rounds once per element, the adapter path adds two matmuls
+    torch.testing.assert_close(folded, adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(adapted, reference)
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)).save(path)
+
+
+def _jsonl_data(tmp_path: Path) -> dict:
+    folder = tmp_path / "data"
+    folder.mkdir(exist_ok=True)
+    lines = []
+    for i in range(8):
+        _png(folder / f"img{i}.png", i)
+        lines.append(json.dumps({"prompt": f"<image>what is image {i}?", "answer": str(i % 3), "images": [f"img{i}.png"]}))
+    lines.append(json.dumps({"prompt": "text only", "answer": "ok"}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return {"source": "jsonl", "path": folder / "train.jsonl"}
+
+
+def test_jsonl_dataset_labels_only_answer_tokens(tmp_path):
+    spec = vlm_recipe("transformer", "tiny")
+    data = JSONLDataset(_jsonl_data(tmp_path)["path"], ByteTokenizer(), spec.processor)
+    example = data[0]
+    answer = ByteTokenizer().encode("0")
+    labelled = (example.labels != IGNORE).nonzero().flatten()
+    assert labelled.tolist() == list(range(len(example.input_ids) - 1 - len(answer), len(example.input_ids) - 1))
+    assert example.labels[labelled].tolist() == example.input_ids[labelled + 1].tolist()
+    assert int((example.input_ids == spec.processor.image_pad_id).sum()) == int(example.image_grid_thw.prod(-1).sum()) // 4
+    assert data[8].pixel_values is None
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "<image> x", "answer": "y"}', "1 <image> marker"),
+    ('{"prompt": "x"}', "'prompt' and 'answer'"),
+    ('{"prompt": "x", "answer": "y", "image": []}', "unknown field"),
+    ("not json", "not JSON"),
+])
+def test_jsonl_errors_name_the_line_and_field(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=message) as error:
+        JSONLDataset(path, ByteTokenizer(), vlm_recipe("transformer", "tiny").processor)
+    assert "bad.jsonl:1" in str(error.value)
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=8), extra=st.integers(0, 6))
+def test_collate_packs_every_example_in_order(lengths, extra):
+    examples = [Example(torch.full((n,), i + 1), torch.full((n,), i + 1)) for i, n in enumerate(lengths)]
+    pack = max(lengths) + extra
+    batch = collate(examples, pack_length=pack)
+    assert batch["input_ids"].shape[1] == pack
+    ids, docs = batch["input_ids"][batch["valid"]], batch["documents"][batch["valid"]]
+    assert ids.tolist() == [i + 1 for i, n in enumerate(lengths) for _ in range(n)]  # every token, in order
+    assert (batch["labels"][~batch["valid"]] == IGNORE).all() and (batch["documents"][~batch["valid"]] == -1).all()
+    for row in range(batch["input_ids"].shape[0]):  # a document never spans rows; ids restart per row
+        row_docs = batch["documents"][row][batch["valid"][row]]
+        assert row_docs[0] == 0 and (row_docs.diff() >= 0).all()
+    assert docs.numel() == sum(lengths)
+
+
+@given(n=st.integers(1, 20), batch=st.integers(1, 8), step=st.integers(0, 30), seed=st.integers(0, 5))
+def test_data_order_is_epochs_of_permutations(n, batch, step, seed):
+    stream = [i for s in range(step + 1) for i in example_indices(s, n, batch, seed)]
+    for epoch_start in range(0, len(stream) - n + 1, n):
+        assert sorted(stream[epoch_start:epoch_start + n]) == list(range(n))
+    assert example_indices(step, n, batch, seed) == example_indices(step, n, batch, seed)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor(tmp_path):
+    config = _config(tmp_path, steps=100, optim={"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1})
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[10] == pytest.approx(1.0) and lr_factor(100, config) == pytest.approx(0.1)
+
+
+def test_bfloat16_autocast_trains(tmp_path):
+    _assert_lowered(train(_config(tmp_path, dtype="bfloat16", steps=10))["losses"])
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        _config(tmp_path, stage="distill-logits")
+    with pytest.raises(ValueError, match="max_length"):
+        _config(tmp_path, data={**MQAR, "pack": True})
+    with pytest.raises(ValueError, match="micro_batchsize"):
+        _config(tmp_path, micro_batchsize=2)
+
+
+def _write_yaml(path: Path, config: TrainConfig) -> Path:
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mixerzoo", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_resume_after_a_kill_gives_the_same_losses(tmp_path):
+    """SIGKILL mid-run, run the same command again: it resumes from the last checkpoint and every
+    logged loss equals the uninterrupted run's, bit for bit."""
+    steps = 60
+    whole = _config(tmp_path / "whole", steps=steps, checkpoint_every=5, optim={"lr": 3e-3, "warmup_steps": 5})
+    train(whole)
+    killed = whole.model_copy(update={"out_dir": tmp_path / "killed"})
+    path = _write_yaml(tmp_path / "killed.yaml", killed)
+    process = subprocess.Popen(_cli("sft", str(path)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = killed.out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 13:
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    assert 10 <= done < steps, f"the kill came at step {done}; the test needs it mid-run"
+    assert not (killed.out_dir / "model.safetensors").exists()
+    result = subprocess.run(_cli("sft", str(path)), env=_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed_at = int(result.stdout.split("steps ")[1].split("..")[0])
+    assert resumed_at >= 10 and resumed_at % 5 == 0, result.stdout  # from a checkpoint, not from scratch
+    assert _losses(killed.out_dir) == _losses(whole.out_dir)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, strategy):
+    """torchrun with 2 gloo processes and half the micro-batch equals 1 process with the same
+    global batch (float32; the two sum gradients in a different order: rtol 1e-5)."""
+    one = _config(tmp_path / "one", steps=4, student={"recipe": "infinitevl", "vlm": False}, micro_batch_size=4)
+    train(one)
+    two = one.model_copy(update={"out_dir": tmp_path / "two", "micro_batch_size": 2, "distributed": strategy})
+    path = _write_yaml(tmp_path / "two.yaml", two)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mixerzoo", "sft", str(path)]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(_losses(two.out_dir), _losses(one.out_dir), rtol=1e-5, atol=0)
+    a = load_model(one.out_dir / "model.safetensors").state_dict()
+    b = load_model(two.out_dir / "model.safetensors").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -19,6 +19,7 @@ class World:
     rank: int = 0
     size: int = 1
     strategy: str = "none"  # "none" | "ddp" | "fsdp"
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -27,16 +28,21 @@ class World:
 
 
 def init_world(strategy: str) -> World:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE is set.
+    """Join torchrun's process group when WORLD_SIZE is set: each process takes the GPU of its
+    LOCAL_RANK with nccl when there is one per process, else the CPU with gloo.
     strategy "auto" is "ddp" with several processes and "none" with one."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if strategy == "auto":
         strategy = "ddp" if size > 1 else "none"
     if strategy != "none" and size == 1 and not dist.is_initialized():
         raise ValueError(f"distributed: {strategy!r} needs torchrun (WORLD_SIZE is not set)")
-    return World(dist.get_rank() if dist.is_initialized() else 0, size, strategy)
+    return World(dist.get_rank() if dist.is_initialized() else 0, size, strategy, device)
 
 
 def wrap(module: nn.Module, world: World, shard_units: list[nn.Module]) -> nn.Module:

@@ -126,7 +126,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     one; writes metrics.jsonl, checkpoints/ and the final model.safetensors. Returns a summary
     with the per-step losses of this run."""
     world = distributed.init_world(config.distributed)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = world.device
     out_dir = config.out_dir
     teacher = build_model(config.teacher) if config.teacher is not None else None
     if teacher is not None:

@@ -107,6 +107,20 @@ class MisreportAttention(Attention):
     config_class = MisreportConfig
 
 
+class LeakyPackingConfig(AttentionConfig):
+    type: Literal["leaky_packing_attention"] = "leaky_packing_attention"
+
+
+@register_mixer
+class LeakyPackingAttention(Attention):
+    """Runs a packed row as one sequence: earlier documents leak into later ones."""
+
+    config_class = LeakyPackingConfig
+
+    def forward_packed(self, x, layout, *, positions=None):
+        return self(x, None, valid=layout.tokens)[0]
+
+
 @pytest.mark.parametrize(
     "kind, window, invariant",
     [
@@ -116,6 +130,8 @@ class MisreportAttention(Attention):
         ("pad_leak_attention", 4, "padding invariance"),
         ("aliasing_attention", 4, "fork independence"),
         ("misreport_attention", None, "bounded memory"),
+        ("leaky_packing_attention", None, "packing"),
+        ("leaky_packing_attention", 4, "packing"),
     ],
 )
 def test_kit_catches_a_broken_mixer(kind, window, invariant):

@@ -70,6 +70,19 @@ def test_distillation_stages_lower_their_loss(tmp_path, teacher_path, stage, ext
     assert expected[stage] <= set(rows[0])
 
 
+def test_long_sft_packs_documents_and_trains_only_lora(tmp_path, teacher_path):
+    """long-sft on packed rows with LoRA: the loss goes down, only adapters train, and the saved
+    model (adapters folded in) differs from the start only in the adapted projections."""
+    config = _config(tmp_path, stage="long-sft", student={"checkpoint": teacher_path}, train=None, steps=8,
+                     data={**MQAR, "pack": True, "max_length": 80}, lora={"targets": ["q_proj", "v_proj"], "rank": 4})
+    summary = train(config)
+    _assert_lowered(summary["losses"])
+    assert summary["trainable"] and all("lora_" in name for name in summary["trainable"])
+    before, after = load_model(teacher_path).state_dict(), load_model(tmp_path / "run" / "model.safetensors").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(changed)[:4]
+
+
 def test_distill_logits_is_zero_for_a_copy_of_the_teacher(tmp_path, teacher_path):
     """KL of a model against itself is 0 (both directions), so the student's first loss is ~0."""
     for direction in ("student||teacher", "teacher||student"):

@@ -17,6 +17,7 @@ from typing_extensions import Self
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
 from mixerzoo.mixers.base import atomic_save_safetensors
+from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
 _EMBED_STD = 0.02  # token embedding init (GPT-2 / Qwen initializer_range)
@@ -48,9 +49,13 @@ class Block(nn.Module):
             self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
             self.mlp = SwiGLU(d_model, spec.mlp)
 
-    def forward(self, x, state, *, positions=None, valid=None):
-        """x [B, T, d_model] after `state` -> (x, new state)."""
-        mixed, state = self.mixer(self.mixer_norm(x), state, positions=positions, valid=valid)
+    def forward(self, x, state, *, positions=None, valid=None, packing: PackedLayout | None = None):
+        """x [B, T, d_model] after `state` -> (x, new state); with `packing`, the documents of
+        packed rows are mixed each alone from a fresh state and the returned state is None."""
+        if packing is not None:
+            mixed, state = self.mixer.forward_packed(self.mixer_norm(x), packing, positions=positions), None
+        else:
+            mixed, state = self.mixer(self.mixer_norm(x), state, positions=positions, valid=valid)
         x = x + mixed
         if hasattr(self, "mlp"):
             x = x + self.mlp(self.mlp_norm(x))
@@ -185,8 +190,13 @@ class Decoder(nn.Module):
         embeds: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, DecoderState]:
-        """input_ids [B, T] (or embeds [B, T, d_model]) after `state` -> (logits [B, T, vocab], state)."""
+        documents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DecoderState | None]:
+        """input_ids [B, T] (or embeds [B, T, d_model]) after `state` -> (logits [B, T, vocab], state).
+
+        documents [B, T] (ids non-decreasing along a row, -1 on padding) packs several documents
+        per row for training: each is mixed alone from a fresh state (no `state` then, and None
+        is returned for it); positions default to the index within the document."""
         if (input_ids is None) == (embeds is None):
             raise ValueError("Decoder: give exactly one of input_ids and embeds")
         if input_ids is not None:
@@ -196,11 +206,16 @@ class Decoder(nn.Module):
                 raise ValueError(f"Decoder: token ids must be in [0, {self.spec.vocab_size}), got "
                                  f"{int(input_ids.min())}..{int(input_ids.max())}")
             embeds = self.embed(input_ids)
+        if documents is not None:
+            return self._forward_packed(embeds, documents, positions, valid, state)
         batch, length = embeds.shape[:2]
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         if state is None:
-            state = self.init_state(batch, device=embeds.device, dtype=embeds.dtype)
+            dtype = embeds.dtype
+            if torch.is_autocast_enabled(embeds.device.type):  # caches hold what autocast's matmuls produce
+                dtype = torch.get_autocast_dtype(embeds.device.type)
+            state = self.init_state(batch, device=embeds.device, dtype=dtype)
         elif state.batch_size != batch or len(state.layers) != len(self.layers):
             raise ValueError(f"Decoder: input has batch {batch}, the state has {state.batch_size} rows and "
                              f"{len(state.layers)} layers (the model has {len(self.layers)})")
@@ -214,6 +229,24 @@ class Decoder(nn.Module):
                 raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
             new_layers.append(layer_state)
         return self.logits(self.norm(x)), DecoderState(new_layers, state.seen + valid.sum(1))
+
+    def _forward_packed(self, embeds, documents, positions, valid, state) -> tuple[torch.Tensor, None]:
+        """Logits of packed rows, each document alone (see forward)."""
+        if state is not None:
+            raise ValueError("Decoder: packed documents start from a fresh state; do not pass `state` with `documents`")
+        packing = PackedLayout.from_documents(documents)
+        if packing.shape != tuple(embeds.shape[:2]):
+            raise ValueError(f"Decoder: documents has shape {list(documents.shape)}, the input {list(embeds.shape[:2])}")
+        if valid is not None and not torch.equal(valid, packing.tokens):
+            raise ValueError("Decoder: valid must equal documents >= 0 when documents are given")
+        positions = packing.positions if positions is None else positions
+        x = embeds
+        for i, block in enumerate(self.layers):
+            try:
+                x, _ = block(x, None, positions=positions, packing=packing)
+            except (ValueError, TypeError) as error:
+                raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
+        return self.logits(self.norm(x)), None
 
 
 def random_state(model: Decoder, context: int, *, batch_size: int = 1, scale: float = 0.1) -> DecoderState:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
 
+from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import Backend
 
 _STATE_FORMAT = "mixerzoo.state/1"
@@ -272,6 +273,17 @@ class Mixer(nn.Module):
             state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
         y, state = self._forward(x, state, positions, valid)
         return y, state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
+
+    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix packed documents x [B, T, d_model], each from a fresh state as if it ran alone;
+        returns y [B, T, d_model] (zeros on padding). layout: PackedLayout.from_documents(ids [B, T]).
+        positions: [B, T] (or [S, B, T]); by default each token's index within its document."""
+        if layout.n_segments == 0:  # nothing but padding
+            return torch.zeros_like(x)
+        if positions is not None:
+            positions = layout.unpack(positions, lead=positions.dim() - 2)
+        y, _ = self(layout.unpack(x), None, positions=positions, valid=layout.valid)
+        return layout.pack(y)
 
     def _forward(
         self, x: torch.Tensor, state: MixerState, positions: torch.Tensor | None, valid: torch.Tensor

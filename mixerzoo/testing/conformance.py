@@ -1,4 +1,4 @@
-"""The conformance kit: the seven invariants of the recurrent-state protocol as property checks.
+"""The conformance kit: the eight invariants of the recurrent-state protocol as property checks.
 
 `certify(config)` draws shapes, chunk splits, pad patterns and seeds with hypothesis and
 checks, for the mixer the config names:
@@ -10,6 +10,7 @@ checks, for the mixer the config names:
 5. round trip           a state saved and loaded continues bit-exactly
 6. bounded memory       state.nbytes equals config.state_nbytes(n_tokens, batch_size)
 7. gradients            backward through the backend equals backward through the reference
+8. packing              documents packed in rows (forward_packed) equal each document run alone
 
 Each failure is an AssertionError naming the invariant and the quantity that differs.
 """
@@ -24,6 +25,7 @@ import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from mixerzoo.mixers import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.registry import build_mixer, mixer_config
 
 # Relative tolerances by dtype. float64: the backends differ only in summation order
@@ -260,6 +262,30 @@ def check_gradients(config: MixerConfig, dtype: torch.dtype, data: st.DataObject
             assert_close(fast, ref, f"gradients: d loss / d {name}", dtype)
 
 
+def check_packing(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+    """Invariant 8: rows packing several documents (and trailing pads) equal each document alone."""
+    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
+    lengths = _special_lengths(config) + list(range(1, _MAX_LEN + 1))
+    rows = [data.draw(st.lists(st.sampled_from(lengths), min_size=0, max_size=4), label=f"row {b} documents")
+            for b in range(batch)]
+    total = max([sum(docs) for docs in rows] + [1]) + data.draw(st.integers(0, 3), label="pads")
+    documents = torch.full((batch, total), -1)
+    for b, docs in enumerate(rows):
+        ends = torch.tensor(docs).cumsum(0).tolist()
+        for d, (start, end) in enumerate(zip([0, *ends], ends)):
+            documents[b, start:end] = d
+    x = tokens(total)  # pads hold random garbage, which must not leak
+    with torch.no_grad():
+        y = mixer.forward_packed(x, PackedLayout.from_documents(documents))
+        if not torch.equal(y[documents < 0], torch.zeros_like(y[documents < 0])):
+            raise AssertionError("packing: outputs at pad positions are not zero")
+        for b, docs in enumerate(rows):
+            for d in range(len(docs)):
+                here = documents[b] == d
+                alone, _ = mixer(x[b : b + 1, here])
+                assert_close(y[b, here], alone[0], f"packing: row {b} document {d} (length {docs[d]})", dtype)
+
+
 CHECKS: dict[str, Callable[[MixerConfig, torch.dtype, st.DataObject], None]] = {
     "reference_equality": check_reference_equality,
     "chunk_invariance": check_chunk_invariance,
@@ -268,6 +294,7 @@ CHECKS: dict[str, Callable[[MixerConfig, torch.dtype, st.DataObject], None]] = {
     "round_trip": check_round_trip,
     "bounded_memory": check_bounded_memory,
     "gradients": check_gradients,
+    "packing": check_packing,
 }
 
 

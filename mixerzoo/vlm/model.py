@@ -22,6 +22,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
 from mixerzoo.mixers.base import atomic_save_safetensors
+from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
 from mixerzoo.vlm.processor import ProcessorConfig
 from mixerzoo.vlm.vision import VisionConfig, VisionTower
@@ -178,14 +179,33 @@ class VLM(nn.Module):
         second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
         valid: torch.Tensor | None = None,
         chunk_size: int | None = None,
-    ) -> tuple[torch.Tensor, VLMState]:
+        documents: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, VLMState | None]:
         """input_ids [B, T] (+ media) after `state` -> (logits [B, T, vocab], state).
 
         Media whose pad tokens are in input_ids come with this call; the decoder may then run
         in chunks of `chunk_size` tokens (vision features and positions are computed once).
+        documents [B, T] packs several documents per row for training (see Decoder.forward):
+        each document gets the M-RoPE positions and mixing it would get alone; no state.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"VLM: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        if documents is not None:
+            if state is not None or chunk_size is not None:
+                raise ValueError("VLM: packed documents start from a fresh state and run in one call "
+                                 "(no `state` or `chunk_size` with `documents`)")
+            packing = PackedLayout.from_documents(documents)
+            if valid is not None and not torch.equal(valid, packing.tokens):
+                raise ValueError("VLM: valid must equal documents >= 0 when documents are given")
+            embeds = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=packing.tokens)
+            alone, _ = mrope_positions(  # [3, N, L]: each document as its own row; media stay in order
+                packing.unpack(input_ids), image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                second_per_grid_ts=second_per_grid_ts, valid=packing.valid,
+                state=MRopeState.init(packing.n_segments, device=input_ids.device), config=self.spec.processor,
+            )
+            logits, _ = self.decoder(embeds=embeds, positions=packing.pack(alone, lead=1), documents=documents)
+            return logits, None
         batch, length = input_ids.shape
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)

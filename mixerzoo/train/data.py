@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import torch
 
 from mixerzoo.tasks.mqar import IGNORE, MQARConfig, make_mqar
+from mixerzoo.tasks.visual import VisualRecallConfig, make_visual_recall, sized_processor
 from mixerzoo.train.config import DataConfig
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images
 
@@ -157,12 +158,22 @@ def build_dataset(config: DataConfig, *, vocab_size: int, processor: ProcessorCo
         task = MQARConfig.model_validate({"vocab_size": vocab_size, **config.task})
         return TensorDataset(*make_mqar(task, config.n_examples, config.seed))
     if config.source == "visual-recall":
-        from mixerzoo.tasks.visual import visual_recall_dataset
-
         if processor is None:
             raise ValueError("data source 'visual-recall' needs a VLM")
         return visual_recall_dataset(config.task, config.n_examples, config.seed, processor, vocab_size=vocab_size)
     return JSONLDataset(config.path, load_tokenizer(config.tokenizer), processor)
+
+
+def visual_recall_dataset(task: dict, n_examples: int, seed: int, processor: ProcessorConfig, *,
+                          vocab_size: int) -> list[Example]:
+    """Examples of mixerzoo.tasks.visual's visual-recall task (`task`: VisualRecallConfig fields)."""
+    config = VisualRecallConfig.model_validate({"vocab_size": vocab_size, **task})
+    batch = make_visual_recall(config, n_examples, seed, sized_processor(processor, config.image_size))
+    per_image = batch["image_grid_thw"].prod(-1)  # [B * K] patches of each image
+    k = config.n_images
+    pixels = batch["pixel_values"].split(per_image.view(n_examples, k).sum(-1).tolist())
+    return [Example(batch["input_ids"][b], batch["labels"][b], pixels[b], batch["image_grid_thw"][b * k:(b + 1) * k])
+            for b in range(n_examples)]
 
 
 def collate(examples: Sequence[Example], *, pack_length: int | None = None) -> dict[str, torch.Tensor]:

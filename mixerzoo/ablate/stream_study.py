@@ -1,0 +1,89 @@
+"""The `stream-memory` study: recall of a key frame from early in a video stream, against distance.
+
+One run builds the VLM of the run's recipe (overrides applied to its decoder, as in
+`visual-recall`), trains it on fresh stream-recall batches
+(`mixerzoo.tasks.visual.make_stream_recall`: noise frames, digit key frames early, a
+question at the end) and evaluates answer accuracy on examples from another seed. Sweep
+`settings.gap_frames` to sweep the distance. Settings (unknown keys are an error):
+
+    gap_frames: 8          noise slots (one visual token each at image_size 28) between the key frame and the question
+    n_keys: 1              key frames; the question asks about one of them
+    lead_frames: 1         noise slots before the first key frame
+    digits: 1              digits per key frame (answer tokens)
+    image_size: 28         frame side in pixels
+    steps: 60              training steps, multiplied by the experiment's `scale`
+    lr: 3e-4               AdamW peak learning rate (cosine decay to 0; 3e-3 stalls at the digit prior)
+    batch_size: 16         training examples per step
+    eval_examples: 128     held-out examples
+    scale: 1.0             set by the runner
+
+Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_loss, steps,
+distance and distance_max (tokens from the asked key frame's last visual token to the
+question's arrow, smallest and largest over the evaluation set), gap_frames,
+stream_tokens (sequence length), swa_window, state_bytes (bfloat16 decoder state after
+`stream_tokens`: constant in distance for windowed and recurrent recipes, linear for full
+attention), parameters (vision tower included), train_seconds, threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mixerzoo.ablate.mqar_study import swa_window
+from mixerzoo.ablate.studies import RunConfig, register_study
+from mixerzoo.ablate.visual_study import EVAL, EVAL_BATCH, TRAIN, batch_sizes, plot_accuracy_vs_distance, vlm_spec
+from mixerzoo.blocks import state_nbytes
+from mixerzoo.tasks.visual import (
+    StreamRecallConfig, derive_seed, evaluate_vlm, make_stream_recall, sized_processor, train_vlm,
+)
+from mixerzoo.vlm.model import VLM
+
+
+class StreamMemorySettings(BaseModel):
+    """The `stream-memory` study's settings (a run's `settings`), validated: a misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gap_frames: int = Field(8, ge=0)
+    n_keys: int = Field(1, ge=1, le=16)
+    lead_frames: int = Field(1, ge=0)
+    digits: int = Field(1, ge=1, le=4)
+    image_size: int = Field(28, gt=0)
+    steps: int = Field(60, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_examples: int = Field(128, gt=0)
+    scale: float = Field(1.0, gt=0)
+
+
+@register_study("stream-memory", plot=plot_accuracy_vs_distance)
+def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
+    """Train the run's VLM on stream recall per the run's settings; one row of accuracy, distance and state bytes."""
+    settings = StreamMemorySettings.model_validate(run.settings)
+    spec = vlm_spec(run)
+    task = StreamRecallConfig(vocab_size=spec.decoder.vocab_size, gap_frames=settings.gap_frames,
+                              n_keys=settings.n_keys, lead_frames=settings.lead_frames, digits=settings.digits,
+                              image_size=settings.image_size)
+    processor = sized_processor(spec.processor, settings.image_size)
+    torch.manual_seed(run.seed)
+    model = VLM(spec)
+    steps = max(1, round(settings.steps * settings.scale))
+    trained = train_vlm(model, lambda step: make_stream_recall(task, settings.batch_size,
+                                                               derive_seed(run.seed, TRAIN, step), processor),
+                        steps=steps, lr=settings.lr)
+    held_out = [make_stream_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
+                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
+    accuracy = evaluate_vlm(model, held_out)
+    distances = torch.cat([batch["distance"] for batch in held_out])
+    tokens = held_out[0]["input_ids"].shape[1]
+    return [dict(
+        accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
+        distance=int(distances.min()), distance_max=int(distances.max()), gap_frames=task.gap_frames,
+        stream_tokens=tokens, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
+        parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
+        threads=torch.get_num_threads(),
+    )]

@@ -1,0 +1,134 @@
+"""The `visual-recall` study: train a recipe's VLM to recall the digits of images seen before filler text.
+
+One run builds the VLM of the run's recipe (window / ratio overrides applied to its decoder
+as `build_spec` applies them), trains it on fresh visual-recall batches
+(`mixerzoo.tasks.visual.make_visual_recall`) and evaluates answer accuracy on examples from
+another seed. Settings (unknown keys are an error):
+
+    n_images: 4            images per example, each queried once
+    filler: 32             filler text tokens between the last image and the first query
+    digits: 1              digits per image (answer tokens per query)
+    image_size: 28         image side in pixels (28: one visual token per image)
+    steps: 60              training steps, multiplied by the experiment's `scale`
+    lr: 3e-4               AdamW peak learning rate (cosine decay to 0; 3e-3 stalls at the digit prior)
+    batch_size: 16         training examples per step
+    eval_examples: 128     held-out examples
+    scale: 1.0             set by the runner
+
+Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_loss, steps,
+distance and distance_max (tokens from an image's last visual token to its query's arrow,
+smallest and largest over the evaluation set), tokens (sequence length), n_images, filler,
+swa_window, state_bytes (bfloat16 decoder state at `tokens`), parameters (vision tower
+included), train_seconds, threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mixerzoo.ablate.mqar_study import swa_window
+from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study
+from mixerzoo.blocks import state_nbytes
+from mixerzoo.tasks.visual import (
+    VisualRecallConfig, derive_seed, evaluate_vlm, make_visual_recall, sized_processor, train_vlm,
+)
+from mixerzoo.vlm.model import VLM, VLMSpec
+from mixerzoo.vlm.recipes import _with_mrope, vlm_recipe
+
+TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches never share a seed
+EVAL_BATCH = 64
+
+
+class VisualRecallSettings(BaseModel):
+    """The `visual-recall` study's settings (a run's `settings`), validated: a misspelt key is an error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_images: int = Field(4, ge=1, le=16)
+    filler: int = Field(32, ge=0)
+    digits: int = Field(1, ge=1, le=4)
+    image_size: int = Field(28, gt=0)
+    steps: int = Field(60, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_examples: int = Field(128, gt=0)
+    scale: float = Field(1.0, gt=0)
+
+
+def vlm_spec(run: RunConfig) -> VLMSpec:
+    """The VLM of `run.recipe` at `run.size` whose decoder is `build_spec(run)` (overrides applied) with M-RoPE."""
+    base = vlm_recipe(run.recipe, run.size)
+    return VLMSpec(decoder=_with_mrope(build_spec(run)), vision=base.vision, processor=base.processor)
+
+
+def batch_sizes(total: int, size: int) -> list[int]:
+    """Batch sizes covering `total` examples in batches of at most `size`."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
+    """Accuracy against distance (tokens) per recipe (and per other varying run field) to PNG `path`,
+    with chance (0.1) and the SWA window marked; False if the rows lack those columns."""
+    if not rows or not all(isinstance(r.get("accuracy"), float) and isinstance(r.get("distance"), int) for r in rows):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_fields = ("recipe", "size", "seed", "window", "ratio")
+    fields = [f for f in run_fields if len({r.get(f) for r in rows}) > 1] or ["recipe"]
+    series: dict[str, list[Row]] = {}
+    for row in rows:
+        label = " ".join(f"{row.get(f)}" if f == "recipe" else f"{f}={row.get(f)}" for f in fields)
+        series.setdefault(label, []).append(row)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, mine in series.items():
+        mine = sorted(mine, key=lambda r: r["distance"])
+        ax.plot([r["distance"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=label)
+    ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    for window in sorted({r["swa_window"] for r in rows if isinstance(r.get("swa_window"), int)}):
+        ax.axvline(window, color="grey", linestyle="--", alpha=0.6)
+        ax.annotate(f"SWA window {window}", (window, 1.0), fontsize=7, ha="left", va="top")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("distance from the queried image to the question (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+@register_study("visual-recall", plot=plot_accuracy_vs_distance)
+def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
+    """Train the run's VLM on visual recall per the run's settings; one row of accuracy, distance and cost."""
+    settings = VisualRecallSettings.model_validate(run.settings)
+    spec = vlm_spec(run)
+    task = VisualRecallConfig(vocab_size=spec.decoder.vocab_size, n_images=settings.n_images, filler=settings.filler,
+                              digits=settings.digits, image_size=settings.image_size)
+    processor = sized_processor(spec.processor, settings.image_size)
+    torch.manual_seed(run.seed)
+    model = VLM(spec)
+    steps = max(1, round(settings.steps * settings.scale))
+    trained = train_vlm(model, lambda step: make_visual_recall(task, settings.batch_size,
+                                                               derive_seed(run.seed, TRAIN, step), processor),
+                        steps=steps, lr=settings.lr)
+    held_out = [make_visual_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
+                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
+    accuracy = evaluate_vlm(model, held_out)
+    distances = torch.cat([batch["distance"].flatten() for batch in held_out])
+    tokens = held_out[0]["input_ids"].shape[1]
+    return [dict(
+        accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
+        distance=int(distances.min()), distance_max=int(distances.max()), tokens=tokens, n_images=task.n_images,
+        filler=task.filler, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
+        parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
+        threads=torch.get_num_threads(),
+    )]

@@ -11,6 +11,7 @@ import torch
 
 from mixerzoo.blocks import flops_per_token, parameter_count, state_nbytes
 from mixerzoo.registry import SIZES, build_mixer, list_recipes, recipe
+from mixerzoo.train.config import STAGES
 
 _CONTEXTS = {"8K": 8192, "128K": 131072, "1M": 1048576}
 
@@ -116,10 +117,14 @@ def main(argv: list[str] | None = None) -> None:
     stream_parser.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square")
     stream_parser.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     stream_parser.add_argument("--checkpoint", help="a VLM saved with mixerzoo.vlm.save_vlm (default: random weights)")
-    ablate_parser = commands.add_parser("ablate", help="run an ablation experiment YAML (resumable)")
-    ablate_parser.add_argument("experiment", help="experiment YAML (see experiments/efficiency.yaml)")
+    ablate_parser = commands.add_parser("ablate", help="run an ablation experiment YAML (resumable), print its table(s)")
+    ablate_parser.add_argument("experiment", help="experiment YAML (see experiments/efficiency.yaml); several "
+                                                  "experiments in one file, separated by ---, run in order")
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=float, help="override the experiment's scale")
+    for stage in STAGES:
+        stage_parser = commands.add_parser(stage, help=f"training stage {stage} (run under torchrun for several processes)")
+        stage_parser.add_argument("config", help="a TrainConfig YAML (see experiments/train/)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.context, args.window, args.d_model)
@@ -127,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         recipes(args.size)
     elif args.command == "stream":
         stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint)
+    elif args.command in STAGES:
+        from mixerzoo.train import run_stage
+
+        summary = run_stage(args.command, args.config)
+        if summary["rank"] == 0:
+            print(f"{args.command}: steps {summary['start_step']}..{summary['steps']}, final loss "
+                  f"{summary['losses'][-1] if summary['losses'] else float('nan'):.4f}, model in {summary['out_dir']}")
     elif args.command == "ablate":
         from mixerzoo.ablate.runner import ablate
 

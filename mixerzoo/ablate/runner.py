@@ -9,13 +9,17 @@ sweep:                          # cartesian product, the last key varying fastes
   settings.repeats: [5, 20]     # "settings.<key>" sweeps one study setting
 fixed: {contexts: [1024, 4096]} # merged into every run's settings
 scale: 1.0                      # passed to studies as settings["scale"]
+plot: frontier                  # optional: a registered plot (default: the study's own, else latency vs context)
 ```
 
 Sweep keys are RunConfig fields (recipe, size, seed, window, ratio, settings: a list of
-dicts) or `settings.<key>`; `recipe` is required. `run_experiment` appends each finished
-run's rows to `<out>/<name>/runs.jsonl` (each row: the study's columns plus the run's
-fields, its settings as `settings.<key>` columns, and `run_key`), skips runs already there,
-and regenerates `results.csv`, `table.md` and `plot.png` from the rows of the current runs.
+dicts) or `settings.<key>`; `recipe` is required. `sweep` may also be a list of such grids:
+the runs are the grids' runs in order (a run may appear only once). `run_experiment`
+appends each finished run's rows to `<out>/<name>/runs.jsonl` (each row: the study's
+columns plus the run's fields, its settings as `settings.<key>` columns, and `run_key`),
+skips runs already there, and regenerates `results.csv`, `table.md` and `plot.png` from the
+rows of the current runs. A YAML file may hold several experiments as documents separated
+by `---` (`load_experiments`); `ablate` runs them in order.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 from typing_extensions import Self
 
-from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_studies
+from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_plots, list_studies
 from mixerzoo.mixers.base import atomic_write_bytes
 
 _RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
@@ -49,9 +53,12 @@ class ExperimentConfig(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="results directory name")
     study: str
-    sweep: dict[str, list[Any]]
+    sweep: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
+        description="a grid (key -> values, cartesian product) or a list of grids whose runs are concatenated")
     fixed: dict[str, Any] = Field(default_factory=dict, description="merged into every run's settings")
     scale: float = Field(1.0, gt=0, description="passed to the study as settings['scale']")
+    plot: str | None = Field(None, description="a registered plot (mixerzoo.ablate.studies.list_plots); "
+                                               "default: the study's own plot, else latency against context")
 
     @field_validator("study")
     @classmethod
@@ -60,26 +67,43 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"unknown study {name!r}; registered studies: {list_studies()}")
         return name
 
+    @field_validator("plot")
+    @classmethod
+    def _plot_is_registered(cls, name: str | None) -> str | None:
+        if name is not None and name not in list_plots():
+            raise ValueError(f"unknown plot {name!r}; registered plots: {list_plots()}")
+        return name
+
     @field_validator("sweep")
     @classmethod
-    def _sweep_keys(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in sweep.items():
-            if key not in _RUN_FIELDS and not (key.startswith("settings.") and len(key) > len("settings.")):
-                raise ValueError(f"sweep.{key}: not a run field; use one of {list(_RUN_FIELDS)} or 'settings.<key>'")
-            if not values:
-                raise ValueError(f"sweep.{key}: needs at least one value")
-        if "recipe" not in sweep:
-            raise ValueError("sweep.recipe: required (a list of recipe names)")
+    def _sweep_keys(cls, sweep: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> Any:
+        if not sweep:
+            raise ValueError("sweep: needs at least one grid")
+        for where, grid in _named_grids(sweep):
+            for key, values in grid.items():
+                if key not in _RUN_FIELDS and not (key.startswith("settings.") and len(key) > len("settings.")):
+                    raise ValueError(f"{where}.{key}: not a run field; use one of {list(_RUN_FIELDS)} "
+                                     f"or 'settings.<key>'")
+                if not values:
+                    raise ValueError(f"{where}.{key}: needs at least one value")
+            if "recipe" not in grid:
+                raise ValueError(f"{where}.recipe: required (a list of recipe names)")
         return sweep
 
     @model_validator(mode="after")
     def _runs_are_valid(self) -> Self:
         from mixerzoo.registry import list_recipes
 
-        for recipe in self.sweep["recipe"]:
-            if recipe not in list_recipes():
-                raise ValueError(f"sweep.recipe: unknown recipe {recipe!r}; registered: {list_recipes()}")
-        expand(self)  # every run must validate as a RunConfig
+        for where, grid in _named_grids(self.sweep):
+            for recipe in grid["recipe"]:
+                if recipe not in list_recipes():
+                    raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}; registered: {list_recipes()}")
+        seen = set()
+        for run in expand(self):  # every run must validate as a RunConfig
+            if run.key() in seen:
+                raise ValueError(f"sweep: the run {run.model_dump(exclude={'study', 'settings'})} (settings "
+                                 f"{run.settings}) appears twice; every run must be distinct")
+            seen.add(run.key())
         return self
 
     @classmethod
@@ -88,29 +112,36 @@ class ExperimentConfig(BaseModel):
         return cls.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
+def _named_grids(sweep: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[tuple[str, dict[str, list[Any]]]]:
+    """(where, grid) per grid of a sweep, `where` naming it in errors: 'sweep' or 'sweep[i]'."""
+    return [("sweep", sweep)] if isinstance(sweep, dict) else [(f"sweep[{i}]", grid) for i, grid in enumerate(sweep)]
+
+
 def expand(experiment: ExperimentConfig) -> list[RunConfig]:
-    """The experiment's runs: the cartesian product of its sweep in the sweep's key order
-    (the last key varying fastest), with `fixed` and `scale` merged into each run's settings."""
-    keys = list(experiment.sweep)
+    """The experiment's runs: for each grid of its sweep in order, the cartesian product in the
+    grid's key order (the last key varying fastest), with `fixed` and `scale` merged into each
+    run's settings."""
     runs = []
-    for values in itertools.product(*(experiment.sweep[k] for k in keys)):
-        fields: dict[str, Any] = {}
-        settings = dict(experiment.fixed)
-        for key, value in zip(keys, values):
-            if key == "settings":
-                if not isinstance(value, dict):
-                    raise ValueError(f"sweep.settings: each value must be a mapping, got {value!r}")
-                settings.update(value)
-            elif key.startswith("settings."):
-                settings[key.removeprefix("settings.")] = value
-            else:
-                fields[key] = value
-        settings["scale"] = experiment.scale
-        try:
-            runs.append(RunConfig(study=experiment.study, settings=settings, **fields))
-        except ValidationError as error:
-            where = "; ".join(f"sweep.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-            raise ValueError(where) from None
+    for where, grid in _named_grids(experiment.sweep):
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            fields: dict[str, Any] = {}
+            settings = dict(experiment.fixed)
+            for key, value in zip(keys, values):
+                if key == "settings":
+                    if not isinstance(value, dict):
+                        raise ValueError(f"{where}.settings: each value must be a mapping, got {value!r}")
+                    settings.update(value)
+                elif key.startswith("settings."):
+                    settings[key.removeprefix("settings.")] = value
+                else:
+                    fields[key] = value
+            settings["scale"] = experiment.scale
+            try:
+                runs.append(RunConfig(study=experiment.study, settings=settings, **fields))
+            except ValidationError as error:
+                raise ValueError("; ".join(f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                                           for e in error.errors())) from None
     return runs
 
 
@@ -245,7 +276,7 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
     atomic_write_bytes(out_dir / "table.md", to_markdown(rows, title).encode())
-    plot = get_plot(experiment.study) or default_plot
+    plot = get_plot(experiment.study, experiment.plot) or default_plot
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
     os.close(fd)
     try:
@@ -285,17 +316,36 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     return out_dir
 
 
+def load_experiments(path: str | os.PathLike, *, scale: float | None = None) -> list[ExperimentConfig]:
+    """The experiments in YAML file `path`: one per YAML document (documents separated by
+    `---`), each validated, with `scale` overriding their scale if given. ValueError naming
+    the document for an invalid one or a name used twice."""
+    documents = [data for data in yaml.safe_load_all(Path(path).read_text()) if data is not None]
+    if not documents:
+        raise ValueError(f"{path}: no experiment in the file")
+    experiments = []
+    for number, data in enumerate(documents, 1):
+        where = f"{path}" if len(documents) == 1 else f"{path}, document {number}"
+        if scale is not None and isinstance(data, dict):
+            data = {**data, "scale": scale}
+        try:
+            experiments.append(ExperimentConfig.model_validate(data))
+        except ValidationError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if experiments[-1].name in [e.name for e in experiments[:-1]]:
+            raise ValueError(f"{where}: name {experiments[-1].name!r} is used by an earlier document; "
+                             f"each experiment needs its own results directory")
+    return experiments
+
+
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
            progress: bool = True) -> str:
-    """Run the experiment in YAML file `path` (with `scale` overriding its scale, if given)
-    and return its markdown table."""
-    data = yaml.safe_load(Path(path).read_text())
-    if scale is not None and isinstance(data, dict):
-        data["scale"] = scale
-    experiment = ExperimentConfig.model_validate(data)
-    out_dir = run_experiment(experiment, Path(out_root), progress=progress)
-    return (out_dir / "table.md").read_text()
+    """Run the experiments in YAML file `path` in order (all validated first; `scale` overrides
+    their scale if given) and return their markdown tables, separated by blank lines."""
+    experiments = load_experiments(path, scale=scale)
+    tables = [(run_experiment(e, Path(out_root), progress=progress) / "table.md").read_text() for e in experiments]
+    return "\n".join(tables)
 
 
-__all__ = ["ExperimentConfig", "ablate", "default_plot", "expand", "read_rows", "run_experiment", "run_row_fields",
-           "to_csv", "to_markdown"]
+__all__ = ["ExperimentConfig", "ablate", "default_plot", "expand", "load_experiments", "read_rows", "run_experiment",
+           "run_row_fields", "to_csv", "to_markdown"]

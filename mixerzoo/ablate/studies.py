@@ -21,6 +21,10 @@ Studies in `mixerzoo.ablate` modules listed in `_BUILTIN_MODULES` (such as `mqar
 register themselves when first looked up; a study defined elsewhere registers when its
 module is imported. Built in here: `efficiency` (decode latency, prefill throughput,
 state bytes, parameters and FLOPs per token against context).
+
+Plots: a study may register its own plot (`register_study(name, plot=fn)`); named plots
+(`register_plot(name)`) can be chosen by any experiment with `plot: <name>`. Built in
+here: `frontier` (accuracy against state bytes, zoology's recall-memory frontier).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
 import statistics
 import time
@@ -46,7 +51,8 @@ PlotHook = Callable[[list[Row], Path], None]
 
 _STUDIES: dict[str, Study] = {}
 _PLOTS: dict[str, PlotHook] = {}
-_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study",)
+_NAMED_PLOTS: dict[str, PlotHook] = {}
+_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study")
 
 
 class RunConfig(BaseModel):
@@ -104,10 +110,34 @@ def get_study(name: str) -> Study:
     return _STUDIES[name]
 
 
-def get_plot(name: str) -> PlotHook | None:
-    """The plot hook registered with study `name`, or None."""
+def register_plot(name: str) -> Callable[[PlotHook], PlotHook]:
+    """Decorator registering `plot(rows, path)` (draws rows to a PNG at `path`) under `name`,
+    for experiments to choose with `plot: <name>`."""
+
+    def decorate(plot: PlotHook) -> PlotHook:
+        if name in _NAMED_PLOTS:
+            raise ValueError(f"plot {name!r} is already registered")
+        _NAMED_PLOTS[name] = plot
+        return plot
+
+    return decorate
+
+
+def list_plots() -> list[str]:
+    """Registered plot names (those an experiment's `plot:` may name)."""
     _load_builtin()
-    return _PLOTS.get(name)
+    return sorted(_NAMED_PLOTS)
+
+
+def get_plot(study: str, plot: str | None = None) -> PlotHook | None:
+    """The registered plot named `plot` if given (KeyError listing the registered plots if
+    unknown), else the plot hook registered with `study`, else None."""
+    _load_builtin()
+    if plot is None:
+        return _PLOTS.get(study)
+    if plot not in _NAMED_PLOTS:
+        raise KeyError(f"unknown plot {plot!r}; registered plots: {sorted(_NAMED_PLOTS)}")
+    return _NAMED_PLOTS[plot]
 
 
 def build_spec(run: RunConfig) -> LayoutSpec:
@@ -115,9 +145,10 @@ def build_spec(run: RunConfig) -> LayoutSpec:
 
     `ratio` 'A:G' rebuilds the layer list with A attention layers per G Gated DeltaNet
     layers spread evenly over the same depth (the recipe's own attention and Gated
-    DeltaNet layers are the templates; a recipe lacking either is an error). `window`
-    then sets the window of every sliding-window attention layer (full-attention
-    layers stay full).
+    DeltaNet layers are the templates; a recipe lacking one whose weight is positive is
+    an error). '0:1' is all Gated DeltaNet and '1:0' all attention. `window` then sets
+    the window of every sliding-window attention layer (full-attention layers stay full;
+    a spec without sliding-window layers is unchanged).
     """
     spec = recipe(run.recipe, run.size)
     if run.ratio is not None:
@@ -137,16 +168,63 @@ def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
         letter = {"attention": "A", "gated_deltanet": "G"}.get(layer.mixer.type)
         if letter:
             templates.setdefault(letter, layer.model_dump(mode="json"))
-    for letter, kind in (("A", "attention"), ("G", "Gated DeltaNet")):
-        if letter not in templates:
-            raise ValueError(f"ratio {ratio!r}: recipe {name!r} has no {kind} layer to use as a template")
     attention, gdn = (int(part) for part in ratio.split(":"))
-    if attention + gdn == 0:
+    # letters with a positive weight; G before A, so a tie puts attention first
+    weights = {letter: weight for letter, weight in (("G", gdn), ("A", attention)) if weight}
+    if not weights:
         raise ValueError(f"ratio {ratio!r}: at least one weight must be positive")
+    for letter, kind in (("A", "attention"), ("G", "Gated DeltaNet")):
+        if letter in weights and letter not in templates:
+            raise ValueError(f"ratio {ratio!r}: recipe {name!r} has no {kind} layer to use as a template")
     data = spec.model_dump(mode="json", exclude={"layers"})
-    data.update(n_layers=spec.n_layers, ratio={"G": gdn, "A": attention},  # a tie puts attention first
-                legend={letter: layer["mixer"] for letter, layer in templates.items()}, mlp=templates["A"]["mlp"])
+    data.update(n_layers=spec.n_layers, ratio=weights, mlp=templates[next(iter(weights))]["mlp"],
+                legend={letter: templates[letter]["mixer"] for letter in weights})
     return LayoutSpec.model_validate(data)
+
+
+# ---------------------------------------------------------------- frontier plot
+
+
+@register_plot("frontier")
+def frontier_plot(rows: list[Row], path: Path) -> None:
+    """Zoology's recall-memory frontier to PNG `path`: accuracy against state bytes (log
+    scale), one marker series per SWA:GDN ratio (per recipe for runs without a ratio), each
+    point labelled by its sliding window (`swa_window` column, else the run's `window`);
+    one panel per `seq_len` when the rows hold several. Rows need numeric `state_bytes`
+    and `accuracy` columns (ValueError naming the first row without them)."""
+    for number, row in enumerate(rows, 1):
+        if not all(isinstance(row.get(c), (int, float)) for c in ("state_bytes", "accuracy")):
+            raise ValueError(f"frontier plot: row {number} (recipe {row.get('recipe')!r}) lacks a numeric "
+                             f"'state_bytes' or 'accuracy' column; the frontier needs both")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({row.get("seq_len") for row in rows}, key=str)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        series: dict[str, list[Row]] = {}
+        for row in rows:
+            if row.get("seq_len") == panel:
+                name = f"SWA:GDN {row['ratio']}" if row.get("ratio") is not None else str(row.get("recipe"))
+                series.setdefault(name, []).append(row)
+        for (name, mine), marker in zip(series.items(), itertools.cycle("osD^vP*X")):
+            ax.scatter([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine], marker=marker, label=name, s=36)
+            for r in mine:
+                window = r.get("swa_window", r.get("window"))
+                if window is not None:
+                    ax.annotate(f"w={window}", (r["state_bytes"], r["accuracy"]), textcoords="offset points",
+                                xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_xlabel("state bytes at the sequence length" if panel is None else f"state bytes at seq_len {panel}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- efficiency study
@@ -208,5 +286,5 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
     return rows
 
 
-__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "get_plot", "get_study",
-           "list_studies", "register_study"]
+__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "frontier_plot", "get_plot", "get_study",
+           "list_plots", "list_studies", "register_plot", "register_study"]

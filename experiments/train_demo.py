@@ -41,14 +41,17 @@ def _relocate(value, out: Path):
     return value
 
 
-def stage_configs(out: Path, scale: float) -> dict[str, TrainConfig]:
+def stage_configs(out: Path, scale: float, examples: int | None = None) -> dict[str, TrainConfig]:
     """The runs, in order: experiments/train/*.yaml (teacher, then the student's stages) with outputs
-    under `out` and steps x `scale`, and the scratch baseline: the student's recipe trained from
-    random weights on the same data for as many steps as all student stages together."""
+    under `out`, steps x `scale` (and `examples` training examples, if given), and the scratch
+    baseline: the student's recipe trained from random weights on the same data for as many steps
+    as all student stages together."""
     configs = {}
     for name in STAGES:
         data = _relocate(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), out)
         data["steps"] = max(1, round(data["steps"] * scale))
+        if examples is not None:
+            data["data"]["n_examples"] = examples
         configs[name] = TrainConfig.model_validate(data)
     teacher = configs["teacher"]
     student_steps = sum(configs[name].steps for name in STAGES[1:])
@@ -88,9 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every run's steps")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--test-examples", type=int, default=512)
+    parser.add_argument("--examples", type=int, help="training examples per run (default: each YAML's n_examples)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configs = stage_configs(args.out, args.scale)
+    configs = stage_configs(args.out, args.scale, args.examples)
     teacher = configs["teacher"]
     processor = vlm_recipe(teacher.student.recipe, teacher.student.size).processor
     test = visual_recall_dataset(teacher.data.task, args.test_examples, TEST_SEED, processor, vocab_size=256)
@@ -102,11 +106,12 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"run": name, "stage": config.stage, "steps": config.steps, "trains": ",".join(config.train_groups),
                      "accuracy": token_accuracy(load_model(config.out_dir / "model.safetensors"), test),
                      "final_loss": summary["losses"][-1], "seconds": time.perf_counter() - began})
+        print(rows[-1], flush=True)
         if name == "teacher":  # the converted student before any training, for reference
             converted = build_model(configs["distill-layers"].student, load_model(config.out_dir / "model.safetensors"))
             rows.append({"run": "converted, untrained", "stage": "-", "steps": 0, "trains": "-",
                          "accuracy": token_accuracy(converted, test), "final_loss": None, "seconds": 0.0})
-        print(rows[-1], flush=True)
+            print(rows[-1], flush=True)
 
     table = "| run | stage | steps | trains | test accuracy | final loss | seconds |\n|---|---|---:|---|---:|---:|---:|\n" + "".join(
         f"| {r['run']} | {r['stage']} | {r['steps']} | {r['trains']} | {r['accuracy']:.3f} | "

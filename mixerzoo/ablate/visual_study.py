@@ -10,7 +10,7 @@ another seed. Settings (unknown keys are an error):
     digits: 1              digits per image (answer tokens per query)
     image_size: 28         image side in pixels (28: one visual token per image)
     steps: 60              training steps, multiplied by the experiment's `scale`
-    lr: 3e-4               AdamW peak learning rate (cosine decay to 0; 3e-3 stalls at the digit prior)
+    lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
     batch_size: 16         training examples per step
     eval_examples: 128     held-out examples
     scale: 1.0             set by the runner
@@ -53,7 +53,7 @@ class VisualRecallSettings(BaseModel):
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
     steps: int = Field(60, gt=0)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(16, gt=0)
     eval_examples: int = Field(128, gt=0)
     scale: float = Field(1.0, gt=0)

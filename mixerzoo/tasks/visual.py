@@ -57,8 +57,9 @@ class _VisualTaskConfig(BaseModel):
     image_size: int = Field(28, gt=0, description="side of each square image / frame in pixels (a multiple of "
                                                   "patch_size * merge_size: 28 gives 1 visual token)")
     digits: int = Field(1, ge=1, le=4, description="digits per image; the answer is that many tokens")
-    font_size: int = Field(18, gt=0, description="size of Pillow's default font (must fit in image_size)")
-    noise: float = Field(24.0, ge=0, description="std of the Gaussian pixel noise, on the 0-255 scale")
+    font_size: int = Field(28, gt=0, description="size of Pillow's default font (must fit in image_size; glyphs much "
+                           "smaller than the image are hard for a tiny vision tower to learn)")
+    noise: float = Field(8.0, ge=0, description="std of the Gaussian pixel noise, on the 0-255 scale")
     digit_offset: int = Field(1, ge=0, description="token of digit k is digit_offset + k")
     index_offset: int = Field(16, ge=0, description="token of image / key index i is index_offset + i")
     query_token: int = Field(32, ge=0, description="starts a query")

@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from mixerzoo.tasks.fit import answer_accuracy, fit
 from mixerzoo.tasks.visual import (
-    IGNORE, StreamRecallConfig, VisualRecallConfig, derive_seed, evaluate_vlm, make_stream_recall, make_visual_recall,
-    render_digits, sized_processor, train_vlm,
+    IGNORE, StreamRecallConfig, VisualRecallConfig, derive_seed, make_stream_recall, make_visual_recall,
+    render_digits, sized_processor,
 )
 from mixerzoo.vlm.model import VLM
 from mixerzoo.vlm.recipes import vlm_recipe
@@ -163,8 +164,8 @@ def test_training_and_evaluation_run_on_a_vlm():
     torch.manual_seed(0)
     model = VLM(SPEC)
     config = VisualRecallConfig(n_images=2, filler=2)
-    result = train_vlm(model, lambda step: make_visual_recall(config, 4, step, PROCESSOR), steps=3, lr=1e-3)
+    result = fit(model, lambda step: make_visual_recall(config, 4, step, PROCESSOR), steps=3, lr=1e-3)
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
     assert result["losses"][0] == result["initial_loss"] and result["seconds"] > 0
     stream = make_stream_recall(StreamRecallConfig(gap_frames=2), 4, 1, PROCESSOR)
-    assert 0.0 <= evaluate_vlm(model, [make_visual_recall(config, 4, 100, PROCESSOR), stream]) <= 1.0
+    assert 0.0 <= answer_accuracy(model, [make_visual_recall(config, 4, 100, PROCESSOR), stream]) <= 1.0

@@ -37,8 +37,9 @@ from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import RunConfig, register_study
 from mixerzoo.ablate.visual_study import EVAL, EVAL_BATCH, TRAIN, batch_sizes, plot_accuracy_vs_distance, vlm_spec
 from mixerzoo.blocks import state_nbytes
+from mixerzoo.tasks.fit import answer_accuracy, fit
 from mixerzoo.tasks.visual import (
-    StreamRecallConfig, derive_seed, evaluate_vlm, make_stream_recall, sized_processor, train_vlm,
+    StreamRecallConfig, derive_seed, make_stream_recall, sized_processor,
 )
 from mixerzoo.vlm.model import VLM
 
@@ -72,12 +73,12 @@ def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     torch.manual_seed(run.seed)
     model = VLM(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = train_vlm(model, lambda step: make_stream_recall(task, settings.batch_size,
+    trained = fit(model, lambda step: make_stream_recall(task, settings.batch_size,
                                                                derive_seed(run.seed, TRAIN, step), processor),
                         steps=steps, lr=settings.lr)
     held_out = [make_stream_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
                 for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
-    accuracy = evaluate_vlm(model, held_out)
+    accuracy = answer_accuracy(model, held_out)
     distances = torch.cat([batch["distance"] for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(

@@ -33,11 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study
 from mixerzoo.blocks import state_nbytes
+from mixerzoo.tasks.fit import answer_accuracy, fit
 from mixerzoo.tasks.visual import (
-    VisualRecallConfig, derive_seed, evaluate_vlm, make_visual_recall, sized_processor, train_vlm,
+    VisualRecallConfig, derive_seed, make_visual_recall, sized_processor,
 )
 from mixerzoo.vlm.model import VLM, VLMSpec
-from mixerzoo.vlm.recipes import _with_mrope, vlm_recipe
+from mixerzoo.vlm.recipes import with_mrope, vlm_recipe
 
 TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches never share a seed
 EVAL_BATCH = 64
@@ -62,7 +63,7 @@ class VisualRecallSettings(BaseModel):
 def vlm_spec(run: RunConfig) -> VLMSpec:
     """The VLM of `run.recipe` at `run.size` whose decoder is `build_spec(run)` (overrides applied) with M-RoPE."""
     base = vlm_recipe(run.recipe, run.size)
-    return VLMSpec(decoder=_with_mrope(build_spec(run)), vision=base.vision, processor=base.processor)
+    return VLMSpec(decoder=with_mrope(build_spec(run)), vision=base.vision, processor=base.processor)
 
 
 def batch_sizes(total: int, size: int) -> list[int]:
@@ -117,12 +118,12 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     torch.manual_seed(run.seed)
     model = VLM(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = train_vlm(model, lambda step: make_visual_recall(task, settings.batch_size,
+    trained = fit(model, lambda step: make_visual_recall(task, settings.batch_size,
                                                                derive_seed(run.seed, TRAIN, step), processor),
                         steps=steps, lr=settings.lr)
     held_out = [make_visual_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
                 for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
-    accuracy = evaluate_vlm(model, held_out)
+    accuracy = answer_accuracy(model, held_out)
     distances = torch.cat([batch["distance"].flatten() for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(

@@ -16,17 +16,14 @@ An example of length T with n key-value pairs over a vocabulary V:
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Literal, Self
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mixerzoo.blocks import Decoder
+from mixerzoo.tasks.fit import IGNORE, answer_accuracy, fit
 
-IGNORE = -100
 FILLER = 0
 
 
@@ -84,11 +81,6 @@ def make_mqar(config: MQARConfig, n_examples: int, seed: int) -> tuple[torch.Ten
     return inputs, labels
 
 
-def mqar_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of logits [B, T, V] over the query positions (labels != -100) of labels [B, T]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-
-
 def train_mqar(
     model: Decoder,
     config: MQARConfig,
@@ -106,43 +98,17 @@ def train_mqar(
     the last tenth of the steps), "steps", "seconds"}."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     inputs, labels = make_mqar(config, steps * batch_size, seed)
-    device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    decay = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
         rows = slice(step * batch_size, (step + 1) * batch_size)
-        logits, _ = model(inputs[rows].to(device))
-        loss = mqar_loss(logits, labels[rows].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-    tail = losses[-max(1, steps // 10):]
-    return {"losses": losses, "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": steps,
-            "seconds": time.perf_counter() - start}
+        return {"input_ids": inputs[rows], "labels": labels[rows]}
+
+    return fit(model, batch, steps=steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, schedule=schedule)
 
 
-@torch.no_grad()
 def evaluate_mqar(model: Decoder, config: MQARConfig, n_examples: int, seed: int, *, batch_size: int = 256) -> float:
     """Fraction of query positions of `n_examples` fresh examples (seeded by `seed`) where argmax logits == label."""
     inputs, labels = make_mqar(config, n_examples, seed)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for start in range(0, n_examples, batch_size):
-        batch_labels = labels[start:start + batch_size].to(device)
-        logits, _ = model(inputs[start:start + batch_size].to(device))
-        queried = batch_labels != IGNORE
-        correct += (logits.argmax(-1)[queried] == batch_labels[queried]).sum().item()
-        total += queried.sum().item()
-    model.train(was_training)
-    return correct / total
+    return answer_accuracy(model, ({"input_ids": inputs[start:start + batch_size], "labels": labels[start:start + batch_size]}
+                                   for start in range(0, n_examples, batch_size)))

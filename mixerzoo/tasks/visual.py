@@ -28,24 +28,17 @@ query and arrow tokens are single ids, and filler text is drawn from
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from mixerzoo.tasks.fit import IGNORE, Batch
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images, process_video
 
-IGNORE = -100
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                "second_per_grid_ts")
-Batch = dict[str, Any]
 
 
 class _VisualTaskConfig(BaseModel):
@@ -273,61 +266,5 @@ def make_stream_recall(config: StreamRecallConfig, n_examples: int, seed: int,
                 answers=torch.from_numpy(answers), key=torch.from_numpy(keys), distance=torch.tensor(distance))
 
 
-def recall_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy of logits [B, T, V] over the answer positions (labels != -100) of labels [B, T]."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
-
-
-def _forward(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits [B, T, V] of a VLM on a task batch (its model inputs moved to the model's device)."""
-    device = next(model.parameters()).device
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-    logits, _ = model(inputs.pop("input_ids"), **inputs)
-    return logits
-
-
-def train_vlm(model: torch.nn.Module, batches: Callable[[int], Batch], *, steps: int, lr: float,
-              weight_decay: float = 0.1, grad_clip: float = 1.0) -> dict:
-    """Train a VLM in place on `batches(step)` for `steps` steps (AdamW, cosine decay to 0, gradient
-    clipping); returns {"losses", "initial_loss", "final_loss" (mean of the last tenth), "steps", "seconds"}."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step in range(steps):
-        batch = batches(step)
-        loss = recall_loss(_forward(model, batch), batch["labels"].to(next(model.parameters()).device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-    tail = losses[-max(1, steps // 10):]
-    return {"losses": losses, "initial_loss": losses[0], "final_loss": sum(tail) / len(tail), "steps": steps,
-            "seconds": time.perf_counter() - start}
-
-
-@torch.no_grad()
-def evaluate_vlm(model: torch.nn.Module, batches: Iterable[Batch]) -> float:
-    """Fraction of answer positions (labels != -100) over `batches` where the VLM's argmax equals the label."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for batch in batches:
-        logits = _forward(model, batch)
-        labels = batch["labels"].to(logits.device)
-        answered = labels != IGNORE
-        correct += (logits.argmax(-1)[answered] == labels[answered]).sum().item()
-        total += answered.sum().item()
-    model.train(was_training)
-    if total == 0:
-        raise ValueError("evaluate_vlm: the batches hold no answer positions")
-    return correct / total
-
-
-__all__ = ["IGNORE", "MODEL_INPUTS", "StreamRecallConfig", "VisualRecallConfig", "derive_seed", "evaluate_vlm",
-           "make_stream_recall", "make_visual_recall", "recall_loss", "render_digits", "render_noise",
-           "sized_processor", "train_vlm"]
+__all__ = ["StreamRecallConfig", "VisualRecallConfig", "derive_seed", "make_stream_recall", "make_visual_recall",
+           "render_digits", "render_noise", "sized_processor"]

@@ -14,7 +14,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from mixerzoo.tasks.mqar import IGNORE, MQARConfig, make_mqar
+from mixerzoo.tasks.fit import IGNORE
+from mixerzoo.tasks.mqar import MQARConfig, make_mqar
 from mixerzoo.tasks.visual import VisualRecallConfig, make_visual_recall, sized_processor
 from mixerzoo.train.config import DataConfig
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images

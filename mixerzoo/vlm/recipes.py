@@ -23,7 +23,7 @@ def list_vlm_recipes() -> list[str]:
     return sorted([*list_recipes(), *_ALIASES])
 
 
-def _with_mrope(decoder: LayoutSpec) -> LayoutSpec:
+def with_mrope(decoder: LayoutSpec) -> LayoutSpec:
     """Attention layers switched to M-RoPE (sections t:h:w = 2:3:3 of head_dim / 2), theta kept."""
     layers = []
     for layer in decoder.layers:
@@ -40,7 +40,7 @@ def vlm_recipe(name: str, size: str = "tiny") -> VLMSpec:
     """The VLM of decoder recipe `name` at `size` (token ids at the top of small vocabularies)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; sizes: {SIZES}")
-    decoder = _with_mrope(recipe(_ALIASES.get(name, name), size))
+    decoder = with_mrope(recipe(_ALIASES.get(name, name), size))
     processor = ProcessorConfig()
     if decoder.vocab_size <= processor.video_pad_id:
         top = decoder.vocab_size

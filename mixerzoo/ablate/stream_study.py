@@ -35,13 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import RunConfig, register_study
-from mixerzoo.ablate.visual_study import EVAL, EVAL_BATCH, TRAIN, batch_sizes, plot_accuracy_vs_distance, vlm_spec
+from mixerzoo.ablate.visual_study import plot_accuracy_vs_distance, train_and_score, vlm_spec
 from mixerzoo.blocks import state_nbytes
-from mixerzoo.tasks.fit import answer_accuracy, fit
-from mixerzoo.tasks.visual import (
-    StreamRecallConfig, derive_seed, make_stream_recall, sized_processor,
-)
-from mixerzoo.vlm.model import VLM
+from mixerzoo.tasks.visual import StreamRecallConfig, make_stream_recall, sized_processor
 
 
 class StreamMemorySettings(BaseModel):
@@ -70,15 +66,9 @@ def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
                               n_keys=settings.n_keys, lead_frames=settings.lead_frames, digits=settings.digits,
                               image_size=settings.image_size)
     processor = sized_processor(spec.processor, settings.image_size)
-    torch.manual_seed(run.seed)
-    model = VLM(spec)
-    steps = max(1, round(settings.steps * settings.scale))
-    trained = fit(model, lambda step: make_stream_recall(task, settings.batch_size,
-                                                               derive_seed(run.seed, TRAIN, step), processor),
-                        steps=steps, lr=settings.lr)
-    held_out = [make_stream_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
-                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
-    accuracy = answer_accuracy(model, held_out)
+    model, trained, accuracy, held_out = train_and_score(
+        run, spec, settings, lambda n, seed: make_stream_recall(task, n, seed, processor))
+    steps = trained["steps"]
     distances = torch.cat([batch["distance"] for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(

@@ -24,6 +24,7 @@ included), train_seconds, threads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,7 @@ from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.fit import answer_accuracy, fit
-from mixerzoo.tasks.visual import (
-    VisualRecallConfig, derive_seed, make_visual_recall, sized_processor,
-)
+from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
 from mixerzoo.vlm.model import VLM, VLMSpec
 from mixerzoo.vlm.recipes import with_mrope, vlm_recipe
 
@@ -107,6 +106,18 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     return True
 
 
+def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int], dict[str, Any]]):
+    """Build the run's VLM, train it on make(batch_size, seed) batches for settings.steps x settings.scale
+    steps and score it on held-out batches; returns (model, fit's summary, accuracy, held-out batches)."""
+    torch.manual_seed(run.seed)
+    model = VLM(spec)
+    steps = max(1, round(settings.steps * settings.scale))
+    trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step)), steps=steps,
+                  lr=settings.lr)
+    held_out = [make(n, derive_seed(run.seed, EVAL, i)) for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
+    return model, trained, answer_accuracy(model, held_out), held_out
+
+
 @register_study("visual-recall", plot=plot_accuracy_vs_distance)
 def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on visual recall per the run's settings; one row of accuracy, distance and cost."""
@@ -115,15 +126,9 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     task = VisualRecallConfig(vocab_size=spec.decoder.vocab_size, n_images=settings.n_images, filler=settings.filler,
                               digits=settings.digits, image_size=settings.image_size)
     processor = sized_processor(spec.processor, settings.image_size)
-    torch.manual_seed(run.seed)
-    model = VLM(spec)
-    steps = max(1, round(settings.steps * settings.scale))
-    trained = fit(model, lambda step: make_visual_recall(task, settings.batch_size,
-                                                               derive_seed(run.seed, TRAIN, step), processor),
-                        steps=steps, lr=settings.lr)
-    held_out = [make_visual_recall(task, n, derive_seed(run.seed, EVAL, i), processor)
-                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
-    accuracy = answer_accuracy(model, held_out)
+    model, trained, accuracy, held_out = train_and_score(
+        run, spec, settings, lambda n, seed: make_visual_recall(task, n, seed, processor))
+    steps = trained["steps"]
     distances = torch.cat([batch["distance"].flatten() for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(

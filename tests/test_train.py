@@ -17,7 +17,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mixerzoo.tasks.fit import IGNORE
+from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.train import (ByteTokenizer, Example, JSONLDataset, LoRAConfig, TrainConfig, apply_lora, build_model,
                             collate, fold_lora, load_model, parameter_groups, save_model, train)
 from mixerzoo.train.config import ModelSource

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mixerzoo.tasks.fit import answer_accuracy, fit
+from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.visual import (
     IGNORE, StreamRecallConfig, VisualRecallConfig, derive_seed, make_stream_recall, make_visual_recall,
     render_digits, sized_processor,

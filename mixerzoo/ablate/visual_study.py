@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study
 from mixerzoo.blocks import state_nbytes
-from mixerzoo.tasks.fit import answer_accuracy, fit
+from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
 from mixerzoo.vlm.model import VLM, VLMSpec
 from mixerzoo.vlm.recipes import with_mrope, vlm_recipe

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mixerzoo.blocks import Decoder
-from mixerzoo.tasks.fit import IGNORE, answer_accuracy, fit
+from mixerzoo.tasks.loop import IGNORE, answer_accuracy, fit
 
 FILLER = 0
 

@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
-from mixerzoo.tasks.fit import IGNORE, Batch
+from mixerzoo.tasks.loop import IGNORE, Batch
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images, process_video
 
 

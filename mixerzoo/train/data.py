@@ -14,7 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
-from mixerzoo.tasks.fit import IGNORE
+from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.tasks.mqar import MQARConfig, make_mqar
 from mixerzoo.tasks.visual import VisualRecallConfig, make_visual_recall, sized_processor
 from mixerzoo.train.config import DataConfig

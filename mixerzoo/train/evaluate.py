@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixerzoo.tasks.fit import IGNORE
+from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.train.data import Dataset, collate
 from mixerzoo.train.models import model_forward
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixerzoo.tasks.fit import IGNORE
+from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.train.config import TrainConfig
 from mixerzoo.train.models import decoder_of, model_forward
 from mixerzoo.train.params import created_layers

@@ -34,17 +34,24 @@ def task_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def fit(model: torch.nn.Module, batches: Callable[[int], Batch], *, steps: int, lr: float, weight_decay: float = 0.1,
-        grad_clip: float = 1.0, schedule: str = "cosine") -> dict:
-    """Train `model` in place on `batches(step)` for `steps` steps (AdamW, cosine decay to 0 or constant
-    lr, gradient clipping); returns {"losses", "initial_loss", "final_loss" (mean of the last tenth),
-    "steps", "seconds"}."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        grad_clip: float = 1.0, schedule: str = "cosine", warmup_steps: int = 0) -> dict:
+    """Train `model` in place on `batches(step)` for `steps` steps (AdamW, linear warmup over
+    `warmup_steps`, then cosine decay to 0 or constant lr, gradient clipping); returns {"losses",
+    "initial_loss", "final_loss" (mean of the last tenth), "steps", "seconds"}."""
+    if steps < 1 or warmup_steps < 0:
+        raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps}, {warmup_steps}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    decay = (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda step: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model.train()
     losses, start = [], time.perf_counter()
     for step in range(steps):

@@ -13,7 +13,8 @@ question at the end) and evaluates answer accuracy on examples from another seed
     image_size: 28         frame side in pixels
     steps: 60              training steps, multiplied by the experiment's `scale`
     lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
-    batch_size: 16         training examples per step
+    warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
+    batch_size: 32         training examples per step
     eval_examples: 128     held-out examples
     scale: 1.0             set by the runner
 
@@ -52,7 +53,8 @@ class StreamMemorySettings(BaseModel):
     image_size: int = Field(28, gt=0)
     steps: int = Field(60, gt=0)
     lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(16, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(128, gt=0)
     scale: float = Field(1.0, gt=0)
 

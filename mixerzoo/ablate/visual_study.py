@@ -11,7 +11,8 @@ another seed. Settings (unknown keys are an error):
     image_size: 28         image side in pixels (28: one visual token per image)
     steps: 60              training steps, multiplied by the experiment's `scale`
     lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
-    batch_size: 16         training examples per step
+    warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
+    batch_size: 32         training examples per step
     eval_examples: 128     held-out examples
     scale: 1.0             set by the runner
 
@@ -54,7 +55,8 @@ class VisualRecallSettings(BaseModel):
     image_size: int = Field(28, gt=0)
     steps: int = Field(60, gt=0)
     lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(16, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(128, gt=0)
     scale: float = Field(1.0, gt=0)
 
@@ -113,7 +115,7 @@ def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable
     model = VLM(spec)
     steps = max(1, round(settings.steps * settings.scale))
     trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step)), steps=steps,
-                  lr=settings.lr)
+                  lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
     held_out = [make(n, derive_seed(run.seed, EVAL, i)) for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
     return model, trained, answer_accuracy(model, held_out), held_out
 

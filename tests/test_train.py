@@ -270,6 +270,13 @@ def test_resume_after_a_kill_gives_the_same_losses(tmp_path):
     assert _losses(killed.out_dir) == _losses(whole.out_dir)
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    train(_config(tmp_path, steps=2))
+    with pytest.raises(ValueError, match=r"\['optim'\] differ"):
+        train(_config(tmp_path, steps=4, optim={"lr": 1e-4}))
+    assert train(_config(tmp_path, steps=4))["start_step"] == 2  # more steps of the same run: resumes
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, strategy):
     """torchrun with 2 gloo processes and half the micro-batch equals 1 process with the same

@@ -30,6 +30,9 @@ from mixerzoo.train.params import apply_freezing, apply_lora, fold_lora
 from mixerzoo.train.stages import StageLoss, total_loss
 
 _CHECKPOINT_FORMAT = "mixerzoo.train_checkpoint/1"
+# Fields a resumed run must share with the run that wrote the checkpoint (steps may grow; logging may change).
+_RESUME_MUST_MATCH = ("stage", "student", "teacher", "data", "optim", "micro_batch_size", "grad_accum", "dtype",
+                      "train", "lora", "temperature", "kl_direction", "layer_mse_weight", "seed")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -79,11 +82,15 @@ def _save_checkpoint(out_dir: Path, step: int, module, optimizer, scheduler, con
         shutil.rmtree(old)
 
 
-def _load_checkpoint(path: Path, module, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
     """Restore a checkpoint into the (wrapped) module, optimiser and scheduler; returns its step."""
     saved = torch.load(path / "trainer.pt", weights_only=True)
     if saved.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a mixerzoo training checkpoint")
+    differs = sorted(k for k in _RESUME_MUST_MATCH if saved["config"].get(k) != config.model_dump(mode="json").get(k))
+    if differs:
+        raise ValueError(f"{path}: the checkpoint was written by a run whose {differs} differ from this config's; "
+                         "resume with the same config or train into a new out_dir")
     set_state_dict(module, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(saved["scheduler"])
@@ -146,7 +153,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     start = 0
     checkpoints = _checkpoints(out_dir)
     if checkpoints:
-        start = _load_checkpoint(checkpoints[-1], module, optimizer, scheduler)
+        start = _load_checkpoint(checkpoints[-1], module, optimizer, scheduler, config)
     metrics_path = out_dir / "metrics.jsonl"
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

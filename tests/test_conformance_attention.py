@@ -117,7 +117,7 @@ class LeakyPackingAttention(Attention):
 
     config_class = LeakyPackingConfig
 
-    def forward_packed(self, x, layout, *, positions=None):
+    def _forward_packed(self, x, layout, positions):
         return self(x, None, valid=layout.tokens)[0]
 
 

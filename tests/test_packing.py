@@ -1,5 +1,6 @@
-"""Packed sequences: PackedLayout, and Decoder / VLM rows of several documents equal each document alone.
-(Each mixer's own packing invariant is in the conformance kit: certify's `packing` check.)"""
+"""Packed sequences: PackedLayout, each mixer's forward_packed, and Decoder / VLM rows of several
+documents equal each document alone. Tolerances: float64, the packed and separate runs differ only
+in summation order, so the kit's 1e-9 (mixerzoo.testing.TOLERANCES) applies throughout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 import mixerzoo as mz
 from mixerzoo.blocks import Decoder
 from mixerzoo.mixers.packing import PackedLayout
-from mixerzoo.testing import assert_close
+from mixerzoo.registry import build_mixer
+from mixerzoo.testing import assert_close, certify
 from mixerzoo.vlm import VLM, expand_vision_tokens, process_images, vlm_recipe
 
 rows_of_documents = st.lists(st.lists(st.integers(1, 20), max_size=4), min_size=1, max_size=3)
@@ -43,6 +45,44 @@ def test_layout_unpack_then_pack_is_the_identity_on_real_tokens(rows, pads):
     assert torch.equal(layout.positions[documents >= 0], expected_positions)
 
 
+MIXERS = {
+    "attention-full": {"type": "attention", "d_model": 16, "n_heads": 2},
+    "attention-window4": {"type": "attention", "d_model": 16, "n_heads": 2, "n_kv_heads": 1, "window": 4},
+    "gated_deltanet": {"type": "gated_deltanet", "d_model": 16, "n_heads": 2, "head_dim": 4, "chunk_size": 4},
+    "mamba2": {"type": "mamba2", "d_model": 16, "d_state": 4, "head_dim": 8, "expand": 1, "chunk_size": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_each_mixer_packed_equals_each_document_alone(name):
+    """The kit's packing invariant: random rows of documents (length 1, around the window and chunk
+    sizes, empty rows, trailing pads) equal each document run alone, every element."""
+    certify(MIXERS[name], checks=("packing",))
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_forward_packed_gathers_given_positions_per_document(name):
+    """Explicit positions (random, not a range: a misaligned gather changes relative offsets) reach
+    each document as if passed to it alone; [3, B, T] M-RoPE positions for attention."""
+    torch.manual_seed(0)
+    config = dict(MIXERS[name])
+    if config["type"] == "attention":
+        config.update(head_dim=12, rope={"kind": "mrope", "sections": [2, 2, 2]})
+    mixer = build_mixer(config).double()
+    documents = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 2, 2, -1], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    x = torch.randn(*documents.shape, 16, dtype=torch.float64)
+    lead = (3,) if config["type"] == "attention" else ()
+    positions = torch.randint(0, 50, (*lead, *documents.shape))
+    y = mixer.forward_packed(x, documents, positions=positions)
+    assert torch.equal(y[documents < 0], torch.zeros_like(y[documents < 0]))
+    for b in range(2):
+        for d in documents[b].unique().tolist():
+            if d >= 0:
+                here = documents[b] == d
+                alone, _ = mixer(x[b:b + 1, here], positions=positions[..., b:b + 1, here])
+                assert_close(y[b, here], alone[0], f"{name}: row {b} document {d}", torch.float64)
+
+
 @pytest.mark.parametrize("recipe", ["infinitevl", "mamba2-swa", "transformer"])
 @given(rows=rows_of_documents, pads=st.integers(0, 3), seed=st.integers(0, 2**16))
 def test_decoder_packed_rows_equal_each_document_alone(recipe, rows, pads, seed):
@@ -70,14 +110,24 @@ def _decoder(recipe: str) -> Decoder:
     return _DECODERS[recipe]
 
 
-def test_vlm_packed_documents_with_images_equal_each_alone():
-    """Two documents with an image each packed in one row, a third in another row: logits and
-    M-RoPE positions as if each ran alone (float64, tolerance 1e-9)."""
+def test_vlm_packed_documents_with_images_equal_each_alone(monkeypatch):
+    """Two documents with an image each packed in one row, a third in another row: the M-RoPE
+    positions reaching the decoder equal (exactly) those of each document alone, and so do the
+    logits (float64, tolerance 1e-9). The images differ in shape, so a grid given to the wrong
+    document would change both; RoPE is shift-invariant, hence the direct check of positions."""
     torch.manual_seed(0)
     model = VLM(vlm_recipe("infinitevl", "tiny")).double().eval()
+    decoder_positions = []
+    decoder_forward = model.decoder.forward
+
+    def recording_forward(*args, **kwargs):
+        decoder_positions.append(kwargs["positions"])
+        return decoder_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "forward", recording_forward)
     processor = model.spec.processor
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    images = [rng.integers(0, 255, shape, dtype=np.uint8) for shape in [(56, 112, 3), (112, 56, 3), (56, 56, 3)]]
     docs = []
     for i, image in enumerate(images):
         pixels, grid = process_images([image], processor)
@@ -92,24 +142,33 @@ def test_vlm_packed_documents_with_images_equal_each_alone():
             n = len(docs[d][0])
             input_ids[b, start:start + n], documents[b, start:start + n] = docs[d][0], k
             start += n
-    logits, _ = model(input_ids, pixel_values=torch.cat([d[1] for d in docs]),
-                      image_grid_thw=torch.cat([d[2] for d in docs]), documents=documents)
+    logits, state = model(input_ids, pixel_values=torch.cat([d[1] for d in docs]),
+                          image_grid_thw=torch.cat([d[2] for d in docs]), documents=documents)
+    assert state is None
+    packed_positions = decoder_positions.pop()  # [3, B, T]
     for b, row in enumerate(rows):
         for k, d in enumerate(row):
+            here = documents[b] == k
             alone, _ = model(docs[d][0][None], pixel_values=docs[d][1], image_grid_thw=docs[d][2])
-            assert_close(logits[b, documents[b] == k], alone[0], f"row {b} document {k}", torch.float64)
+            assert torch.equal(packed_positions[:, b, here], decoder_positions.pop()[:, 0]), f"row {b} document {k}"
+            assert_close(logits[b, here], alone[0], f"row {b} document {k}", torch.float64)
 
 
-def test_packed_gradients_reach_every_layer():
+def test_packed_gradients_equal_those_of_the_documents_alone():
+    """Parameter gradients of a packed batch equal the sum over its documents run alone, in every
+    layer (float64, tolerance 1e-9), and none is zero."""
     torch.manual_seed(0)
-    model = Decoder(mz.registry.recipe("infinitevl", size="tiny"))
+    model = Decoder(mz.registry.recipe("infinitevl", size="tiny")).double()
     documents = _documents([[5, 7], [12]], 2)
-    logits, _ = model(torch.randint(0, 200, documents.shape), documents=documents)
-    logits[documents >= 0].square().mean().backward()
-    for i, block in enumerate(model.layers):
-        grads = [p.grad for p in block.mixer.parameters() if p.grad is not None]
-        assert grads and all(torch.isfinite(g).all() for g in grads), f"layer {i}"
-        assert any(g.abs().sum() > 0 for g in grads), f"layer {i} got no gradient"
+    ids = torch.randint(0, 200, documents.shape)
+    logits, _ = model(ids, documents=documents)
+    packed = torch.autograd.grad(logits[documents >= 0].square().sum(), list(model.parameters()))
+    alone_loss = sum(model(ids[b:b + 1, documents[b] == d])[0].square().sum()
+                     for b in range(2) for d in documents[b].unique().tolist() if d >= 0)
+    alone = torch.autograd.grad(alone_loss, list(model.parameters()))
+    for (name, _), g_packed, g_alone in zip(model.named_parameters(), packed, alone):
+        assert_close(g_packed, g_alone, f"d loss / d {name}", torch.float64)
+        assert g_packed.abs().sum() > 0, f"{name} got no gradient"
 
 
 @pytest.mark.parametrize("documents, message", [
@@ -121,6 +180,21 @@ def test_bad_documents_are_named(documents, message):
     model = _decoder("transformer")
     with pytest.raises(ValueError, match=message):
         model(torch.zeros(1, 4, dtype=torch.long), documents=documents)
+
+
+def test_forward_packed_names_bad_inputs():
+    mixer = build_mixer(MIXERS["attention-full"])
+    x, documents = torch.randn(1, 4, 16), torch.tensor([[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="with \\[B, T\\] = \\[1, 4\\] as in documents"):
+        mixer.forward_packed(torch.randn(1, 5, 16), documents)
+    with pytest.raises(ValueError, match="positions must be"):
+        mixer.forward_packed(x, documents, positions=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mixer.forward_packed(x, torch.tensor([[1, 1, 0, 0]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        mixer.forward_packed(x, torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="fresh state"):
+        _decoder("transformer").layers[0](x.double(), None, valid=torch.ones(1, 4, dtype=torch.bool), documents=documents)
 
 
 def test_packed_call_refuses_a_state_and_a_mismatched_valid():

@@ -49,11 +49,15 @@ class Block(nn.Module):
             self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
             self.mlp = SwiGLU(d_model, spec.mlp)
 
-    def forward(self, x, state, *, positions=None, valid=None, packing: PackedLayout | None = None):
-        """x [B, T, d_model] after `state` -> (x, new state); with `packing`, the documents of
-        packed rows are mixed each alone from a fresh state and the returned state is None."""
-        if packing is not None:
-            mixed, state = self.mixer.forward_packed(self.mixer_norm(x), packing, positions=positions), None
+    def forward(self, x, state, *, positions=None, valid=None, documents: torch.Tensor | PackedLayout | None = None):
+        """x [B, T, d_model] after `state` -> (x, new state); with `documents` (ids [B, T] or their
+        PackedLayout, see Mixer.forward_packed), the documents of packed rows are mixed each alone
+        from a fresh state, `state` must be None and the returned state is None."""
+        if documents is not None:
+            if state is not None or valid is not None:
+                raise ValueError("Block: packed documents start from a fresh state and mark their own padding; "
+                                 "do not pass `state` or `valid` with `documents`")
+            mixed, state = self.mixer.forward_packed(self.mixer_norm(x), documents, positions=positions), None
         else:
             mixed, state = self.mixer(self.mixer_norm(x), state, positions=positions, valid=valid)
         x = x + mixed
@@ -243,7 +247,7 @@ class Decoder(nn.Module):
         x = embeds
         for i, block in enumerate(self.layers):
             try:
-                x, _ = block(x, None, positions=positions, packing=packing)
+                x, _ = block(x, None, positions=positions, documents=packing)
             except (ValueError, TypeError) as error:
                 raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
         return self.logits(self.norm(x)), None

@@ -220,7 +220,8 @@ class Mixer(nn.Module):
     """Base of every token mixer: `y, state = mixer(x, state, positions=..., valid=...)`.
 
     Subclasses set `config_class` and `state_class`, implement `init_state` and
-    `_forward` (which receives checked inputs, a state and a bool `valid`).
+    `_forward` (which receives checked inputs, a state and a bool `valid`); `forward_packed`
+    runs packed documents through `_forward_packed`, which works for any mixer by default.
     """
 
     config_class: ClassVar[type[MixerConfig]]
@@ -274,14 +275,34 @@ class Mixer(nn.Module):
         y, state = self._forward(x, state, positions, valid)
         return y, state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
 
-    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, *, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_packed(
+        self, x: torch.Tensor, documents: torch.Tensor | PackedLayout, *, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mix packed documents x [B, T, d_model], each from a fresh state as if it ran alone;
-        returns y [B, T, d_model] (zeros on padding). layout: PackedLayout.from_documents(ids [B, T]).
-        positions: [B, T] (or [S, B, T]); by default each token's index within its document."""
+        returns y [B, T, d_model] (zeros on padding).
+
+        documents: ids [B, T] (int, non-decreasing along a row, -1 on padding), or the
+        PackedLayout.from_documents of them (a model builds it once for all its layers).
+        positions: [B, T] (or [S, B, T]); by default each token's index within its document.
+        """
+        name = type(self).__name__
+        layout = documents if isinstance(documents, PackedLayout) else PackedLayout.from_documents(documents)
+        if x.dim() != 3 or tuple(x.shape[:2]) != layout.shape:
+            raise ValueError(f"{name}: x must be [B, T, d_model] with [B, T] = {list(layout.shape)} as in "
+                             f"documents, got shape {list(x.shape)}")
+        if positions is not None and (positions.dim() not in (2, 3) or tuple(positions.shape[-2:]) != layout.shape):
+            raise ValueError(f"{name}: positions must be [B, T] or [S, B, T] with [B, T] = {list(layout.shape)}, "
+                             f"got shape {list(positions.shape)}")
+        return self._forward_packed(x, layout, positions)
+
+    def _forward_packed(self, x: torch.Tensor, layout: PackedLayout, positions: torch.Tensor | None) -> torch.Tensor:
+        """forward_packed on checked inputs. This default unpacks each document to a row of its own
+        and runs the ordinary forward with the pads invalid (exact by padding invariance); a mixer
+        with a cheaper exact path (e.g. varlen kernels) overrides it."""
         if layout.n_segments == 0:  # nothing but padding
             return torch.zeros_like(x)
         if positions is not None:
-            positions = layout.unpack(positions, lead=positions.dim() - 2)
+            positions = layout.unpack(positions, lead=positions.dim() - 2)  # [(S,) N, L]
         y, _ = self(layout.unpack(x), None, positions=positions, valid=layout.valid)
         return layout.pack(y)
 

@@ -25,7 +25,6 @@ import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from mixerzoo.mixers import Mixer, MixerConfig, MixerState
-from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.registry import build_mixer, mixer_config
 
 # Relative tolerances by dtype. float64: the backends differ only in summation order
@@ -276,7 +275,7 @@ def check_packing(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) 
             documents[b, start:end] = d
     x = tokens(total)  # pads hold random garbage, which must not leak
     with torch.no_grad():
-        y = mixer.forward_packed(x, PackedLayout.from_documents(documents))
+        y = mixer.forward_packed(x, documents)
         if not torch.equal(y[documents < 0], torch.zeros_like(y[documents < 0])):
             raise AssertionError("packing: outputs at pad positions are not zero")
         for b, docs in enumerate(rows):

@@ -32,31 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import RunConfig, register_study
-from mixerzoo.ablate.visual_study import plot_accuracy_vs_distance, train_and_score, vlm_spec
+from mixerzoo.ablate.visual_study import VLMTaskSettings, plot_accuracy_vs_distance, train_and_score, vlm_spec
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.visual import StreamRecallConfig, make_stream_recall, sized_processor
 
 
-class StreamMemorySettings(BaseModel):
+class StreamMemorySettings(VLMTaskSettings):
     """The `stream-memory` study's settings (a run's `settings`), validated: a misspelt key is an error."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     gap_frames: int = Field(8, ge=0)
     n_keys: int = Field(1, ge=1, le=16)
     lead_frames: int = Field(1, ge=0)
-    digits: int = Field(1, ge=1, le=4)
-    image_size: int = Field(28, gt=0)
-    steps: int = Field(60, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(30, ge=0)
-    batch_size: int = Field(32, gt=0)
-    eval_examples: int = Field(128, gt=0)
-    scale: float = Field(1.0, gt=0)
 
 
 @register_study("stream-memory", plot=plot_accuracy_vs_distance)

@@ -44,13 +44,11 @@ TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches
 EVAL_BATCH = 64
 
 
-class VisualRecallSettings(BaseModel):
-    """The `visual-recall` study's settings (a run's `settings`), validated: a misspelt key is an error."""
+class VLMTaskSettings(BaseModel):
+    """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_images: int = Field(4, ge=1, le=16)
-    filler: int = Field(32, ge=0)
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
     steps: int = Field(60, gt=0)
@@ -59,6 +57,13 @@ class VisualRecallSettings(BaseModel):
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(128, gt=0)
     scale: float = Field(1.0, gt=0)
+
+
+class VisualRecallSettings(VLMTaskSettings):
+    """The `visual-recall` study's settings (a run's `settings`), validated: a misspelt key is an error."""
+
+    n_images: int = Field(4, ge=1, le=16)
+    filler: int = Field(32, ge=0)
 
 
 def vlm_spec(run: RunConfig) -> VLMSpec:

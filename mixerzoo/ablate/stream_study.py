@@ -9,14 +9,9 @@ question at the end) and evaluates answer accuracy on examples from another seed
     gap_frames: 8          noise slots (one visual token each at image_size 28) between the key frame and the question
     n_keys: 1              key frames; the question asks about one of them
     lead_frames: 1         noise slots before the first key frame
-    digits: 1              digits per key frame (answer tokens)
-    image_size: 28         frame side in pixels
-    steps: 60              training steps, multiplied by the experiment's `scale`
-    lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
-    warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
-    batch_size: 32         training examples per step
-    eval_examples: 128     held-out examples
-    scale: 1.0             set by the runner
+
+and the training settings every VLM recall study shares (`VLMTaskSettings`, listed in
+`visual_study`): digits, image_size, steps, lr, warmup_steps, batch_size, eval_examples, scale.
 
 Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_loss, steps,
 distance and distance_max (tokens from the asked key frame's last visual token to the

@@ -1,7 +1,8 @@
 """Training and scoring of a model on a synthetic task's batches: one loop for every task.
 
 A batch is a dict with input_ids and labels [B, T] (labels aligned with the logits, IGNORE where
-nothing is asked) and, for a VLM, its media (see MODEL_INPUTS).
+nothing is asked), optionally valid / documents [B, T] (padded or packed rows) and, for a VLM,
+its media (MEDIA_INPUTS).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixerzoo.vlm.model import VLM
+
 IGNORE = -100
-MODEL_INPUTS = ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                "second_per_grid_ts")
+MEDIA_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+MODEL_INPUTS = ("input_ids", "valid", "documents", *MEDIA_INPUTS)
 Batch = dict[str, Any]
 
 
@@ -26,7 +29,9 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def task_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits [B, T, V] of a Decoder or VLM on a task batch (its model inputs moved to the model's device)."""
+    """Logits [B, T, V] of a Decoder or VLM on a batch (its model inputs moved to the model's device)."""
+    if not isinstance(model, VLM) and any(k in batch for k in MEDIA_INPUTS):
+        raise ValueError("the batch holds images or video but the model is a text-only Decoder")
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     logits, _ = model(inputs.pop("input_ids"), **inputs)

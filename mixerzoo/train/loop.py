@@ -146,8 +146,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     dataset = build_dataset(config.data, vocab_size=decoder_of(student).spec.vocab_size, processor=processor)
     loss_module = StageLoss(config, student, teacher)
     module = distributed.wrap(loss_module, world, shard_units=list(decoder_of(student).layers))
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=config.optim.lr,
-                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    trained_parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained_parameters, lr=config.optim.lr, betas=config.optim.betas,
+                                  weight_decay=config.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     start = 0
@@ -167,7 +168,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for step in range(start, config.steps):
         tick = time.perf_counter()
         batches = [{k: v.to(device) for k, v in b.items()} for b in _micro_batches(dataset, step, config, world)]
-        local = [sum(loss_module.counts(b)[k] for b in batches) for k in weights]
+        batch_counts = [loss_module.counts(b) for b in batches]
+        local = [sum(c[k] for c in batch_counts) for k in weights]
         counts = dict(zip(weights, distributed.all_sum(local, world)))
         sums = dict.fromkeys(weights, 0.0)
         for k, batch in enumerate(batches):
@@ -179,8 +181,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 sums[name] += float(terms[name].detach())
         grad_norm = None
         if config.optim.grad_clip is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad],
-                                                             config.optim.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trained_parameters, config.optim.grad_clip))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

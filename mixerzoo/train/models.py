@@ -1,5 +1,4 @@
-"""The models a stage trains: built from a ModelSource, saved and loaded in one safetensors file,
-and called on a collated batch whatever their kind (Decoder LM or VLM)."""
+"""The models a stage trains: built from a ModelSource, saved and loaded in one safetensors file."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from mixerzoo.vlm.hf import convert
 from mixerzoo.vlm.recipes import vlm_recipe
 
 _DECODER_FORMAT = "mixerzoo.decoder/1"
-_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 def save_model(model: nn.Module, path: str | os.PathLike) -> None:
@@ -67,21 +65,6 @@ def build_model(source: ModelSource, teacher: nn.Module | None = None) -> nn.Mod
     return model.train()
 
 
-def model_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, vocab] of a collated batch (input_ids, valid, documents, media)."""
-    core = getattr(model, "module", model)  # DDP wraps; FSDP2 does not
-    kwargs = {"valid": batch["valid"]}
-    if "documents" in batch:
-        kwargs["documents"] = batch["documents"]
-    if isinstance(core, VLM):
-        kwargs.update({k: batch[k] for k in _MEDIA_KEYS if k in batch})
-    elif any(k in batch for k in _MEDIA_KEYS):
-        raise ValueError("the batch holds images or video but the model is a text-only Decoder")
-    logits, _ = model(batch["input_ids"], **kwargs)
-    return logits
-
-
 def decoder_of(model: nn.Module) -> Decoder:
-    """The Decoder inside a VLM, DDP wrapper or bare model."""
-    core = getattr(model, "module", model)
-    return core.decoder if isinstance(core, VLM) else core
+    """The Decoder of a VLM, or the model itself."""
+    return model.decoder if isinstance(model, VLM) else model

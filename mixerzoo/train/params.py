@@ -8,19 +8,16 @@ import torch
 from torch import nn
 
 from mixerzoo.train.config import GROUPS, LoRAConfig
-
-
-def _decoder(model: nn.Module) -> nn.Module:
-    return getattr(model, "decoder", model)
+from mixerzoo.train.models import decoder_of
 
 
 def created_layers(student: nn.Module, teacher: nn.Module | None) -> set[int]:
     """Decoder layers whose mixer type differs from the teacher's layer at the same index:
     the layers a conversion created (all layers when there is no teacher to compare with)."""
-    layers = _decoder(student).layers
+    layers = decoder_of(student).layers
     if teacher is None:
         return set(range(len(layers)))
-    theirs = _decoder(teacher).layers
+    theirs = decoder_of(teacher).layers
     if len(theirs) != len(layers):
         raise ValueError(f"student has {len(layers)} decoder layers, the teacher {len(theirs)}")
     return {i for i, (a, b) in enumerate(zip(layers, theirs)) if a.mixer.config.type != b.mixer.config.type}
@@ -31,7 +28,7 @@ def parameter_groups(model: nn.Module, teacher: nn.Module | None = None) -> dict
     mixer type ("attention", "gated_deltanet", ...), created (mixers the conversion made) and all."""
     prefix = "decoder." if hasattr(model, "decoder") else ""
     created = created_layers(model, teacher)
-    layers = _decoder(model).layers
+    layers = decoder_of(model).layers
     groups: dict[str, set[str]] = {name: set() for name in GROUPS}
     for name, _ in model.named_parameters():
         groups["all"].add(name)
@@ -95,7 +92,7 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Wrap the decoder's Linear modules named in config.targets with LoRALinear; returns their paths."""
     wrapped = []
-    for path, module in list(_decoder(model).named_modules()):
+    for path, module in list(decoder_of(model).named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in config.targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, config.rank, config.alpha))

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixerzoo.tasks.loop import IGNORE
+from mixerzoo.tasks.loop import IGNORE, task_logits
 from mixerzoo.train.config import TrainConfig
-from mixerzoo.train.models import decoder_of, model_forward
+from mixerzoo.train.models import decoder_of
 from mixerzoo.train.params import created_layers
 
 Batch = dict[str, torch.Tensor]
@@ -95,7 +95,7 @@ class StageLoss(nn.Module):
         teacher = self._teacher[0]
         if self.stage == "distill-layers":
             with torch.no_grad(), capture_layers(teacher, set(self.created)) as taught:
-                model_forward(teacher, batch)
+                task_logits(teacher, batch)
             blocks = decoder_of(self.student).layers
             total = sum(_squared_error(blocks[i](x, None, **kwargs)[0], target, batch["valid"])
                         for i, (x, kwargs, target) in taught.items())
@@ -103,14 +103,14 @@ class StageLoss(nn.Module):
         if self.stage == "distill-logits":
             layers = set(self.created) if "layer_mse" in self.weights else set()
             with torch.no_grad(), capture_layers(teacher, layers) as taught:
-                teacher_logits = model_forward(teacher, batch)
+                teacher_logits = task_logits(teacher, batch)
             with capture_layers(self.student, layers) as learnt:
-                logits = model_forward(self.student, batch)
+                logits = task_logits(self.student, batch)
             terms = {"kl": _kl(logits, teacher_logits, batch["valid"], self.temperature, self.kl_direction)}
             if layers:
                 terms["layer_mse"] = sum(_squared_error(learnt[i][2], taught[i][2], batch["valid"]) for i in layers)
             return terms
-        logits = model_forward(self.student, batch)
+        logits = task_logits(self.student, batch)
         return {"ce": F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                       ignore_index=IGNORE, reduction="sum")}
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from mixerzoo.mixers.base import atomic_write_bytes
+from mixerzoo.ablate.studies import save_figure
+from mixerzoo.mixers.base import atomic_path, atomic_write_bytes
 from mixerzoo.train import TrainConfig, build_model, load_model, train
 from mixerzoo.train.data import visual_recall_dataset
 from mixerzoo.train.evaluate import token_accuracy
@@ -77,11 +78,8 @@ def plot_losses(out: Path, names: list[str], path: Path) -> None:
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_figure(fig, tmp)
 
 
 def main(argv: list[str] | None = None) -> dict:

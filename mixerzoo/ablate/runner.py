@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 from typing_extensions import Self
 
-from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_plots, list_studies
+from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_plots, list_studies, save_figure
 from mixerzoo.mixers.base import atomic_write_bytes
 
 _RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
@@ -266,9 +266,7 @@ def default_plot(rows: list[Row], path: Path) -> bool:
     ax.set_ylabel(latency)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -49,6 +49,15 @@ Row = dict[str, Any]
 Study = Callable[["RunConfig", Path], list[Row]]
 PlotHook = Callable[[list[Row], Path], None]
 
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out a matplotlib figure, write it to `path` as a 110-dpi PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
 _STUDIES: dict[str, Study] = {}
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
@@ -222,9 +231,7 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("accuracy")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- efficiency study

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study
+from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study, save_figure
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
@@ -107,9 +107,7 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     ax.set_ylabel("accuracy")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

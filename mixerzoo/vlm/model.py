@@ -197,8 +197,14 @@ class VLM(nn.Module):
             packing = PackedLayout.from_documents(documents)
             if valid is not None and not torch.equal(valid, packing.tokens):
                 raise ValueError("VLM: valid must equal documents >= 0 when documents are given")
-            embeds = self.embed(input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=packing.tokens)
+            valid = packing.tokens
+        elif valid is None:
+            valid = torch.ones_like(input_ids, dtype=torch.bool)
+        embeds = self.embed(
+            input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=valid,
+        )
+        if documents is not None:
             alone, _ = mrope_positions(  # [3, N, L]: each document as its own row; media stay in order
                 packing.unpack(input_ids), image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
                 second_per_grid_ts=second_per_grid_ts, valid=packing.valid,
@@ -207,14 +213,8 @@ class VLM(nn.Module):
             logits, _ = self.decoder(embeds=embeds, positions=packing.pack(alone, lead=1), documents=documents)
             return logits, None
         batch, length = input_ids.shape
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
         if state is None:
             state = self.init_state(batch, device=input_ids.device, dtype=self.decoder.embed.weight.dtype)
-        embeds = self.embed(
-            input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-            pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=valid,
-        )
         positions, rope = mrope_positions(
             input_ids, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             second_per_grid_ts=second_per_grid_ts, valid=valid, state=state.rope, config=self.spec.processor,

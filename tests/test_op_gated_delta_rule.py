@@ -215,3 +215,14 @@ def test_empty_sequence_raises():
     inputs = make_inputs(0, 1, 1, 1, 1, 4, 4, g_max=0.5, with_state=False, dtype=torch.float32)
     with pytest.raises(ValueError, match="T must be at least 1"):
         gated_delta_rule(**{name: t[:, :0] for name, t in inputs.items()})
+
+
+@pytest.mark.parametrize("backend, seq_len", [("torch", 40), ("torch", 1), ("reference", 12)])
+def test_autocast_does_not_change_the_float32_computation(backend, seq_len):
+    """Under bf16 autocast the op still computes in float32: outputs and state bit-identical."""
+    inputs = make_inputs(2, 2, seq_len, 2, 2, 8, 4, g_max=1.0, with_state=True, dtype=torch.float32)
+    expected = gated_delta_rule(**inputs, backend=backend, chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = gated_delta_rule(**inputs, backend=backend, chunk_size=8)
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype == torch.float32 and torch.equal(a, e)

@@ -216,8 +216,11 @@ def test_schedule_warms_up_then_decays_to_the_floor(tmp_path):
     assert factors[10] == pytest.approx(1.0) and lr_factor(100, config) == pytest.approx(0.1)
 
 
-def test_bfloat16_autocast_trains(tmp_path):
-    _assert_lowered(train(_config(tmp_path, dtype="bfloat16", steps=10))["losses"])
+@pytest.mark.parametrize("recipe", ["transformer", "infinitevl", "mamba2-swa"])
+def test_bfloat16_autocast_trains(tmp_path, recipe):
+    """bf16 autocast over every mixer kind (the recurrent ops keep computing in float32)."""
+    config = _config(tmp_path, dtype="bfloat16", steps=30, student={"recipe": recipe, "vlm": False})
+    _assert_lowered(train(config)["losses"])
 
 
 def test_config_errors_name_the_field(tmp_path):

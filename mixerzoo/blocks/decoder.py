@@ -16,7 +16,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
-from mixerzoo.mixers.base import atomic_save_safetensors
+from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
@@ -216,10 +216,7 @@ class Decoder(nn.Module):
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         if state is None:
-            dtype = embeds.dtype
-            if torch.is_autocast_enabled(embeds.device.type):  # caches hold what autocast's matmuls produce
-                dtype = torch.get_autocast_dtype(embeds.device.type)
-            state = self.init_state(batch, device=embeds.device, dtype=dtype)
+            state = self.init_state(batch, device=embeds.device, dtype=activation_dtype(embeds))
         elif state.batch_size != batch or len(state.layers) != len(self.layers):
             raise ValueError(f"Decoder: input has batch {batch}, the state has {state.batch_size} rows and "
                              f"{len(state.layers)} layers (the model has {len(self.layers)})")

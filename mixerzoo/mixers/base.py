@@ -185,6 +185,14 @@ class MixerState:
         return cls(**tensors)
 
 
+def activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations computed from `x` will have: autocast's dtype when autocast is on for
+    x's device, else x's own (a fresh state's caches must hold what the projections produce)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path`; on success it is fsynced and renamed over `path`, on
@@ -265,7 +273,7 @@ class Mixer(nn.Module):
         elif valid.shape != (batch, length) or valid.dtype != torch.bool:
             raise ValueError(f"{name}: valid must be a bool tensor [{batch}, {length}], got {valid.dtype} {list(valid.shape)}")
         if state is None:
-            state = self.init_state(batch, device=x.device, dtype=x.dtype)
+            state = self.init_state(batch, device=x.device, dtype=activation_dtype(x))
         else:
             if state.batch_size != batch:
                 raise ValueError(f"{name}: x has batch {batch} but the state has {state.batch_size} rows")

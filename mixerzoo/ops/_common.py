@@ -31,6 +31,12 @@ def expect_shape(op: str, t: torch.Tensor, name: str, layout: str, shape: tuple[
         raise ValueError(f"{op}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
 
 
+def without_autocast(device: torch.device):
+    """A context with autocast off on `device`: the torch recurrences compute in the dtype they
+    chose (float32, or float64), not in autocast's bf16 / fp16."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def in_spans(
     chunked: Callable[..., tuple[torch.Tensor, torch.Tensor]],
     tensors: tuple[torch.Tensor, ...],

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans
+from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
 
 _OP = "gated_delta_rule"
 
@@ -60,13 +60,15 @@ def gated_delta_rule(
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
         state = initial_state.to(dtype)
-    if chosen == "reference" or seq_len == 1:
-        o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
-        return o.to(v.dtype), state
-    def span(q, k, v, g, beta, state):
-        return _chunked(q, k, v, g, beta, scale, state, chunk_size)
+    with without_autocast(q.device):
+        if chosen == "reference" or seq_len == 1:
+            o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
+            return o.to(v.dtype), state
 
-    return in_spans(span, (q_, k_, v_, g_, beta_), state, chunk_size, v.dtype)
+        def span(q, k, v, g, beta, state):
+            return _chunked(q, k, v, g, beta, scale, state, chunk_size)
+
+        return in_spans(span, (q_, k_, v_, g_, beta_), state, chunk_size, v.dtype)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):

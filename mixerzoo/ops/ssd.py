@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans
+from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
 from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
 
 _OP = "ssd"
@@ -59,10 +59,12 @@ def ssd(
         state = initial_state.to(dtype)
     xdt = x_ * dt_[..., None]  # [Bt, T, H, P]
     log_decay = dt_ * A_  # [Bt, T, H], <= 0
-    if chosen == "reference" or seq_len == 1:
-        y, state = _recurrent(xdt, log_decay, B_, C_, state)
-        return y.to(x.dtype), state
-    return in_spans(functools.partial(_chunked, chunk_size=chunk_size), (xdt, log_decay, B_, C_), state, chunk_size, x.dtype)
+    with without_autocast(x.device):
+        if chosen == "reference" or seq_len == 1:
+            y, state = _recurrent(xdt, log_decay, B_, C_, state)
+            return y.to(x.dtype), state
+        return in_spans(functools.partial(_chunked, chunk_size=chunk_size), (xdt, log_decay, B_, C_), state, chunk_size,
+                        x.dtype)
 
 
 def _check_inputs(x, dt, A, B, C, initial_state, chunk_size):

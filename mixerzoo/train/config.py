@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
@@ -139,9 +137,3 @@ class TrainConfig(_Strict):
         if self.train is not None:
             return self.train
         return ["lora"] if self.lora is not None else DEFAULT_TRAIN[self.stage]
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
-        """Read and validate a YAML file (relative paths inside stay relative to the working directory)."""
-        with open(path) as f:
-            return cls.model_validate(yaml.safe_load(f))

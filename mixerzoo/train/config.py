@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
 Stage = Literal["distill-layers", "distill-logits", "sft", "long-sft"]
-STAGES: tuple[str, ...] = ("distill-layers", "distill-logits", "sft", "long-sft")
+STAGES: tuple[str, ...] = get_args(Stage)
 
 # Parameter groups a freezing policy may name (see mixerzoo.train.params.parameter_groups).
 # Mixer types ("attention", "gated_deltanet", "mamba2", plugins) are groups too.

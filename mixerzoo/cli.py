@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                                                   "experiments in one file, separated by ---, run in order")
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=float, help="override the experiment's scale")
+    ablate_parser.add_argument("--jobs", type=int, default=1,
+                               help="runs at once, each a process with one thread (default 1; 2 on a 2-core machine)")
     for stage in STAGES:
         stage_parser = commands.add_parser(stage, help=f"training stage {stage} (run under torchrun for several processes)")
         stage_parser.add_argument("config", help="a TrainConfig YAML (see experiments/train/)")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ablate":
         from mixerzoo.ablate.runner import ablate
 
-        print(ablate(args.experiment, args.out, scale=args.scale), end="")
+        print(ablate(args.experiment, args.out, scale=args.scale, jobs=args.jobs), end="")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
-_EMBED_STD = 0.02  # token embedding init (GPT-2 / Qwen initializer_range)
 
 
 class SwiGLU(nn.Module):
@@ -164,11 +163,31 @@ class Decoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
-        nn.init.normal_(self.embed.weight, std=_EMBED_STD)  # N(0, 1) would make tied logits ~sqrt(d) too large
         self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation of every size (GPT-2 / fla / Qwen's scheme): embeddings, LM head and
+        every Linear ~ N(0, init_std) with zero biases; the projections that write into the residual
+        stream (each mixer's `residual_projection`, each MLP's down_proj) ~ N(0, init_std / sqrt(R)),
+        R the number of residual branches, so the stream's scale at init does not grow with depth and
+        the token embeddings are not swamped by the sublayers. Mixer-specific parameters (decay rates,
+        step sizes, convolutions, norms) keep their own initialisation."""
+        std = self.spec.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        outputs = [getattr(block.mixer, block.mixer.residual_projection, None) for block in self.layers]
+        outputs += [block.mlp.down_proj for block in self.layers if hasattr(block, "mlp")]
+        for projection in outputs:  # one residual branch each
+            if isinstance(projection, nn.Linear):
+                nn.init.normal_(projection.weight, std=std / len(outputs) ** 0.5)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> DecoderState:
         """The state before any token."""

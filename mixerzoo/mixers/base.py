@@ -234,6 +234,7 @@ class Mixer(nn.Module):
 
     config_class: ClassVar[type[MixerConfig]]
     state_class: ClassVar[type[MixerState]]
+    residual_projection: ClassVar[str] = "o_proj"  # the Linear whose output joins the residual stream
 
     def __init__(self, config: MixerConfig):
         super().__init__()

@@ -91,8 +91,6 @@ class LayoutSpec(BaseModel):
     layers: list[LayerSpec]
     norm_eps: float = Field(1e-6, gt=0)
     tie_embeddings: bool = True
-    init_std: float = Field(0.02, gt=0, description="std of every linear and embedding weight at init "
-                            "(residual output projections: init_std / sqrt(residual branches))")
 
     @model_validator(mode="before")
     @classmethod

@@ -11,13 +11,18 @@ import yaml
 from pydantic import ValidationError
 
 from mixerzoo.ablate.runner import ExperimentConfig, expand, read_rows, run_experiment
-from mixerzoo.ablate.studies import RunConfig, build_spec, list_studies, register_study
+from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, list_studies, register_study
 from mixerzoo.cli import main
 
 CALLS: list[str] = []
 
 
-@register_study("test-counting")
+class _CountingSettings(StudySettings):
+    steps: int = 1
+    lr: float = 0.1
+
+
+@register_study("test-counting", settings=_CountingSettings)
 def _counting(run: RunConfig, scratch: Path) -> list[dict]:
     """Two rows per run; records the call."""
     assert scratch.is_dir()

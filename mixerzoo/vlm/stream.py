@@ -42,7 +42,7 @@ class StreamSession:
     the stream; `ask` answers on a fork and leaves the stream untouched.
     """
 
-    def __init__(self, model: VLM, *, frame_size: int = 448, fps: float = 2.0):
+    def __init__(self, model: VLM, *, frame_size: int = 224, fps: float = 2.0):
         factor = model.spec.processor.patch_size * model.spec.processor.merge_size
         if frame_size % factor:
             raise ValueError(f"StreamSession: frame_size must be a multiple of {factor}, got {frame_size}")

@@ -13,8 +13,12 @@ from safetensors import SafetensorError, safe_open
 
 
 def describe_validation_error(error: ValidationError) -> str:
-    """Pydantic errors as 'field.path: message; ...' on one line."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
+    """Pydantic errors as 'field.path: message; ...' on one line (a model-level error without its field)."""
+    parts = []
+    for e in error.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(str(p) for p in e['loc'])}: {message}" if e["loc"] else message)
+    return "; ".join(parts)
 
 
 def describe(error: BaseException) -> str:

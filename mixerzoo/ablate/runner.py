@@ -42,6 +42,7 @@ from mixerzoo.ablate.studies import (
     Row, RunConfig, build_spec, figure_title, get_plot, get_study, list_plots, list_studies, save_figure,
     study_settings,
 )
+from mixerzoo.blocks.costs import FLOP_UNITS, in_units
 from mixerzoo.errors import describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
@@ -378,10 +379,11 @@ def _done_keys(path: Path) -> set[str]:
 
 
 def _flop(value: float | None) -> str:
-    if value is None:
-        return "?"
-    return next(f"{value / scale:.3g} {unit}" for scale, unit in ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"),
-                                                                  (1, "FLOP")) if value >= scale or scale == 1)
+    return "?" if value is None else in_units(value, FLOP_UNITS)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None) -> str:
@@ -411,8 +413,7 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
             cells = "".join(f"{json.dumps(run.settings.get(k))} | " for k in varying)
             lines.append(f"| {number} | {_describe_run(run)} | {cells}{status} | {_flop(flops)} |")
         lines.append("")
-    minutes = to_run / ASSUMED_FLOP_PER_S / 60
-    lines.append(f"Estimated cost to run: {_flop(to_run)}, roughly {minutes:.3g} min at "
+    lines.append(f"Estimated cost to run: {_flop(to_run)}, roughly {_duration(to_run / ASSUMED_FLOP_PER_S)} at "
                  f"{ASSUMED_FLOP_PER_S / 1e9:.0f} GFLOP/s (one CPU thread; an order of magnitude only)"
                  + (f"; {unknown} runs have no estimate" if unknown else "") + ".")
     return "\n".join(lines) + "\n"

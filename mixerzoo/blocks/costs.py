@@ -40,3 +40,14 @@ def flops_per_token(spec: LayoutSpec, context: int) -> int:
     head = spec.vocab_size * spec.d_model if spec.tie_embeddings else 0  # the tied head is the embedding
     mixing = sum(layer.mixer.mixing_flops_per_token(context) for layer in spec.layers)
     return 2 * (weights + head) + mixing
+
+
+BYTE_UNITS = ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1, "FLOP"))
+
+
+def in_units(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    """`value` in the largest of `units` (scale, name) it holds at least one of, to three
+    significant figures: in_units(42008, BYTE_UNITS) == '41 KiB'."""
+    scale, name = next(((scale, name) for scale, name in units if abs(value) >= scale), units[-1])
+    return f"{value / scale:.3g} {name}"

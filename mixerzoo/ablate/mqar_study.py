@@ -26,19 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mixerzoo.ablate.studies import RunConfig, build_spec, register_study
+from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
-from mixerzoo.tasks.mqar import MQARConfig, evaluate_mqar, train_mqar
+from mixerzoo.registry import recipe
+from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, train_mqar
 
 EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a training seed of another run
 
 
-class MQARSettings(BaseModel):
+class MQARSettings(StudySettings):
     """The `mqar` study's settings (a run's `settings`), validated: a misspelt key is an error."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     seq_len: int = Field(gt=0)
     n_pairs: int = Field(gt=0)
@@ -49,7 +48,6 @@ class MQARSettings(BaseModel):
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(512, gt=0)
     power_a: float = Field(0.01, gt=0, le=1)
-    scale: float = Field(1.0, gt=0)
 
 
 def swa_window(spec: LayoutSpec) -> int | None:
@@ -58,7 +56,8 @@ def swa_window(spec: LayoutSpec) -> int | None:
     return max(windows, default=None)
 
 
-@register_study("mqar")
+@register_study("mqar", settings=MQARSettings,
+                chance=lambda row: chance_accuracy(recipe(row["recipe"], row["size"]).vocab_size))
 def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""
     settings = MQARSettings.model_validate(run.settings)

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import RunConfig, register_study
-from mixerzoo.ablate.visual_study import VLMTaskSettings, plot_accuracy_vs_distance, train_and_score, vlm_spec
+from mixerzoo.ablate.visual_study import DIGIT_CHANCE, VLMTaskSettings, plot_accuracy_vs_distance, train_and_score, vlm_spec
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.visual import StreamRecallConfig, make_stream_recall, sized_processor
 
@@ -43,8 +43,14 @@ class StreamMemorySettings(VLMTaskSettings):
     n_keys: int = Field(1, ge=1, le=16)
     lead_frames: int = Field(1, ge=0)
 
+    def tokens_per_example(self, spec) -> int:
+        """Noise and key frame slots (one visual token each at 28 px, plus start / end tokens) and the question."""
+        slots = self.lead_frames + self.n_keys + self.gap_frames
+        return slots * ((self.image_size // 28) ** 2 + 2) + 4 + self.digits
 
-@register_study("stream-memory", plot=plot_accuracy_vs_distance)
+
+@register_study("stream-memory", settings=StreamMemorySettings, plot=plot_accuracy_vs_distance,
+                chance=lambda row: DIGIT_CHANCE)
 def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on stream recall per the run's settings; one row of accuracy, distance and state bytes."""
     settings = StreamMemorySettings.model_validate(run.settings)

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study, save_figure
+from mixerzoo.ablate.studies import (
+    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, save_figure,
+)
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
@@ -46,10 +48,11 @@ TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches
 EVAL_BATCH = 64
 
 
-class VLMTaskSettings(BaseModel):
-    """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
+DIGIT_CHANCE = 0.1  # guessing one of ten digits
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class VLMTaskSettings(StudySettings):
+    """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
 
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
@@ -59,7 +62,6 @@ class VLMTaskSettings(BaseModel):
     warmup_steps: int = Field(30, ge=0)
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(128, gt=0)
-    scale: float = Field(1.0, gt=0)
 
 
 class VisualRecallSettings(VLMTaskSettings):
@@ -67,6 +69,11 @@ class VisualRecallSettings(VLMTaskSettings):
 
     n_images: int = Field(4, ge=1, le=16)
     filler: int = Field(32, ge=0)
+
+    def tokens_per_example(self, spec) -> int:
+        """Images (one visual token at 28 px, plus start / end tokens), filler, and a query of about 4 tokens per image."""
+        visual = (self.image_size // 28) ** 2 + 2
+        return self.n_images * (visual + 4 + self.digits) + self.filler
 
 
 def vlm_spec(run: RunConfig) -> VLMSpec:
@@ -82,7 +89,7 @@ def batch_sizes(total: int, size: int) -> list[int]:
 
 def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     """Accuracy against distance (tokens) per recipe (and per other varying run field) to PNG `path`,
-    with chance (0.1) and the SWA window marked; False if the rows lack those columns."""
+    with chance and the SWA window marked; False if the rows lack those columns."""
     if not rows or not all(isinstance(r.get("accuracy"), float) and isinstance(r.get("distance"), int) for r in rows):
         return False
     import matplotlib
@@ -100,16 +107,16 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     for label, mine in series.items():
         mine = sorted(mine, key=lambda r: r["distance"])
         ax.plot([r["distance"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=label)
-    ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    draw_chance(ax, rows, [r["accuracy"] for r in rows])
     for window in sorted({r["swa_window"] for r in rows if isinstance(r.get("swa_window"), int)}):
         ax.axvline(window, color="grey", linestyle="--", alpha=0.6)
-        ax.annotate(f"SWA window {window}", (window, 1.0), fontsize=7, ha="left", va="top")
+        ax.annotate(f"SWA window {window}", (window, ax.get_ylim()[1]), fontsize=7, ha="left", va="top")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("distance from the queried image to the question (tokens)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel("distance from the queried image to the question (tokens, log scale)")
+    ax.set_ylabel("accuracy (fraction of answer tokens)")
+    ax.set_title(figure_title(rows, "recall against distance"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="recipe")
     save_figure(fig, path)
     return True
 
@@ -128,7 +135,8 @@ def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable
     return model, trained, answer_accuracy(model, held_out), held_out
 
 
-@register_study("visual-recall", plot=plot_accuracy_vs_distance)
+@register_study("visual-recall", settings=VisualRecallSettings, plot=plot_accuracy_vs_distance,
+                chance=lambda row: DIGIT_CHANCE)
 def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on visual recall per the run's settings; one row of accuracy, distance and cost."""
     settings = VisualRecallSettings.model_validate(run.settings)

@@ -52,6 +52,11 @@ class MQARConfig(BaseModel):
         return self
 
 
+def chance_accuracy(vocab_size: int) -> float:
+    """Accuracy of guessing a value uniformly: 1 / the number of value tokens [V/2, V)."""
+    return 1 / (vocab_size - vocab_size // 2)
+
+
 def _distinct(n_rows: int, low: int, high: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """[n_rows, k] long: k distinct tokens from [low, high) per row, uniformly at random."""
     return torch.rand(n_rows, high - low, generator=generator).argsort(dim=1)[:, :k] + low

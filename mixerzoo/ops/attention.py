@@ -42,6 +42,10 @@ def attention(
         raise ValueError("attention: a window needs causal=True")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = choose_backend("attention", backend, q, supported=("flash", "torch", "flex", "fla", "reference"))
+    if name == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
+        if backend != "auto":
+            raise ValueError(f"attention: backend 'flash' takes float16 or bfloat16, got {q.dtype}; use 'torch'")
+        name = "torch"
     if not causal:
         return _BIDIRECTIONAL[name](q, k, v, scale)
     return _BACKENDS[name](q, k, v, window, scale)

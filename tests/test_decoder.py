@@ -167,3 +167,21 @@ def test_fresh_model_starts_near_uniform_predictions(name):
         logits, _ = Decoder(spec)(ids)
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert abs(loss.item() - torch.log(torch.tensor(spec.vocab_size * 1.0)).item()) < 0.5, loss.item()
+
+
+def test_mrope_layers_take_the_decoders_text_positions():
+    """A Decoder's default [B, T] positions put every M-RoPE stream at the token's number (as at paper size)."""
+    from mixerzoo.vlm.recipes import with_mrope
+
+    torch.manual_seed(0)
+    model = Decoder(with_mrope(recipe("infinitevl-full", "tiny"))).to(F64)
+    ids = torch.randint(0, model.spec.vocab_size, (2, 9))
+    logits, state = model(ids)
+    index = torch.arange(9).expand(2, 9)
+    explicit, _ = model(ids, positions=index.expand(3, 2, 9))
+    assert_close(logits, explicit, "M-RoPE with [B, T] vs [3, B, T] positions", F64)
+    shifted, _ = model(ids, positions=torch.stack([index, 2 * index, index]))  # not a uniform shift
+    assert not torch.allclose(logits, shifted), "the positions must reach the rotary embedding"
+    step, _ = model(ids[:, :1], state)  # decode continues from the state's count
+    full, _ = model(torch.cat([ids, ids[:, :1]], dim=1))
+    assert_close(step[:, 0], full[:, -1], "M-RoPE decode after a prefill", F64)

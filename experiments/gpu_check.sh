@@ -63,9 +63,12 @@ export PYTHONPATH="/tmp/site:$PWD"
 } >"$OUT/env.txt" 2>&1
 log "env: $(head -2 "$OUT/env.txt" | tail -1)"
 
-# xdist (on the GPU image) spreads the Triton / inductor compiles of the tests over 4 processes.
-PARALLEL=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
-step pytest 180 "$PYTHON" -m pytest -m cuda -q -ra --maxfail=10 -p no:cacheprovider $PARALLEL $CUDA_TESTS
+# On the GPU image: xdist spreads the Triton / inductor compiles over 4 processes, and pytest-timeout
+# fails a hung test (with its stack) instead of the step's limit cutting off the whole report. -v logs
+# each result as it comes; --maxfail=10 rather than -x: one run should show every failure it can.
+EXTRA=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
+EXTRA="$EXTRA $("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")"
+step pytest 180 "$PYTHON" -m pytest -m cuda -v -ra --maxfail=10 --durations=15 -p no:cacheprovider $EXTRA $CUDA_TESTS
 step graph 75 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections graph
 step bench 210 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections decode stream prefill ops
 log "done: $(tail -1 "$OUT/pytest.log" 2>/dev/null)"

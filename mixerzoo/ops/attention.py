@@ -150,23 +150,28 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+@cache
+def _flex_mask(offset: int, window: int | None):
+    """The mask_mod of query i seeing keys offset + i - window < j <= offset + i, one function object per
+    (offset, window): compiled FlexAttention reuses its kernel for a mask_mod it has seen."""
+
+    def visible(batch, head, q_index, kv_index):
+        position = q_index + offset
+        allowed = kv_index <= position
+        return allowed if window is None else allowed & (kv_index > position - window)
+
+    return visible
+
+
 def _flex(q, k, v, window, scale, causal=True):
     """PyTorch FlexAttention with a block mask of the causal key offset and window: compiled on CUDA,
-    eager (an unfused reference implementation) elsewhere."""
+    eager (an unfused reference implementation, forward only) elsewhere."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     tq, tk = q.shape[1], k.shape[1]
     block_mask = None
     if causal:
-        # Offset and span as tensors, not Python ints, so one compiled kernel serves every chunk and window.
-        offset = torch.tensor(tk - tq, device=q.device)
-        span = torch.tensor(tk if window is None else window, device=q.device)
-
-        def visible(batch, head, q_index, kv_index):
-            position = q_index + offset
-            return (kv_index <= position) & (kv_index > position - span)
-
-        block_mask = create_block_mask(visible, None, None, tq, tk, device=q.device)
+        block_mask = create_block_mask(_flex_mask(tk - tq, window), None, None, tq, tk, device=q.device)
     run = _compiled_flex_attention() if q.is_cuda else flex_attention
     out = run(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

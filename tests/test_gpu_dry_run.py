@@ -63,9 +63,20 @@ def test_cuda_backend_tests_pass_on_cpu_with_the_torch_backend(cuda_tests, dtype
     cuda_tests.test_bidirectional_attention("torch", dtype)
 
 
-def test_cuda_kit_configs_pass_on_cpu(cuda_tests):
-    for name in cuda_tests.KIT_CONFIGS:
-        cuda_tests.test_conformance_kit_on_cuda(name)
+def test_cuda_kit_configs_build_with_the_op_tests_head_layout(cuda_tests):
+    """The kit's CUDA configs are valid and share the op tests' head layout (one fla compile per dtype)."""
+    from mixerzoo.registry import build_mixer
+
+    gdn = build_mixer(cuda_tests.KIT_CONFIGS["gated_deltanet"][0]).config
+    shape = cuda_tests.GDN_SHAPE
+    assert (gdn.n_heads, gdn.value_heads, gdn.key_dim, gdn.value_dim) == (
+        shape["heads"], shape["value_heads"], shape["dim_k"], shape["dim_v"])
+    mamba = build_mixer(cuda_tests.KIT_CONFIGS["mamba2"][0]).config
+    shape = cuda_tests.SSD_SHAPE
+    assert (mamba.n_heads, mamba.head_dim, mamba.n_groups, mamba.d_state) == (
+        shape["heads"], shape["dim_p"], shape["groups"], shape["dim_n"])
+    for name in ("attention", "sliding_window"):
+        build_mixer(cuda_tests.KIT_CONFIGS[name][0])
 
 
 def test_the_check_catches_a_wrong_backend(cuda_tests, monkeypatch):

@@ -10,14 +10,23 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from mixerzoo.ablate.runner import ExperimentConfig, expand, read_rows, run_experiment
-from mixerzoo.ablate.studies import RunConfig, build_spec, list_studies, register_study
+from mixerzoo.ablate.runner import (
+    ExperimentConfig, ablate, dry_run, expand, load_experiments, read_rows, run_experiment, to_markdown,
+)
+from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, list_studies, register_study, study_settings
+from mixerzoo.blocks import parameter_count
+from mixerzoo.blocks.costs import FLOP_UNITS, in_units
 from mixerzoo.cli import main
 
 CALLS: list[str] = []
 
 
-@register_study("test-counting")
+class _CountingSettings(StudySettings):
+    steps: int = 1
+    lr: float = 0.1
+
+
+@register_study("test-counting", settings=_CountingSettings)
 def _counting(run: RunConfig, scratch: Path) -> list[dict]:
     """Two rows per run; records the call."""
     assert scratch.is_dir()
@@ -154,3 +163,102 @@ def test_python_dash_m_ablate(tmp_path):
                            str(tmp_path / "results")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "decode_latency_ms" in done.stdout and (tmp_path / "results" / "cli-eff" / "runs.jsonl").exists()
+
+
+def _two_experiment_yaml(tmp_path: Path, second_settings: dict) -> Path:
+    path = tmp_path / "two.yaml"
+    first = dict(name="first", study="test-counting", sweep={"recipe": ["gdn"], "seed": [0, 1]})
+    second = dict(name="second", study="test-counting", sweep={"recipe": ["gdn"], "settings.steps": [1, 2]},
+                  fixed=second_settings)
+    path.write_text(yaml.safe_dump(first) + "---\n" + yaml.safe_dump(second))
+    return path
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"stepz": 3}, r"document 2: run 1 \(gdn/tiny\): settings.stepz: Extra inputs are not permitted"),
+    ({"lr": "fast"}, r"document 2: run 1 \(gdn/tiny\): settings.lr: Input should be a valid number"),
+])
+def test_every_runs_settings_are_validated_before_the_first_run(tmp_path, settings, message):
+    CALLS.clear()
+    with pytest.raises(ValueError, match=message):
+        ablate(_two_experiment_yaml(tmp_path, settings), tmp_path / "results", progress=False)
+    assert CALLS == [] and not (tmp_path / "results").exists()
+
+
+def test_study_settings_models_reject_misspelt_and_bad_values():
+    for study, bad in [("efficiency", {"repeatz": 3}), ("efficiency", {"contexts": [-1]}), ("mqar", {"seq_len": 16}),
+                       ("mqar", {"seq_len": 16, "n_pairs": 2, "steps": -5}), ("visual-recall", {"filer": 3}),
+                       ("stream-memory", {"gap_frames": -1})]:
+        with pytest.raises(ValidationError):
+            study_settings(RunConfig(study=study, recipe="gdn", settings=bad))
+
+
+def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path):
+    path = _two_experiment_yaml(tmp_path, {"lr": 0.5})
+    CALLS.clear()
+    run_experiment(load_experiments(path)[0].model_copy(update={"sweep": {"recipe": ["gdn"], "seed": [0]}}),
+                   tmp_path / "results", progress=False)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    CALLS.clear()
+    text = dry_run(path, tmp_path / "results")
+    assert CALLS == [] and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert "## first: study test-counting, 2 runs, 1 to run" in text and "## second: study test-counting, 2 runs, 2 to run" in text
+    assert "| 1 | gdn/tiny | done | ? |" in text and "| 2 | gdn/tiny seed=1 | to run | ? |" in text
+    assert "| 1 | gdn/tiny | 1 | to run | ? |" in text and "Same in every run: lr=0.5, scale=1.0" in text
+    assert "4 runs have no estimate" not in text and "3 runs have no estimate" in text
+
+
+def test_dry_run_estimates_training_flops_from_the_settings(tmp_path):
+    path = tmp_path / "mqar.yaml"
+    path.write_text(yaml.safe_dump(dict(name="m", study="mqar", sweep={"recipe": ["swa"], "settings.steps": [10, 20]},
+                                        fixed={"seq_len": 16, "n_pairs": 2, "batch_size": 4, "eval_examples": 8})))
+    parameters = parameter_count(build_spec(RunConfig(study="mqar", recipe="swa")))
+    text = dry_run(path, tmp_path / "results")
+    for steps in (10, 20):
+        flops = parameters * (6 * steps * 4 * 16 + 2 * 8 * 16)
+        assert f"| {steps} | to run | {in_units(flops, FLOP_UNITS)} |" in text, text
+
+
+def test_table_shows_a_reported_setting_once(tmp_path):
+    rows = [{"run_key": str(i), "recipe": r, "settings.steps": 200, "steps": 200, "settings.lr": 0.1, "lr": 0.2,
+             "settings.seq_len": s, "seq_len": s, "accuracy": a} for i, (r, s, a) in enumerate([("gdn", 16, 0.1), ("swa", 32, 0.2)])]
+    table = to_markdown(rows, "t")
+    assert "settings.steps" not in table and "steps=200" in table and "settings.seq_len" not in table
+    assert "| recipe | seq_len | accuracy |" in table
+    assert "settings.lr=0.1" in table and "lr=0.2" in table  # different values: both shown
+
+
+def _captured_figure(monkeypatch, plot, rows, module):
+    figures = []
+    monkeypatch.setattr(module, "save_figure", lambda fig, path: figures.append(fig))
+    plot(rows, Path("unused.png"))
+    (fig,) = figures
+    return fig
+
+
+def test_efficiency_plot_has_a_title_units_log_axes_and_recipe_legend(monkeypatch):
+    from mixerzoo.ablate import runner
+
+    rows = [{"run_key": r, "study": "efficiency", "recipe": r, "size": "tiny", "context": c, "decode_latency_ms": ms}
+            for r, scale in (("transformer", 1.0), ("gdn", 0.0)) for c, ms in ((1024, 3.0), (65536, 3.0 + 100 * scale))]
+    ax = _captured_figure(monkeypatch, runner.default_plot, rows, runner).axes[0]
+    assert "decode latency against context" in ax.get_title() and "study efficiency, 2 runs, size tiny" in ax.get_title()
+    assert ax.get_yscale() == "log" and ax.get_xscale() == "log" and "(ms, log scale)" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["transformer", "gdn"]
+
+
+def test_recall_plots_draw_chance_and_fit_the_y_axis_to_the_points(monkeypatch):
+    from mixerzoo.ablate import studies, visual_study
+
+    rows = [{"run_key": r, "study": "mqar", "recipe": r, "size": "tiny", "seq_len": 64, "state_bytes": b, "accuracy": a}
+            for r, b, a in (("transformer", 65608, 0.129), ("gdn", 38920, 0.004))]
+    fig = _captured_figure(monkeypatch, studies.frontier_plot, rows, studies)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "chance (0.00781)" in labels and {"transformer", "gdn"} <= set(labels)
+    assert ax.get_ylim()[1] < 0.2 and ax.get_xscale() == "log" and "recall against memory" in fig._suptitle.get_text()
+    visual = [{"run_key": r, "study": "visual-recall", "recipe": r, "size": "tiny", "distance": d, "accuracy": a,
+               "swa_window": 16} for r, d, a in (("swa", 4, 0.25), ("swa", 68, 0.09))]
+    ax = _captured_figure(monkeypatch, visual_study.plot_accuracy_vs_distance, visual, visual_study).axes[0]
+    assert "chance (0.1)" in [t.get_text() for t in ax.get_legend().get_texts()] and ax.get_ylim()[1] < 0.35
+    assert "recall against distance" in ax.get_title() and "(tokens, log scale)" in ax.get_xlabel()

@@ -1,7 +1,17 @@
-"""The `mixerzoo` command: recipes table and the state-protocol demo."""
+"""The `mixerzoo` command: recipes table, the state-protocol demo, streaming, one-line user errors, threads."""
 
-from mixerzoo.cli import main
-from mixerzoo.registry import list_recipes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixerzoo import cli
+from mixerzoo.blocks import parameter_count
+from mixerzoo.cli import build_parser, default_threads, main
+from mixerzoo.registry import list_recipes, recipe
+from mixerzoo.train.config import STAGES
 
 
 def test_recipes_lists_every_recipe_with_costs(capsys):
@@ -9,7 +19,7 @@ def test_recipes_lists_every_recipe_with_costs(capsys):
     out = capsys.readouterr().out
     for name in list_recipes():
         assert f"| {name} |" in out
-    assert "state @1M" in out and "GFLOP/token @128K" in out
+    assert "state @1M" in out and "FLOPs/token @128K" in out and "0.0 MiB" not in out
 
 
 def test_demo_reports_matching_state_bytes_and_exact_round_trip(capsys):
@@ -24,7 +34,6 @@ def test_demo_reports_matching_state_bytes_and_exact_round_trip(capsys):
 
 def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys):
     import numpy as np
-    import pytest
 
     av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
     path = tmp_path / "clip.mp4"
@@ -42,3 +51,62 @@ def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert int(cells[1]) >= 8 and cells[2] == "4"  # frames streamed; (56 / 28)^2 tokens per frame
     assert cells[6] == cells[7], "infinitevl's state must not grow"
+    assert float(cells[8]) > 0 and cells[9] == "1"  # peak resident MiB; one thread for a tiny model by default
+
+
+# ---------------------------------------------------------------- user errors: one line, non-zero exit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mixerzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "mixerzoo", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, files, message", [
+    (["ablate", "bad.yaml"], {"bad.yaml": "name: x\nstudy: mqar\nsweep: {recipe: [gdn]\n"},
+     "bad.yaml: not valid YAML at line 4, column 1: expected ',' or '}'"),
+    (["ablate", "x.yaml"], {"x.yaml": "name: x\nstudy: mqar\nsweep: {recipe: [gnd]}\nfixed: {seq_len: 16, n_pairs: 2}\n"},
+     "x.yaml: sweep.recipe: unknown recipe 'gnd'; registered: ["),
+    (["sft", "missing.yaml"], {}, "missing.yaml: no such file"),
+    (["sft", "broken.yaml"], {"broken.yaml": "out_dir: out\nstudent: {checkpoint: broken.safetensors}\n"
+                                             "data: {source: mqar, task: {seq_len: 16, n_pairs: 2}}\nsteps: 1\n",
+                              "broken.safetensors": "\xff" * 64},
+     "broken.safetensors: not a readable safetensors file (damaged or truncated?)"),
+    (["demo", "--context", "-5"], {}, "demo: argument --context: must be a positive integer, got -5"),
+])
+def test_user_errors_print_one_line_and_exit_non_zero(tmp_path, args, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="latin-1")
+    result = _mixerzoo(*args, cwd=tmp_path)
+    assert result.returncode in (1, 2), result
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("mixerzoo: error: ") and message in result.stderr, result.stderr
+
+
+def test_distill_layers_without_a_teacher_says_which_command_to_run_first(tmp_path):
+    result = _mixerzoo("distill-layers", str(REPO / "experiments/train/distill-layers.yaml"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert (f"run `mixerzoo sft {REPO / 'experiments/train/teacher.yaml'}` first" in result.stderr
+            and "results/train/teacher/model.safetensors: teacher.checkpoint does not exist" in result.stderr), result.stderr
+
+
+def test_debug_shows_the_error_itself(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        main(["ablate", str(tmp_path / "missing.yaml"), "--debug"])
+    with pytest.raises(SystemExit, match="^mixerzoo: error: .*missing.yaml: no such file$"):
+        main(["ablate", str(tmp_path / "missing.yaml")])
+
+
+def test_every_command_takes_threads_and_reports_them(capsys):
+    parser = build_parser()
+    for command in ("demo", "recipes", "stream", "ablate", *STAGES):
+        extra = {"stream": ["v.mp4"], "ablate": ["x.yaml"]}.get(command, ["c.yaml"] if command in STAGES else [])
+        assert parser.parse_args([command, *extra, "--threads", "3"]).threads == 3
+        assert parser.parse_args([command, *extra]).threads is None  # resolved per model size
+    assert default_threads(parameter_count(recipe("infinitevl", "small"))) == 1
+    assert default_threads(parameter_count(recipe("infinitevl", "paper"))) == cli._TORCH_DEFAULT_THREADS
+    main(["demo", "--context", "40", "--window", "8", "--d-model", "16", "--threads", "1"])
+    assert "1 thread(s)" in capsys.readouterr().out

@@ -169,19 +169,42 @@ def test_fresh_model_starts_near_uniform_predictions(name):
     assert abs(loss.item() - torch.log(torch.tensor(spec.vocab_size * 1.0)).item()) < 0.5, loss.item()
 
 
-def test_mrope_layers_take_the_decoders_text_positions():
-    """A Decoder's default [B, T] positions put every M-RoPE stream at the token's number (as at paper size)."""
-    from mixerzoo.vlm.recipes import with_mrope
+def _every_registered_decoder_spec() -> list[tuple[str, LayoutSpec]]:
+    from mixerzoo.vlm import list_vlm_recipes, vlm_recipe
 
+    return ([(name, recipe(name, "tiny")) for name in list_recipes()]
+            + [(f"vlm:{name}", vlm_recipe(name, "tiny").decoder) for name in list_vlm_recipes()])
+
+
+@pytest.mark.parametrize("name, spec", _every_registered_decoder_spec(), ids=lambda v: v if isinstance(v, str) else "")
+def test_generate_runs_on_every_registered_recipe(name, spec):
+    """Every LM recipe and every VLM recipe's decoder (M-RoPE) generates from padded text prompts:
+    the tokens are valid ids and a left-padded row equals that prompt alone (text positions)."""
     torch.manual_seed(0)
-    model = Decoder(with_mrope(recipe("infinitevl-full", "tiny"))).to(F64)
-    ids = torch.randint(0, model.spec.vocab_size, (2, 9))
-    logits, state = model(ids)
-    index = torch.arange(9).expand(2, 9)
-    explicit, _ = model(ids, positions=index.expand(3, 2, 9))
-    assert_close(logits, explicit, "M-RoPE with [B, T] vs [3, B, T] positions", F64)
-    shifted, _ = model(ids, positions=torch.stack([index, 2 * index, index]))  # not a uniform shift
-    assert not torch.allclose(logits, shifted), "the positions must reach the rotary embedding"
-    step, _ = model(ids[:, :1], state)  # decode continues from the state's count
-    full, _ = model(torch.cat([ids, ids[:, :1]], dim=1))
-    assert_close(step[:, 0], full[:, -1], "M-RoPE decode after a prefill", F64)
+    model = Decoder(spec).eval()
+    prompts = torch.randint(spec.vocab_size, (2, 6))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, :2] = False
+    tokens = generate(model, prompts, valid=valid, max_new_tokens=3)
+    assert tokens.shape == (2, 3) and int(tokens.min()) >= 0 and int(tokens.max()) < spec.vocab_size
+    assert torch.equal(tokens[1], generate(model, prompts[1:, 2:], max_new_tokens=3)[0]), name
+
+
+def test_mrope_decoder_takes_text_positions_equal_in_every_section():
+    """A text-only call of an M-RoPE decoder (positions None or [B, T]) equals passing the text
+    positions repeated over the three sections, as Qwen2.5-VL does for text."""
+    from mixerzoo.vlm import vlm_recipe
+
+    spec = vlm_recipe("infinitevl", "tiny").decoder
+    assert any(getattr(layer.mixer, "rope", None) is not None and layer.mixer.rope.kind == "mrope" for layer in spec.layers)
+    model = Decoder(spec).to(F64)
+    ids = torch.randint(spec.vocab_size, (2, 7))
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, :3] = False
+    text = valid.cumsum(1) - 1
+    expected, _ = model(ids, valid=valid, positions=text.expand(3, 2, 7))
+    for positions in (None, text):
+        logits, _ = model(ids, valid=valid, positions=positions)
+        assert torch.equal(logits, expected)
+    shifted, _ = model(ids, valid=valid, positions=torch.stack([text, 2 * text, text]))
+    assert not torch.allclose(shifted[valid], expected[valid])  # the sections do matter

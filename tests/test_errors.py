@@ -66,3 +66,64 @@ def test_bad_valid_and_positions(mixer):
         mixer(torch.randn(1, 3, 16), valid=torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"positions must have shape \[1, 3\]"):
         mixer(torch.randn(1, 3, 16), positions=torch.zeros(3, 1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m.config.state_nbytes(n_tokens=-5), r"AttentionConfig.state_nbytes: n_tokens must be an integer >= 0, got -5"),
+    (lambda m: m.config.state_nbytes(4, batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    (lambda m: m.init_state(batch_size=0), r"Attention.init_state: batch_size must be an integer >= 1, got 0"),
+    (lambda m: m(torch.randn(1, 3, 16, dtype=torch.float64)), r"Attention: x is torch.float64 but the parameters are "
+                                                              r"torch.float32; cast one to the other"),
+    (lambda m: m(torch.ones(1, 3, 16, dtype=torch.long)), r"Attention: x must be a floating tensor, got torch.int64"),
+])
+def test_bad_counts_and_dtypes_are_named(mixer, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(mixer)
+
+
+def test_model_level_counts_token_ids_and_generate_are_checked():
+    from mixerzoo import Decoder, generate
+    from mixerzoo.blocks import state_nbytes
+    from mixerzoo.registry import recipe
+
+    spec = recipe("infinitevl", "tiny")
+    model = Decoder(spec)
+    ids = torch.randint(spec.vocab_size, (1, 4))
+    with pytest.raises(ValueError, match="generate: max_new_tokens must be an integer >= 1, got -3"):
+        generate(model, ids, max_new_tokens=-3)
+    with pytest.raises(ValueError, match="Decoder.init_state: batch_size must be an integer >= 1, got 0"):
+        model.init_state(0)
+    with pytest.raises(ValueError, match="state_nbytes: context must be an integer >= 0, got -5"):
+        state_nbytes(spec, -5)
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor .token ids., got torch.float32"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="Decoder: embeds: x is torch.float64 but the parameters are torch.float32"):
+        model(embeds=torch.randn(1, 4, spec.d_model, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"patern": "SG"}, r"unknown key 'patern' \(did you mean 'pattern'\?\)"),
+    ({"n_layers": -4}, r"n_layers must be a positive integer, got -4"),
+])
+def test_spec_top_level_mistakes_are_named(edit, message):
+    from mixerzoo import LayoutSpec
+
+    data = {"d_model": 16, "vocab_size": 32, "pattern": "SG", "n_layers": 4,
+            "legend": {"S": {"type": "attention", "n_heads": 2, "window": 4}, "G": {"type": "gated_deltanet", "n_heads": 2}}}
+    data = {k: v for k, v in data.items() if not (k == "pattern" and "patern" in edit)} | edit
+    with pytest.raises(ValidationError, match=message):
+        LayoutSpec.model_validate(data)
+
+
+def test_damaged_state_files_name_the_file(mixer, tmp_path):
+    from mixerzoo import Decoder
+    from mixerzoo.registry import recipe
+
+    path = tmp_path / "state.safetensors"
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"state.safetensors: not a readable safetensors file \(damaged or truncated\?\)"):
+        mixer.load_state(path)
+    with pytest.raises(ValueError, match=r"state.safetensors: not a readable safetensors file"):
+        Decoder(recipe("swa", "tiny")).load_state(path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        mixer.load_state(tmp_path / "missing.safetensors")

@@ -59,7 +59,7 @@ def test_ratio_spreads_layers_evenly():
         (("conv_size: 4}", "conv_size: 4, window: 3}"), r"layer 1 \(pattern letter 'G'\).*mixer.window.*Extra inputs"),
         (("n_heads: 4, head_dim: 16", "n_heads: 3"), r"layer 1 \(pattern letter 'G'\).*n_heads \(3\) does not divide d_model \(64\)"),
         (("n_layers: 8", "n_layers: 6"), r"pattern 'SGGG' \(4 letters\) does not tile n_layers = 6"),
-        (("vocab_size: 100", "vocab_size: 100\nvocab: 3"), r"vocab.*Extra inputs"),
+        (("vocab_size: 100", "vocab_size: 100\nvocab: 3"), r"unknown key 'vocab' \(did you mean 'vocab_size'\?\)"),
         (("overrides: {7:", "overrides: {9:"), r"overrides: layer 9 does not exist"),
         (("type: swiglu, hidden: 128", "type: swiglu"), r"mlp.hidden is required"),
         (("type: gated_deltanet", "type: gated_delta_net"), r"unknown mixer type 'gated_delta_net'"),

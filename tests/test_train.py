@@ -315,3 +315,27 @@ def test_end_to_end_demo_runs_at_a_minimal_scale(tmp_path):
     assert scratch["steps"] == sum(row["steps"] for row in result["rows"] if row["run"] in demo.STAGES[1:])
     for name in ("summary.json", "summary.md", "losses.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
+    config = _config(tmp_path, steps=4, checkpoint_every=2)
+    train(config)
+    newest = config.out_dir / "checkpoints" / "step_000004"
+    (newest / "trainer.pt").write_bytes(b"\x00" * 100)  # a torn or overwritten file
+    with pytest.warns(UserWarning, match=r"skipped checkpoint .*step_000004: trainer.pt is unreadable \("):
+        summary = train(config.model_copy(update={"steps": 6}))
+    assert summary["start_step"] == 2 and len(summary["losses"]) == 4
+
+
+def test_rerunning_a_finished_stage_reports_it_without_a_nan_loss(tmp_path, capsys):
+    from mixerzoo.cli import main
+
+    path = _write_yaml(tmp_path / "sft.yaml", _config(tmp_path, steps=2))
+    main(["sft", str(path)])
+    first = capsys.readouterr().out
+    assert "sft: steps 0..2, final loss " in first and "1 thread(s)" in first
+    main(["sft", str(path)])
+    again = capsys.readouterr().out
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "already trained to step 2, nothing to do" in again and f"final loss {final['loss']:.4f}" in again, again
+    assert "nan" not in again and final["threads"] == 1

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from mixerzoo.vlm.processor import (
     ProcessorConfig,
+    VideoFrames,
     expand_vision_tokens,
     process_images,
     process_video,
@@ -234,3 +235,80 @@ def test_expand_vision_tokens_errors():
         expand_vision_tokens([[1, CFG.image_pad_id]])
     with pytest.raises(ValueError, match="3 positive ints"):
         expand_vision_tokens(["image"], [[1, 0, 2]])
+
+
+def _write_video(path, n_frames: int, rate: int = 10) -> None:
+    av = pytest.importorskip("av", reason="PyAV not installed (pip install mixerzoo[video])")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), (7 * i) % 250, dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _tracked(frames, seen: dict):
+    """Yield `frames`, recording in `seen` how many were yielded and the most alive at once."""
+    import weakref
+
+    alive = []
+    seen.update(count=0, most=0)
+    for frame in frames:
+        alive = [ref for ref in alive if ref() is not None] + [weakref.ref(frame)]
+        seen.update(count=seen["count"] + 1, most=max(seen["most"], len(alive)))
+        yield frame
+        del frame
+
+
+def _most_frames_alive(frames) -> tuple[int, int]:
+    """(frames yielded, the most alive at once) for a consumer that drops each frame."""
+    import collections
+
+    seen = {}
+    collections.deque(_tracked(frames, seen), maxlen=0)  # consumes without keeping a reference
+    return seen["count"], seen["most"]
+
+
+@pytest.mark.parametrize("n_frames", [12, 600])
+def test_video_frames_are_decoded_one_at_a_time(tmp_path, n_frames):
+    """The reader holds no frame once the consumer drops it: at most one frame is alive at a
+    time for a short and a 50x longer video, so memory does not grow with the video's length."""
+    path = tmp_path / "clip.mp4"
+    _write_video(path, n_frames)
+    video = VideoFrames(path)
+    assert video.fps == 10.0 and video.frames == n_frames
+    assert _most_frames_alive(video) == (n_frames, 1)
+    sampled = VideoFrames(path, fps=2.5)  # every 4th frame
+    assert sampled.fps == 2.5 and _most_frames_alive(sampled) == (n_frames // 4, 1)
+
+
+def test_video_frames_errors_name_the_file(tmp_path):
+    pytest.importorskip("av", reason="PyAV not installed (pip install mixerzoo[video])")
+    with pytest.raises(FileNotFoundError, match="no such video file"):
+        VideoFrames(tmp_path / "missing.mp4")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"broken.mp4: not a readable video file"):
+        VideoFrames(tmp_path / "broken.mp4")
+
+
+def test_stream_command_holds_at_most_two_frames(tmp_path, monkeypatch, capsys):
+    """`mixerzoo stream` prefills each decoded frame and drops it: the one being pushed and the
+    previous one (until the loop variable moves on) are the most alive at once, whatever the length."""
+    import mixerzoo.vlm
+    from mixerzoo.cli import main
+
+    path = tmp_path / "clip.mp4"
+    _write_video(path, 40)
+    seen = {}
+
+    class Tracked(VideoFrames):
+        def __iter__(self):
+            return _tracked(super().__iter__(), seen)
+
+    monkeypatch.setattr(mixerzoo.vlm, "VideoFrames", Tracked)
+    main(["stream", str(path), "--frame-size", "56", "--fps", "10"])
+    assert seen["count"] == 40 and seen["most"] <= 2, seen
+    assert "| infinitevl/tiny | 40 | 4 |" in capsys.readouterr().out

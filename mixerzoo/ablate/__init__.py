@@ -5,6 +5,9 @@ resumable, with results as JSONL, CSV, a markdown table and a plot.
 `runner` holds the experiment config, its expansion into runs and the resumable runner.
 """
 
-from mixerzoo.ablate.studies import RunConfig, Study, build_spec, get_study, list_studies, register_study
+from mixerzoo.ablate.studies import (
+    RunConfig, Study, StudySettings, build_spec, get_study, list_studies, register_study, study_settings,
+)
 
-__all__ = ["RunConfig", "Study", "build_spec", "get_study", "list_studies", "register_study"]
+__all__ = ["RunConfig", "Study", "StudySettings", "build_spec", "get_study", "list_studies", "register_study",
+           "study_settings"]

@@ -5,14 +5,17 @@ evaluates it on examples from a different seed. Settings (unknown keys are an er
 
     seq_len, n_pairs       the MQAR shape (required)
     steps: 300             training steps, multiplied by the experiment's `scale`
-    lr: 3e-3               AdamW peak learning rate (cosine decay to 0)
+    lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
+    warmup_steps: 0        linear warmup steps (capped below the step count)
+    weight_decay: 0.1      on matrices only (mixerzoo.optim), as zoology
     batch_size: 32         training examples per step
     eval_examples: 512     held-out examples
     power_a: 0.01          query-placement power law
     scale: 1.0             set by the runner
 
 The vocabulary is the spec's (256 at tiny). Row columns: seq_len, n_pairs, swa_window
-(the largest sliding window in the spec, None without one), accuracy, final_loss,
+(the largest sliding window in the spec, None without one), accuracy, chance (one over the
+number of value tokens), final_loss,
 initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens), parameters,
 train_seconds, threads.
 """
@@ -23,28 +26,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mixerzoo.ablate.studies import RunConfig, build_spec, register_study
+from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
-from mixerzoo.tasks.mqar import MQARConfig, evaluate_mqar, train_mqar
+from mixerzoo.registry import recipe
+from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, train_mqar
 
 EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a training seed of another run
 
 
-class MQARSettings(BaseModel):
+class MQARSettings(StudySettings):
     """The `mqar` study's settings (a run's `settings`), validated: a misspelt key is an error."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     seq_len: int = Field(gt=0)
     n_pairs: int = Field(gt=0)
     steps: int = Field(300, gt=0)
     lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(512, gt=0)
     power_a: float = Field(0.01, gt=0, le=1)
-    scale: float = Field(1.0, gt=0)
 
 
 def swa_window(spec: LayoutSpec) -> int | None:
@@ -53,7 +56,8 @@ def swa_window(spec: LayoutSpec) -> int | None:
     return max(windows, default=None)
 
 
-@register_study("mqar")
+@register_study("mqar", settings=MQARSettings,
+                chance=lambda row: chance_accuracy(recipe(row["recipe"], row["size"]).vocab_size))
 def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""
     settings = MQARSettings.model_validate(run.settings)
@@ -63,10 +67,12 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     torch.manual_seed(run.seed)
     model = Decoder(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed)
+    trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed,
+                         weight_decay=settings.weight_decay, warmup_steps=min(settings.warmup_steps, steps - 1))
     accuracy = evaluate_mqar(model, task, settings.eval_examples, run.seed + EVAL_SEED_OFFSET)
     return [dict(
         seq_len=task.seq_len, n_pairs=task.n_pairs, swa_window=swa_window(spec), accuracy=accuracy,
+        chance=1 / (spec.vocab_size - spec.vocab_size // 2),
         final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),
         train_seconds=trained["seconds"], threads=torch.get_num_threads(),

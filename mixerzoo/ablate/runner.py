@@ -25,24 +25,31 @@ by `---` (`load_experiments`); `ablate` runs them in order.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 from typing_extensions import Self
 
-from mixerzoo.ablate.studies import Row, RunConfig, get_plot, get_study, list_plots, list_studies, save_figure
+from mixerzoo.ablate.studies import (
+    Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, list_plots, list_studies, save_figure,
+    study_settings,
+)
+from mixerzoo.ablate.summary import over_seeds, with_spread
+from mixerzoo.blocks.costs import FLOP_UNITS, in_units
+from mixerzoo.errors import describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
-_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
+_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "settings")
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -99,17 +106,28 @@ class ExperimentConfig(BaseModel):
                 if recipe not in list_recipes():
                     raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}; registered: {list_recipes()}")
         seen = set()
-        for run in expand(self):  # every run must validate as a RunConfig
+        for number, run in enumerate(expand(self), 1):  # every run must validate, settings included
             if run.key() in seen:
                 raise ValueError(f"sweep: the run {run.model_dump(exclude={'study', 'settings'})} (settings "
                                  f"{run.settings}) appears twice; every run must be distinct")
             seen.add(run.key())
+            try:
+                study_settings(run)
+            except ValidationError as error:
+                problems = "; ".join(f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                raise ValueError(f"run {number} ({_describe_run(run)}): {problems}") from None
         return self
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ExperimentConfig":
         """The experiment in YAML file `path` (yaml.safe_load)."""
-        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+        return cls.model_validate(read_yaml(path))
+
+
+def _describe_run(run: RunConfig) -> str:
+    """recipe/size and the run's other set fields, for messages and the dry-run listing."""
+    extra = [f"{f}={getattr(run, f)}" for f in ("seed", "window", "ratio") if getattr(run, f) not in (None, 0)]
+    return " ".join([f"{run.recipe}/{run.size}", *extra])
 
 
 def _named_grids(sweep: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[tuple[str, dict[str, list[Any]]]]:
@@ -148,7 +166,7 @@ def expand(experiment: ExperimentConfig) -> list[RunConfig]:
 def run_row_fields(run: RunConfig) -> Row:
     """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
     row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "size": run.size, "seed": run.seed,
-                "window": run.window, "ratio": run.ratio}
+                "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers, "d_model": run.d_model}
     for key, value in sorted(run.settings.items()):
         row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)
     return row
@@ -227,7 +245,7 @@ def _cell(value: Any) -> str:
 
 def to_markdown(rows: list[Row], title: str) -> str:
     """A markdown table of the rows; columns equal in every row (and `run_key`) are listed above it instead."""
-    columns = [c for c in _columns(rows) if c != "run_key"]
+    columns = [c for c in _columns(rows) if c != "run_key" and not _repeats_a_column(rows, c)]
     constant = {c: rows[0].get(c) for c in columns if len(rows) > 1 and all(r.get(c) == rows[0].get(c) for r in rows)}
     shown = [c for c in columns if c not in constant]
     lines = [f"# {title}", ""]
@@ -236,6 +254,13 @@ def to_markdown(rows: list[Row], title: str) -> str:
     lines += ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in shown) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def _repeats_a_column(rows: list[Row], column: str) -> bool:
+    """True for a `settings.<key>` column whose values equal the `<key>` column's in every row
+    (a study that reports its setting back): the table shows it once."""
+    key = column.removeprefix("settings.")
+    return key != column and all(key in r and r.get(key) == r.get(column) for r in rows)
 
 
 def _latency_column(rows: list[Row]) -> str | None:
@@ -262,10 +287,13 @@ def default_plot(rows: list[Row], path: Path) -> bool:
         mine = sorted(mine, key=lambda r: r["context"])
         ax.plot([r["context"] for r in mine], [r[latency] for r in mine], marker="o", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel(latency)
+    ax.set_yscale("log")  # flat recurrent recipes and a growing cache differ by decades
+    ax.set_xlabel("context (tokens, log scale)")
+    unit = " (ms, log scale)" if latency.endswith("_ms") else " (log scale)"
+    ax.set_ylabel(latency.removesuffix("_ms").replace("_", " ") + unit)
+    ax.set_title(figure_title(rows, f"{latency.removesuffix('_ms').replace('_', ' ')} against context"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="recipe")
     save_figure(fig, path)
     return True
 
@@ -273,7 +301,11 @@ def default_plot(rows: list[Row], path: Path) -> bool:
 def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
-    atomic_write_bytes(out_dir / "table.md", to_markdown(rows, title).encode())
+    summary = over_seeds(rows)
+    table = to_markdown(rows, title)
+    if any(row["seeds"] > 1 for row in summary):
+        table = to_markdown(with_spread(summary), f"{title}: mean ± std over seeds") + "\n" + table
+    atomic_write_bytes(out_dir / "table.md", table.encode())
     plot = get_plot(experiment.study, experiment.plot) or default_plot
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
     os.close(fd)
@@ -285,10 +317,31 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
         Path(tmp).unlink(missing_ok=True)
 
 
-def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True) -> Path:
+def _run_one(study: Study, run: RunConfig, out_dir: Path) -> list[Row]:
+    """One run's checked rows, computed in a scratch directory under `out_dir` that is deleted after."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+        try:
+            return _check_rows(run, study(run, Path(scratch)))
+        except Exception as error:
+            raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True,
+                   jobs: int = 1) -> Path:
     """Run every run of `experiment` that has no rows yet in `<out_root>/<name>/runs.jsonl`,
     appending each run's rows when it finishes, then regenerate results.csv, table.md and
-    plot.png from the current runs' rows. Returns the results directory."""
+    plot.png from the current runs' rows. Returns the results directory.
+
+    jobs > 1 runs that many runs at once, each in its own process with one torch thread (rows
+    are appended as runs finish; the tables keep the sweep's order)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = Path(out_root) / experiment.name
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "runs.jsonl"
@@ -297,16 +350,23 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     study = get_study(experiment.study)
     pending = [run for run in runs if run.key() not in done]
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=experiment.name, unit="run", disable=not progress)
-    for run in pending:
-        bar.set_postfix_str(f"{run.recipe}/{run.size}")
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
-            try:
-                rows = _check_rows(run, study(run, Path(scratch)))
-            except Exception as error:
-                raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
+
+    def record(run: RunConfig, rows: list[Row]) -> None:
         fields = run_row_fields(run)
         _append_rows(jsonl, [{**fields, **row} for row in rows])
+        bar.set_postfix_str(f"{run.recipe}/{run.size}")
         bar.update()
+
+    if jobs == 1 or len(pending) < 2:
+        for run in pending:
+            record(run, _run_one(study, run, out_dir))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), mp_context=context,
+                                                    initializer=_one_thread) as pool:
+            futures = {pool.submit(_run_one, study, run, out_dir): run for run in pending}
+            for future in concurrent.futures.as_completed(futures):
+                record(futures[future], future.result())
     bar.close()
     order = {run.key(): i for i, run in enumerate(runs)}
     rows = sorted((r for r in read_rows(jsonl) if r.get("run_key") in order), key=lambda r: order[r["run_key"]])
@@ -318,7 +378,7 @@ def load_experiments(path: str | os.PathLike, *, scale: float | None = None) -> 
     """The experiments in YAML file `path`: one per YAML document (documents separated by
     `---`), each validated, with `scale` overriding their scale if given. ValueError naming
     the document for an invalid one or a name used twice."""
-    documents = [data for data in yaml.safe_load_all(Path(path).read_text()) if data is not None]
+    documents = [data for data in read_yaml(path, documents=True) if data is not None]
     if not documents:
         raise ValueError(f"{path}: no experiment in the file")
     experiments = []
@@ -329,21 +389,81 @@ def load_experiments(path: str | os.PathLike, *, scale: float | None = None) -> 
         try:
             experiments.append(ExperimentConfig.model_validate(data))
         except ValidationError as error:
-            raise ValueError(f"{where}: {error}") from None
+            raise ValueError(f"{where}: {describe_validation_error(error)}") from None
         if experiments[-1].name in [e.name for e in experiments[:-1]]:
             raise ValueError(f"{where}: name {experiments[-1].name!r} is used by an earlier document; "
                              f"each experiment needs its own results directory")
     return experiments
 
 
+# A rough training rate for the cost estimate: the tiny recipes trained at 14-25 GFLOP/s
+# (6 x parameters x tokens over train_seconds) on one thread of a shared 2-core x86-64 CPU
+# in experiments/quick.yaml. Only an order of magnitude: measure your own machine.
+ASSUMED_FLOP_PER_S = 15e9
+
+
+def _done_keys(path: Path) -> set[str]:
+    """run_key of every parsable row in a runs.jsonl file, read without repairing it."""
+    keys = set()
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            keys.add(json.loads(line)["run_key"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return keys
+
+
+def _flop(value: float | None) -> str:
+    return "?" if value is None else in_units(value, FLOP_UNITS)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None) -> str:
+    """What `ablate` would do, as markdown, running and writing nothing: per experiment in
+    YAML file `path` (all validated), each run with the settings that vary between runs,
+    whether it already has rows under `out_root`, and its estimated cost
+    (`StudySettings.estimated_flops`); then the total to run and a rough wall time at
+    ASSUMED_FLOP_PER_S."""
+    lines, to_run, unknown = [], 0.0, 0
+    for experiment in load_experiments(path, scale=scale):
+        runs = expand(experiment)
+        done = _done_keys(Path(out_root) / experiment.name / "runs.jsonl")
+        keys = sorted({k for run in runs for k in run.settings})
+        varying = [k for k in keys if len({json.dumps(run.settings.get(k), sort_keys=True) for run in runs}) > 1]
+        fixed = {k: runs[0].settings[k] for k in keys if k not in varying and k in runs[0].settings}
+        lines += [f"## {experiment.name}: study {experiment.study}, {len(runs)} runs, "
+                  f"{len([r for r in runs if r.key() not in done])} to run", "",
+                  "Same in every run: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in fixed.items()), "",
+                  "| # | run | " + "".join(f"{k} | " for k in varying) + "status | estimated cost |",
+                  "|---:|---|" + "---|" * len(varying) + "---|---:|"]
+        for number, run in enumerate(runs, 1):
+            flops = study_settings(run).estimated_flops(build_spec(run))
+            status = "done" if run.key() in done else "to run"
+            if status == "to run":
+                to_run += flops or 0
+                unknown += flops is None
+            cells = "".join(f"{json.dumps(run.settings.get(k))} | " for k in varying)
+            lines.append(f"| {number} | {_describe_run(run)} | {cells}{status} | {_flop(flops)} |")
+        lines.append("")
+    lines.append(f"Estimated cost to run: {_flop(to_run)}, roughly {_duration(to_run / ASSUMED_FLOP_PER_S)} at "
+                 f"{ASSUMED_FLOP_PER_S / 1e9:.0f} GFLOP/s (one CPU thread; an order of magnitude only)"
+                 + (f"; {unknown} runs have no estimate" if unknown else "") + ".")
+    return "\n".join(lines) + "\n"
+
+
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
-           progress: bool = True) -> str:
+           progress: bool = True, jobs: int = 1) -> str:
     """Run the experiments in YAML file `path` in order (all validated first; `scale` overrides
-    their scale if given) and return their markdown tables, separated by blank lines."""
+    their scale if given; `jobs` runs at once, see run_experiment) and return their markdown
+    tables, separated by blank lines."""
     experiments = load_experiments(path, scale=scale)
-    tables = [(run_experiment(e, Path(out_root), progress=progress) / "table.md").read_text() for e in experiments]
+    tables = [(run_experiment(e, Path(out_root), progress=progress, jobs=jobs) / "table.md").read_text()
+              for e in experiments]
     return "\n".join(tables)
 
 
-__all__ = ["ExperimentConfig", "ablate", "default_plot", "expand", "load_experiments", "read_rows", "run_experiment",
+__all__ = ["ASSUMED_FLOP_PER_S", "ExperimentConfig", "ablate", "default_plot", "dry_run", "expand", "load_experiments", "read_rows", "run_experiment",
            "run_row_fields", "to_csv", "to_markdown"]

@@ -31,7 +31,7 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import RunConfig, register_study
-from mixerzoo.ablate.visual_study import VLMTaskSettings, plot_accuracy_vs_distance, train_and_score, vlm_spec
+from mixerzoo.ablate.visual_study import DIGIT_CHANCE, VLMTaskSettings, plot_accuracy_vs_distance, train_and_score, vlm_spec
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.visual import StreamRecallConfig, make_stream_recall, sized_processor
 
@@ -43,18 +43,25 @@ class StreamMemorySettings(VLMTaskSettings):
     n_keys: int = Field(1, ge=1, le=16)
     lead_frames: int = Field(1, ge=0)
 
+    def tokens_per_example(self, spec) -> int:
+        """Noise and key frame slots (one visual token each at 28 px, plus start / end tokens) and the question."""
+        slots = self.lead_frames + self.n_keys + self.gap_frames
+        return slots * ((self.image_size // 28) ** 2 + 2) + 4 + self.digits
 
-@register_study("stream-memory", plot=plot_accuracy_vs_distance)
+
+@register_study("stream-memory", settings=StreamMemorySettings, plot=plot_accuracy_vs_distance,
+                chance=lambda row: DIGIT_CHANCE)
 def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on stream recall per the run's settings; one row of accuracy, distance and state bytes."""
     settings = StreamMemorySettings.model_validate(run.settings)
     spec = vlm_spec(run)
     task = StreamRecallConfig(vocab_size=spec.decoder.vocab_size, gap_frames=settings.gap_frames,
                               n_keys=settings.n_keys, lead_frames=settings.lead_frames, digits=settings.digits,
-                              image_size=settings.image_size)
+                              image_size=settings.image_size, digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
     model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings, lambda n, seed: make_stream_recall(task, n, seed, processor))
+        run, spec, settings,
+        lambda n, seed, split: make_stream_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
     steps = trained["steps"]
     distances = torch.cat([batch["distance"] for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]

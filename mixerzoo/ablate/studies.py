@@ -8,14 +8,21 @@ and its `run_key` to every row, stores them, and skips runs whose key already ha
 
 Writing a study::
 
-    from mixerzoo.ablate.studies import RunConfig, build_spec, register_study
+    from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
 
-    @register_study("my-study")                      # optional: plot=fn(rows, path)
+    class MySettings(StudySettings):                  # extra="forbid": a misspelt key is an error
+        steps: int = Field(100, gt=0)
+
+    @register_study("my-study", settings=MySettings)  # optional: plot=fn(rows, path)
     def my_study(run: RunConfig, scratch: Path) -> list[dict]:
+        settings = MySettings.model_validate(run.settings)
         spec = build_spec(run)                        # recipe at size, overrides applied
-        n = run.settings.get("steps", 100)            # study settings, with defaults
-        scale = run.settings.get("scale", 1.0)        # the experiment's scale factor
+        steps = round(settings.steps * settings.scale)  # scale: the experiment's scale factor
         return [{"loss": ...}]
+
+The runner validates every run's settings against the study's model before the first run
+of a file starts, and `StudySettings.estimated_flops` gives `mixerzoo ablate --dry-run`
+its cost estimate.
 
 Studies in `mixerzoo.ablate` modules listed in `_BUILTIN_MODULES` (such as `mqar_study`)
 register themselves when first looked up; a study defined elsewhere registers when its
@@ -40,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mixerzoo.blocks import Decoder, LayoutSpec, flops_per_token, parameter_count, random_state, state_nbytes
 from mixerzoo.registry import recipe
@@ -48,6 +55,26 @@ from mixerzoo.registry import recipe
 Row = dict[str, Any]
 Study = Callable[["RunConfig", Path], list[Row]]
 PlotHook = Callable[[list[Row], Path], None]
+Chance = Callable[[Row], float | None]
+
+
+def figure_title(rows: list[Row], what: str) -> str:
+    """A plot title: `what`, then the study, the number of runs and the sizes they use."""
+    runs = len({r.get("run_key") for r in rows}) or len(rows)
+    sizes = ", ".join(sorted({str(r.get("size")) for r in rows if r.get("size") is not None}))
+    study = rows[0].get("study") if rows else None
+    return f"{what}\n{f'study {study}, ' if study else ''}{runs} runs" + (f", size {sizes}" if sizes else "")
+
+
+def draw_chance(ax, rows: list[Row], accuracies: list[float]) -> None:
+    """A dotted line at each distinct chance level of the rows' runs (`chance_level`), labelled,
+    and y limits from 0 to a little above the highest accuracy or chance (not to 1.0 when every
+    point is far below it)."""
+    levels = sorted({level for level in map(chance_level, rows) if level is not None})
+    for level in levels:
+        ax.axhline(level, color="grey", linestyle=":", label=f"chance ({level:.3g})")
+    top = max([*accuracies, *levels, 0.01])
+    ax.set_ylim(0, min(1.02, top * 1.15))
 
 
 def save_figure(fig, path: Path) -> None:
@@ -59,9 +86,12 @@ def save_figure(fig, path: Path) -> None:
     plt.close(fig)
 
 _STUDIES: dict[str, Study] = {}
+_SETTINGS: dict[str, type["StudySettings"]] = {}
+_CHANCE: dict[str, Chance] = {}
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
-_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study")
+_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study",
+                    "mixerzoo.ablate.lm_study")
 
 
 class RunConfig(BaseModel):
@@ -76,6 +106,8 @@ class RunConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
     ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
                               description="'A:G' attention : Gated DeltaNet layer ratio, if set")
+    n_layers: int | None = Field(None, ge=1, description="depth: the recipe's layer list repeated or cut to this many")
+    d_model: int | None = Field(None, ge=1, description="width: head counts and MLP width scaled with it, head sizes kept")
     settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
 
     def key(self) -> str:
@@ -84,19 +116,65 @@ class RunConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def register_study(name: str, *, plot: PlotHook | None = None) -> Callable[[Study], Study]:
-    """Decorator registering `study(run, scratch_dir) -> rows` under `name`, with an optional
-    `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`."""
+class StudySettings(BaseModel):
+    """Base of every study's settings (a run's `settings`): unknown keys are an error, and
+    `scale` (set by the runner from the experiment) multiplies training steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(1.0, gt=0)
+
+    def tokens_per_example(self, spec: LayoutSpec) -> int | None:
+        """Tokens in one training / evaluation example: the `seq_len` setting if there is one."""
+        return getattr(self, "seq_len", None)
+
+    def estimated_flops(self, spec: LayoutSpec) -> int | None:
+        """A rough cost of one run: 6 x parameters per training token (forward and backward)
+        plus 2 x parameters per evaluation token, from the `steps`, `batch_size` and
+        `eval_examples` settings; None when the settings do not say."""
+        tokens = self.tokens_per_example(spec)
+        steps, batch = getattr(self, "steps", None), getattr(self, "batch_size", None)
+        if tokens is None or steps is None or batch is None:
+            return None
+        train = max(1, round(steps * self.scale)) * batch * tokens
+        evaluate = getattr(self, "eval_examples", 0) * tokens
+        return parameter_count(spec) * (6 * train + 2 * evaluate)
+
+
+def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook | None = None,
+                   chance: Chance | None = None) -> Callable[[Study], Study]:
+    """Decorator registering `study(run, scratch_dir) -> rows` under `name`, with its settings
+    model (every run's settings are validated against it before any run starts), an optional
+    `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`, and an
+    optional `chance(row)`: the accuracy of guessing for that row's run (plots draw it)."""
+    if not (isinstance(settings, type) and issubclass(settings, StudySettings)):
+        raise TypeError(f"study {name!r}: settings must be a StudySettings subclass, got {settings!r}")
 
     def decorate(study: Study) -> Study:
         if name in _STUDIES:
             raise ValueError(f"study {name!r} is already registered")
         _STUDIES[name] = study
+        _SETTINGS[name] = settings
         if plot is not None:
             _PLOTS[name] = plot
+        if chance is not None:
+            _CHANCE[name] = chance
         return study
 
     return decorate
+
+
+def study_settings(run: "RunConfig") -> StudySettings:
+    """`run.settings` validated by its study's settings model (ValidationError naming the field)."""
+    get_study(run.study)
+    return _SETTINGS[run.study].model_validate(run.settings)
+
+
+def chance_level(row: Row) -> float | None:
+    """The accuracy of guessing for the run of `row` (its study's `chance` hook), or None."""
+    _load_builtin()
+    hook = _CHANCE.get(row.get("study"))
+    return hook(row) if hook is not None else None
 
 
 def _load_builtin() -> None:
@@ -152,6 +230,10 @@ def get_plot(study: str, plot: str | None = None) -> PlotHook | None:
 def build_spec(run: RunConfig) -> LayoutSpec:
     """The spec of `run.recipe` at `run.size`, with the run's overrides applied.
 
+    `n_layers` repeats or cuts the recipe's layer list to that depth (infinitevl's SGGG at 2
+    layers is SG). `d_model` scales the width: every head count (n_heads, n_kv_heads) and the
+    MLP's hidden width by d_model / the recipe's, head sizes and state sizes per head kept (a
+    width that leaves a fractional head count is an error).
     `ratio` 'A:G' rebuilds the layer list with A attention layers per G Gated DeltaNet
     layers spread evenly over the same depth (the recipe's own attention and Gated
     DeltaNet layers are the templates; a recipe lacking one whose weight is positive is
@@ -160,6 +242,10 @@ def build_spec(run: RunConfig) -> LayoutSpec:
     a spec without sliding-window layers is unchanged).
     """
     spec = recipe(run.recipe, run.size)
+    if run.n_layers is not None:
+        spec = _with_depth(spec, run.n_layers)
+    if run.d_model is not None:
+        spec = _with_width(spec, run.d_model)
     if run.ratio is not None:
         spec = _with_ratio(spec, run.recipe, run.ratio)
     if run.window is not None:
@@ -169,6 +255,31 @@ def build_spec(run: RunConfig) -> LayoutSpec:
                 layer["mixer"]["window"] = run.window
         spec = LayoutSpec.model_validate(data)
     return spec
+
+
+def _with_depth(spec: LayoutSpec, n_layers: int) -> LayoutSpec:
+    data = spec.model_dump(mode="json")
+    data["layers"] = [data["layers"][i % spec.n_layers] for i in range(n_layers)]
+    return LayoutSpec.model_validate(data)
+
+
+def _with_width(spec: LayoutSpec, d_model: int) -> LayoutSpec:
+    data = spec.model_dump(mode="json")
+
+    def scaled(what: str, value: int) -> int:
+        if (value * d_model) % spec.d_model:
+            raise ValueError(f"d_model {d_model}: {what} = {value} x {d_model} / {spec.d_model} is not a whole number")
+        return value * d_model // spec.d_model
+
+    data["d_model"] = d_model
+    for layer in data["layers"]:
+        layer["mixer"]["d_model"] = d_model
+        for field in ("n_heads", "n_kv_heads"):
+            if layer["mixer"].get(field) is not None:
+                layer["mixer"][field] = scaled(f"mixer.{field}", layer["mixer"][field])
+        if layer["mlp"].get("hidden") is not None:
+            layer["mlp"]["hidden"] = scaled("mlp.hidden", layer["mlp"]["hidden"])
+    return LayoutSpec.model_validate(data)
 
 
 def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
@@ -196,11 +307,12 @@ def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
 
 @register_plot("frontier")
 def frontier_plot(rows: list[Row], path: Path) -> None:
-    """Zoology's recall-memory frontier to PNG `path`: accuracy against state bytes (log
-    scale), one marker series per SWA:GDN ratio (per recipe for runs without a ratio), each
-    point labelled by its sliding window (`swa_window` column, else the run's `window`);
-    one panel per `seq_len` when the rows hold several. Rows need numeric `state_bytes`
-    and `accuracy` columns (ValueError naming the first row without them)."""
+    """Zoology's recall-memory frontier to PNG `path`: accuracy (mean over seeds, ± std as error
+    bars) against state bytes (log scale), one marker series per SWA:GDN ratio (per recipe for
+    runs without a ratio), each point labelled by its sliding window (`swa_window` column, else
+    the run's `window`) and width (`d_model`, when set); one panel per `seq_len` when the rows
+    hold several; chance levels dotted (draw_chance). Rows need numeric
+    `state_bytes` and `accuracy` columns (ValueError naming the first row without them)."""
     for number, row in enumerate(rows, 1):
         if not all(isinstance(row.get(c), (int, float)) for c in ("state_bytes", "accuracy")):
             raise ValueError(f"frontier plot: row {number} (recipe {row.get('recipe')!r}) lacks a numeric "
@@ -210,55 +322,77 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({row.get("seq_len") for row in rows}, key=str)
+    from mixerzoo.ablate.summary import over_seeds
+
+    points = over_seeds([{**row, "accuracy": float(row["accuracy"])} for row in rows])
+    panels = sorted({row.get("seq_len") for row in points}, key=str)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         series: dict[str, list[Row]] = {}
-        for row in rows:
+        for row in points:
             if row.get("seq_len") == panel:
                 name = f"SWA:GDN {row['ratio']}" if row.get("ratio") is not None else str(row.get("recipe"))
                 series.setdefault(name, []).append(row)
         for (name, mine), marker in zip(series.items(), itertools.cycle("osD^vP*X")):
-            ax.scatter([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine], marker=marker, label=name, s=36)
+            seeds = max(r["seeds"] for r in mine)
+            ax.errorbar([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine],
+                        yerr=[r["accuracy_std"] for r in mine], fmt=marker, capsize=3, markersize=6,
+                        label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
             for r in mine:
-                window = r.get("swa_window", r.get("window"))
-                if window is not None:
-                    ax.annotate(f"w={window}", (r["state_bytes"], r["accuracy"]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7)
+                window, width = r.get("swa_window", r.get("window")), r.get("d_model")
+                text = " ".join(t for t in (window is not None and f"w={window}", width and f"d={width}") if t)
+                if text:
+                    ax.annotate(text, (r["state_bytes"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+        mine = [r for r in points if r.get("seq_len") == panel]
+        draw_chance(ax, [r for r in rows if r.get("seq_len") == panel],
+                    [r["accuracy"] + r["accuracy_std"] for r in mine])
         ax.set_xscale("log")
-        ax.set_ylim(-0.02, 1.05)
-        ax.set_xlabel("state bytes at the sequence length" if panel is None else f"state bytes at seq_len {panel}")
+        ax.set_xlabel("decoder state (bytes, log scale)" + ("" if panel is None else f" at seq_len {panel}"))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("accuracy")
+        ax.legend(fontsize=8, title="recipe / ratio (seeds)")
+    axes[0][0].set_ylabel("accuracy (fraction of queries, mean ± std over seeds)")
+    fig.suptitle(figure_title(rows, "recall against memory (higher and further left is better)"), fontsize=10)
     save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- efficiency study
 
-_EFFICIENCY_SETTINGS = {"contexts", "repeats", "prefill_tokens", "threads", "scale"}
+class EfficiencySettings(StudySettings):
+    """The `efficiency` study's settings."""
+
+    contexts: list[int] = Field(default_factory=lambda: [1024, 4096, 16384], min_length=1,
+                                description="contexts (tokens) decode starts from")
+    repeats: int = Field(5, gt=0, description="decode steps timed; the median is reported")
+    prefill_tokens: int = Field(512, gt=0, description="tokens of the one timed prefill call")
+    threads: int | None = Field(None, gt=0, description="torch threads while measuring; default: the current ones")
+
+    @field_validator("contexts")
+    @classmethod
+    def _positive(cls, contexts: list[int]) -> list[int]:
+        if any(c < 1 for c in contexts):
+            raise ValueError(f"contexts must be positive, got {contexts}")
+        return contexts
+
+    def estimated_flops(self, spec: LayoutSpec) -> int:
+        """FLOPs of the timed calls: the prefill (plus its warm-up) and the decode steps at each context."""
+        prefill = 2 * parameter_count(spec) * (self.prefill_tokens + 8)
+        return prefill + sum(flops_per_token(spec, c) * (self.repeats + 1) for c in self.contexts)
 
 
-@register_study("efficiency")
+@register_study("efficiency", settings=EfficiencySettings)
 def efficiency(run: RunConfig, scratch: Path) -> list[Row]:
     """Per context: decode latency, prefill throughput, state bytes (measured and predicted),
     parameters and FLOPs per token of the run's Decoder (float32, batch 1, inference mode).
 
-    Settings: `contexts` (default [1024, 4096, 16384]), `repeats` (decode steps timed, the
-    median reported; default 5), `prefill_tokens` (one prefill call from an empty state;
-    default 512), `threads` (torch intra-op threads while measuring; default 1). Decode starts from a state filled with random values of the size
-    `context` tokens leave, not from a prefill (`state_fill="random"` in every row).
+    Settings: `EfficiencySettings`. Decode starts from a state filled with random values of
+    the size `context` tokens leave, not from a prefill (`state_fill="random"` in every row).
     """
-    unknown = sorted(run.settings.keys() - _EFFICIENCY_SETTINGS)
-    if unknown:
-        raise ValueError(f"efficiency: unknown settings {unknown}; known: {sorted(_EFFICIENCY_SETTINGS)}")
-    contexts = [int(c) for c in run.settings.get("contexts", [1024, 4096, 16384])]
-    repeats = int(run.settings.get("repeats", 5))
-    prefill_tokens = int(run.settings.get("prefill_tokens", 512))
+    settings = EfficiencySettings.model_validate(run.settings)
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(int(run.settings.get("threads", 1)))
+    torch.set_num_threads(settings.threads or threads_before)
     try:
-        return _efficiency(run, contexts, repeats, prefill_tokens)
+        return _efficiency(run, settings.contexts, settings.repeats, settings.prefill_tokens)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -293,5 +427,6 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
     return rows
 
 
-__all__ = ["PlotHook", "Row", "RunConfig", "Study", "build_spec", "frontier_plot", "get_plot", "get_study",
-           "list_plots", "list_studies", "register_plot", "register_study"]
+__all__ = ["Chance", "EfficiencySettings", "PlotHook", "Row", "RunConfig", "Study", "StudySettings", "build_spec",
+           "chance_level", "draw_chance", "figure_title", "frontier_plot", "get_plot", "get_study", "list_plots", "list_studies", "register_plot",
+           "register_study", "study_settings"]

@@ -9,6 +9,8 @@ another seed. Settings (unknown keys are an error):
     filler: 32             filler text tokens between the last image and the first query
     digits: 1              digits per image (answer tokens per query)
     image_size: 28         image side in pixels (28: one visual token per image)
+    digit_source: font     "font" (rendered glyphs) or "scans" (real handwritten digits, scikit-learn's
+                           load_digits; held-out examples use scans never trained on)
     steps: 60              training steps, multiplied by the experiment's `scale`
     lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
     warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
@@ -27,13 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study, save_figure
+from mixerzoo.ablate.studies import (
+    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, save_figure,
+)
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
@@ -44,19 +48,20 @@ TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches
 EVAL_BATCH = 64
 
 
-class VLMTaskSettings(BaseModel):
-    """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
+DIGIT_CHANCE = 0.1  # guessing one of ten digits
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class VLMTaskSettings(StudySettings):
+    """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
 
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
+    digit_source: Literal["font", "scans"] = "font"
     steps: int = Field(60, gt=0)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(128, gt=0)
-    scale: float = Field(1.0, gt=0)
 
 
 class VisualRecallSettings(VLMTaskSettings):
@@ -64,6 +69,11 @@ class VisualRecallSettings(VLMTaskSettings):
 
     n_images: int = Field(4, ge=1, le=16)
     filler: int = Field(32, ge=0)
+
+    def tokens_per_example(self, spec) -> int:
+        """Images (one visual token at 28 px, plus start / end tokens), filler, and a query of about 4 tokens per image."""
+        visual = (self.image_size // 28) ** 2 + 2
+        return self.n_images * (visual + 4 + self.digits) + self.filler
 
 
 def vlm_spec(run: RunConfig) -> VLMSpec:
@@ -79,7 +89,7 @@ def batch_sizes(total: int, size: int) -> list[int]:
 
 def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     """Accuracy against distance (tokens) per recipe (and per other varying run field) to PNG `path`,
-    with chance (0.1) and the SWA window marked; False if the rows lack those columns."""
+    with chance and the SWA window marked; False if the rows lack those columns."""
     if not rows or not all(isinstance(r.get("accuracy"), float) and isinstance(r.get("distance"), int) for r in rows):
         return False
     import matplotlib
@@ -97,49 +107,54 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     for label, mine in series.items():
         mine = sorted(mine, key=lambda r: r["distance"])
         ax.plot([r["distance"] for r in mine], [r["accuracy"] for r in mine], marker="o", label=label)
-    ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+    draw_chance(ax, rows, [r["accuracy"] for r in rows])
     for window in sorted({r["swa_window"] for r in rows if isinstance(r.get("swa_window"), int)}):
         ax.axvline(window, color="grey", linestyle="--", alpha=0.6)
-        ax.annotate(f"SWA window {window}", (window, 1.0), fontsize=7, ha="left", va="top")
+        ax.annotate(f"SWA window {window}", (window, ax.get_ylim()[1]), fontsize=7, ha="left", va="top")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.05)
-    ax.set_xlabel("distance from the queried image to the question (tokens)")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel("distance from the queried image to the question (tokens, log scale)")
+    ax.set_ylabel("accuracy (fraction of answer tokens)")
+    ax.set_title(figure_title(rows, "recall against distance"), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="recipe")
     save_figure(fig, path)
     return True
 
 
-def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int], dict[str, Any]]):
-    """Build the run's VLM, train it on make(batch_size, seed) batches for settings.steps x settings.scale
-    steps and score it on held-out batches; returns (model, fit's summary, accuracy, held-out batches)."""
+def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int, str], dict[str, Any]]):
+    """Build the run's VLM, train it on make(batch_size, seed, "train") batches for settings.steps x
+    settings.scale steps and score it on make(n, seed, "test") batches (other seeds; for scanned
+    digits, other scans); returns (model, fit's summary, accuracy, held-out batches)."""
     torch.manual_seed(run.seed)
     model = VLM(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step)), steps=steps,
-                  lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
-    held_out = [make(n, derive_seed(run.seed, EVAL, i)) for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
+    trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step), "train"),
+                  steps=steps, lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
+    held_out = [make(n, derive_seed(run.seed, EVAL, i), "test")
+                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
     return model, trained, answer_accuracy(model, held_out), held_out
 
 
-@register_study("visual-recall", plot=plot_accuracy_vs_distance)
+@register_study("visual-recall", settings=VisualRecallSettings, plot=plot_accuracy_vs_distance,
+                chance=lambda row: DIGIT_CHANCE)
 def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on visual recall per the run's settings; one row of accuracy, distance and cost."""
     settings = VisualRecallSettings.model_validate(run.settings)
     spec = vlm_spec(run)
     task = VisualRecallConfig(vocab_size=spec.decoder.vocab_size, n_images=settings.n_images, filler=settings.filler,
-                              digits=settings.digits, image_size=settings.image_size)
+                              digits=settings.digits, image_size=settings.image_size,
+                              digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
     model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings, lambda n, seed: make_visual_recall(task, n, seed, processor))
+        run, spec, settings,
+        lambda n, seed, split: make_visual_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
     steps = trained["steps"]
     distances = torch.cat([batch["distance"].flatten() for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(
         accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         distance=int(distances.min()), distance_max=int(distances.max()), tokens=tokens, n_images=task.n_images,
-        filler=task.filler, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
+        filler=task.filler, digit_source=task.digit_source, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
         parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
         threads=torch.get_num_threads(),
     )]

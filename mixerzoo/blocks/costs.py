@@ -7,6 +7,7 @@ from torch import nn
 
 from mixerzoo.blocks.decoder import Decoder
 from mixerzoo.blocks.spec import LayoutSpec
+from mixerzoo.mixers.base import check_count
 
 _COUNTER_BYTES = 8  # the model-level int64 count of tokens seen, per row
 
@@ -24,6 +25,8 @@ def parameter_count(spec: LayoutSpec) -> int:
 
 def state_nbytes(spec: LayoutSpec, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of the model-level state after `context` tokens per row, activations in `dtype`."""
+    check_count("context", context, minimum=0, owner="state_nbytes")
+    check_count("batch_size", batch_size, minimum=1, owner="state_nbytes")
     per_row = sum(layer.mixer.state_nbytes(context, 1, dtype=dtype) for layer in spec.layers) + _COUNTER_BYTES
     return batch_size * per_row
 
@@ -31,8 +34,20 @@ def state_nbytes(spec: LayoutSpec, context: int, *, batch_size: int = 1, dtype: 
 def flops_per_token(spec: LayoutSpec, context: int) -> int:
     """FLOPs of one decode step after `context` tokens: 2 per weight of every linear and conv
     (LM head included, embedding lookup free) plus each mixer's mixing with the past."""
+    check_count("context", context, minimum=0, owner="flops_per_token")
     model = meta_model(spec)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
     head = spec.vocab_size * spec.d_model if spec.tie_embeddings else 0  # the tied head is the embedding
     mixing = sum(layer.mixer.mixing_flops_per_token(context) for layer in spec.layers)
     return 2 * (weights + head) + mixing
+
+
+BYTE_UNITS = ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B"))
+FLOP_UNITS = ((1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "kFLOP"), (1, "FLOP"))
+
+
+def in_units(value: float, units: tuple[tuple[float, str], ...]) -> str:
+    """`value` in the largest of `units` (scale, name) it holds at least one of, to three
+    significant figures: in_units(42008, BYTE_UNITS) == '41 KiB'."""
+    scale, name = next(((scale, name) for scale, name in units if abs(value) >= scale), units[-1])
+    return f"{value / scale:.3g} {name}"

@@ -10,17 +10,16 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
+from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
-from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors
+from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors, check_count, check_input_dtype
 from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
-_EMBED_STD = 0.02  # token embedding init (GPT-2 / Qwen initializer_range)
 
 
 class SwiGLU(nn.Module):
@@ -135,7 +134,7 @@ class DecoderState:
     @classmethod
     def load(cls, path: str | os.PathLike, model: "Decoder", *, device: torch.device | str = "cpu") -> Self:
         """Read a state written by `save`; refuses a file saved for another spec."""
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device=str(device)) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _STATE_FORMAT:
                 raise ValueError(f"{path}: not a mixerzoo decoder state (format {metadata.get('format')!r})")
@@ -157,21 +156,54 @@ class Decoder(nn.Module):
 
     The same call prefills (any chunk length), decodes (T = 1) and streams; `valid`
     [B, T] marks real tokens, pads are no-ops. positions default to the valid tokens
-    seen per row and are passed to every mixer ([3, B, T] for M-RoPE).
+    seen per row and are passed to every mixer. A model with M-RoPE layers takes [S, B, T]
+    positions (S sections); [B, T] ones (or the default) are text positions, the same in
+    every section, as Qwen2.5-VL gives text.
     """
 
     def __init__(self, spec: LayoutSpec):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
-        nn.init.normal_(self.embed.weight, std=_EMBED_STD)  # N(0, 1) would make tied logits ~sqrt(d) too large
         self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        sections = [len(getattr(getattr(layer.mixer, "rope", None), "sections", None) or ()) for layer in spec.layers]
+        self.rope_streams = max(sections, default=0)  # S of M-RoPE positions [S, B, T]; 0 without M-RoPE
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation, scaled by shapes so it trains at every width and depth: every Linear
+        keeps PyTorch's fan-in default (U(+-1/sqrt(fan_in)): std 0.072 at width 64, 0.013 at 2048, where
+        GPT-2 / Qwen's constant 0.02 was tuned); the projections that write into the residual stream
+        (each mixer's `residual_projection`, each MLP's down_proj) are further divided by sqrt(R), R the
+        number of residual branches, so the stream's scale does not grow with depth; token embeddings
+        are N(0, 1), unit-RMS codes that the sublayers do not swamp and Adam does not scramble, or, when
+        the head is tied to them, N(0, 1/sqrt(d_model)) so the first logits have unit scale (0.022 at
+        width 2048: Qwen's 0.02). Mixer-specific parameters (decay rates, step sizes, convolutions,
+        norms) keep their own initialisation."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        outputs = [getattr(block.mixer, block.mixer.residual_projection, None) for block in self.layers]
+        outputs += [block.mlp.down_proj for block in self.layers if hasattr(block, "mlp")]
+        for projection in outputs:  # one residual branch each
+            if isinstance(projection, nn.Linear):
+                projection.weight /= len(outputs) ** 0.5
+        nn.init.normal_(self.embed.weight, std=self.spec.d_model ** -0.5 if self.spec.tie_embeddings else 1.0)
+
+    def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions [B, T] as this model's mixers take them: [S, B, T] (the same in every
+        section) for M-RoPE, else unchanged; [S, B, T] positions pass through."""
+        if self.rope_streams and positions.dim() == 2:
+            return positions.expand(self.rope_streams, *positions.shape)
+        return positions
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> DecoderState:
         """The state before any token."""
+        check_count("batch_size", batch_size, minimum=1, owner="Decoder.init_state")
         device = self.embed.weight.device if device is None else device
         dtype = self.embed.weight.dtype if dtype is None else dtype
         layers = [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.layers]
@@ -206,10 +238,14 @@ class Decoder(nn.Module):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"Decoder: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"Decoder: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.spec.vocab_size):
                 raise ValueError(f"Decoder: token ids must be in [0, {self.spec.vocab_size}), got "
                                  f"{int(input_ids.min())}..{int(input_ids.max())}")
             embeds = self.embed(input_ids)
+        else:
+            check_input_dtype(self, embeds, "Decoder: embeds")
         if documents is not None:
             return self._forward_packed(embeds, documents, positions, valid, state)
         batch, length = embeds.shape[:2]
@@ -222,6 +258,7 @@ class Decoder(nn.Module):
                              f"{len(state.layers)} layers (the model has {len(self.layers)})")
         if positions is None:
             positions = state.seen[:, None] + valid.cumsum(1) - 1
+        positions = self.text_positions(positions)
         x, new_layers = embeds, []
         for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
             try:
@@ -240,7 +277,7 @@ class Decoder(nn.Module):
             raise ValueError(f"Decoder: documents has shape {list(documents.shape)}, the input {list(embeds.shape[:2])}")
         if valid is not None and not torch.equal(valid, packing.tokens):
             raise ValueError("Decoder: valid must equal documents >= 0 when documents are given")
-        positions = packing.positions if positions is None else positions
+        positions = self.text_positions(packing.positions if positions is None else positions)
         x = embeds
         for i, block in enumerate(self.layers):
             try:

@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import torch
 
 from mixerzoo.blocks.decoder import Decoder, DecoderState
+from mixerzoo.mixers.base import check_count
 
 STOPPED = -1  # token id reported for rows that have already stopped
 
@@ -86,6 +87,7 @@ def stream(
 
     sampling: stop_tokens, temperature, top_k, top_p, generator.
     """
+    check_count("max_new_tokens", max_new_tokens, minimum=1, owner="generate")
     logits, state = prefill(model, input_ids, state, valid=valid, chunk_size=chunk_size)
     yield from continue_stream(model, logits, state, max_new_tokens=max_new_tokens, **sampling)
 
@@ -110,6 +112,7 @@ def continue_stream(
     Decoder or a VLM. A row stops after emitting one of `stop_tokens`; its later steps are
     pads (no-ops on its state). Ends after max_new_tokens steps or when every row has stopped.
     """
+    check_count("max_new_tokens", max_new_tokens, minimum=1, owner="generate")
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
     running = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     for _ in range(max_new_tokens):
@@ -124,7 +127,4 @@ def continue_stream(
 
 def generate(model: Decoder, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """All tokens of `stream` (same arguments) as [B, steps], STOPPED after a row's stop token."""
-    tokens = list(stream(model, input_ids, **kwargs))
-    if not tokens:
-        return torch.empty(input_ids.shape[0], 0, dtype=torch.long, device=input_ids.device)
-    return torch.stack(tokens, dim=1)
+    return torch.stack(list(stream(model, input_ids, **kwargs)), dim=1)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
+from mixerzoo.errors import close_matches, describe_validation_error
 from mixerzoo.mixers import MixerConfig, RopeConfig, mixer_class, mixer_config
 
 
@@ -72,13 +73,11 @@ def _ratio_letters(ratio: dict[str, int], n_layers: int) -> str:
     return "".join(slot or majority for slot in letters)
 
 
+_SHORTHAND = ("n_layers", "pattern", "ratio", "legend", "mlp", "rope", "overrides")  # expanded into `layers`
+
+
 def _where(index: int, letter: str | None) -> str:
     return f"layer {index}" + (f" (pattern letter {letter!r})" if letter else "")
-
-
-def _describe(error: ValidationError) -> str:
-    """Pydantic errors as 'field.path: message; ...' on one line."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
 
 
 class LayoutSpec(BaseModel):
@@ -99,7 +98,14 @@ class LayoutSpec(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        shorthand = {key: data.pop(key) for key in ("n_layers", "pattern", "ratio", "legend", "mlp", "rope", "overrides") if key in data}
+        known = set(cls.model_fields) | set(_SHORTHAND)
+        for key in data:
+            if key not in known:
+                raise ValueError(f"unknown key {key!r}{close_matches(str(key), known)}; a spec has {sorted(known)}")
+        n_layers = data.get("n_layers")
+        if n_layers is not None and (not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1):
+            raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+        shorthand = {key: data.pop(key) for key in _SHORTHAND if key in data}
         if "layers" in data:
             if {"pattern", "ratio", "legend"} & shorthand.keys():
                 raise ValueError("give either layers or pattern/ratio + legend, not both")
@@ -123,7 +129,7 @@ class LayoutSpec(BaseModel):
                     mixer.setdefault("rope", shorthand["rope"])
                 layers.append(LayerSpec.model_validate({**raw, "mixer": mixer}))
             except ValidationError as error:
-                raise ValueError(f"{_where(i, letter)}: {_describe(error)}") from None
+                raise ValueError(f"{_where(i, letter)}: {describe_validation_error(error)}") from None
             except (KeyError, ValueError) as error:
                 raise ValueError(f"{_where(i, letter)}: {error}") from None
         data["layers"] = layers

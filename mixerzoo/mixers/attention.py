@@ -183,13 +183,10 @@ class Attention(Mixer):
         return y * valid[..., None], state
 
     def _positions(self, positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
-        """Rotary positions: given ones checked for shape, else the token numbers. M-RoPE given
-        [B, T] (text, as a Decoder's default positions) puts every stream at that position."""
+        """Rotary positions: given ones checked for shape, else the token numbers."""
         streams = len(self.config.rope.sections or ())
         if positions is None:
-            positions = index
-        if streams and positions.shape == index.shape:
-            return positions.expand(streams, *index.shape)
+            return index.expand(streams, *index.shape) if streams else index
         want = (streams, *index.shape) if streams else tuple(index.shape)
         if tuple(positions.shape) != want:
             raise ValueError(f"Attention: positions must have shape {list(want)}, got {list(positions.shape)}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
+import operator
 import os
 import tempfile
 from pathlib import Path
@@ -19,11 +21,11 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
 
+from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import Backend
 
@@ -43,6 +45,12 @@ class MixerConfig(BaseModel):
     d_model: int = Field(gt=0, description="width of the residual stream")
     backend: Backend = Field("auto", description="op backend; never changes parameters or state layout")
 
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "state_nbytes" in cls.__dict__:
+            cls.state_nbytes = _checking_counts(cls.__dict__["state_nbytes"])
+
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the state after `n_tokens` tokens per row, for activations in `dtype`."""
         raise NotImplementedError
@@ -54,6 +62,35 @@ class MixerConfig(BaseModel):
     def identity(self) -> dict:
         """The fields a saved state must agree on (everything but the backend)."""
         return self.model_dump(mode="json", exclude={"backend"})
+
+
+def check_count(name: str, value: int, *, minimum: int, owner: str) -> None:
+    """Raise a ValueError naming `owner` and `name` unless `value` is an integer >= `minimum`."""
+    try:
+        ok = not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _checking_counts(method):
+    """Wrap state_nbytes(n_tokens, batch_size, ...) / init_state(batch_size, ...) so that a
+    negative token count or a batch below 1 is an error, in every subclass."""
+    takes_tokens = method.__name__ == "state_nbytes"
+
+    @functools.wraps(method)
+    def checked(self, *args, **kwargs):
+        names = ("n_tokens", "batch_size") if takes_tokens else ("batch_size",)
+        given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+        owner = f"{type(self).__name__}.{method.__name__}"
+        if "n_tokens" in given:
+            check_count("n_tokens", given["n_tokens"], minimum=0, owner=owner)
+        if "batch_size" in given:
+            check_count("batch_size", given["batch_size"], minimum=1, owner=owner)
+        return method(self, *args, **kwargs)
+
+    return checked
 
 
 def recurrent_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,7 +204,7 @@ class MixerState:
     @classmethod
     def load(cls, path: str | os.PathLike, config: MixerConfig, *, device: torch.device | str = "cpu") -> Self:
         """Read a state written by `save`; refuses a file made for another config or state kind."""
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device=str(device)) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _STATE_FORMAT:
                 raise ValueError(f"{path}: not a mixerzoo state file (format {metadata.get('format')!r})")
@@ -191,6 +228,17 @@ def activation_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def check_input_dtype(module: nn.Module, x: torch.Tensor, owner: str) -> None:
+    """Raise a ValueError naming `owner` unless x is floating and, outside autocast, has the
+    dtype of the module's parameters."""
+    if not x.is_floating_point():
+        raise ValueError(f"{owner}: x must be a floating tensor, got {x.dtype}")
+    weight = next(module.parameters(), None)
+    if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{owner}: x is {x.dtype} but the parameters are {weight.dtype}; cast one to the "
+                         f"other (x.to({weight.dtype}) or module.to({x.dtype}))")
 
 
 @contextlib.contextmanager
@@ -234,6 +282,12 @@ class Mixer(nn.Module):
 
     config_class: ClassVar[type[MixerConfig]]
     state_class: ClassVar[type[MixerState]]
+    residual_projection: ClassVar[str] = "o_proj"  # the Linear whose output joins the residual stream
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "init_state" in cls.__dict__:
+            cls.init_state = _checking_counts(cls.__dict__["init_state"])
 
     def __init__(self, config: MixerConfig):
         super().__init__()
@@ -268,6 +322,7 @@ class Mixer(nn.Module):
             raise ValueError(f"{name}: x has d_model {width}, the config says {self.config.d_model}")
         if length < 1:
             raise ValueError(f"{name}: x must hold at least one token, got T = {length}")
+        check_input_dtype(self, x, name)
         if valid is None:
             valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
         elif valid.shape != (batch, length) or valid.dtype != torch.bool:

@@ -128,6 +128,7 @@ class Mamba2(Mixer):
 
     config_class = Mamba2Config
     state_class = Mamba2State
+    residual_projection = "out_proj"
 
     def __init__(self, config: Mamba2Config):
         super().__init__(config)

@@ -52,6 +52,11 @@ class MQARConfig(BaseModel):
         return self
 
 
+def chance_accuracy(vocab_size: int) -> float:
+    """Accuracy of guessing a value uniformly: 1 / the number of value tokens [V/2, V)."""
+    return 1 / (vocab_size - vocab_size // 2)
+
+
 def _distinct(n_rows: int, low: int, high: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """[n_rows, k] long: k distinct tokens from [low, high) per row, uniformly at random."""
     return torch.rand(n_rows, high - low, generator=generator).argsort(dim=1)[:, :k] + low
@@ -92,6 +97,7 @@ def train_mqar(
     weight_decay: float = 0.1,
     schedule: Literal["cosine", "constant"] = "cosine",
     grad_clip: float = 1.0,
+    warmup_steps: int = 0,
 ) -> dict:
     """Train `model` in place on fresh MQAR batches (data seeded by `seed`) with AdamW and full-sequence
     forwards `model(inputs)`; returns {"losses": per-step losses, "initial_loss", "final_loss" (mean of
@@ -104,7 +110,8 @@ def train_mqar(
         rows = slice(step * batch_size, (step + 1) * batch_size)
         return {"input_ids": inputs[rows], "labels": labels[rows]}
 
-    return fit(model, batch, steps=steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, schedule=schedule)
+    return fit(model, batch, steps=steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, schedule=schedule,
+               warmup_steps=warmup_steps)
 
 
 def evaluate_mqar(model: Decoder, config: MQARConfig, n_examples: int, seed: int, *, batch_size: int = 256) -> float:

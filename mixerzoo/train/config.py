@@ -131,9 +131,35 @@ class TrainConfig(_Strict):
             raise ValueError("long-sft packs sequences: set data.pack: true and data.max_length")
         return self
 
+    def checkpoint_sources(self) -> dict[str, Path]:
+        """The checkpoint file of each model source that reads one: role ("student", "teacher") -> path."""
+        sources = {"student": self.student, "teacher": self.teacher}
+        return {role: s.checkpoint for role, s in sources.items() if s is not None and s.checkpoint is not None}
+
     @property
     def train_groups(self) -> list[str]:
         """The parameter groups that train in this stage."""
         if self.train is not None:
             return self.train
         return ["lora"] if self.lora is not None else DEFAULT_TRAIN[self.stage]
+
+
+def check_checkpoints_exist(config: TrainConfig, config_dir: Path | None = None) -> None:
+    """Raise FileNotFoundError if a model source's checkpoint is missing, saying which command
+    writes it when a YAML in `config_dir` (the config's folder) trains into its folder."""
+    from mixerzoo.errors import read_yaml
+
+    for role, checkpoint in config.checkpoint_sources().items():
+        if checkpoint.is_file():
+            continue
+        hint = ""
+        for other in sorted(config_dir.glob("*.y*ml")) if config_dir is not None else []:
+            try:
+                data = read_yaml(other)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and Path(str(data.get("out_dir"))).resolve() == checkpoint.parent.resolve():
+                hint = f": run `mixerzoo {data.get('stage', 'sft')} {other}` first (it writes that file)"
+                break
+        raise FileNotFoundError(2, f"{role}.checkpoint does not exist{hint or ' (train or save that model first)'}",
+                                str(checkpoint))

@@ -13,17 +13,20 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from pydantic import ValidationError
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
+from mixerzoo.errors import describe, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
+from mixerzoo.optim import weight_decay_groups
 from mixerzoo.train import distributed
-from mixerzoo.train.config import TrainConfig
+from mixerzoo.train.config import TrainConfig, check_checkpoints_exist
 from mixerzoo.train.data import Dataset, build_dataset, collate
 from mixerzoo.train.models import build_model, decoder_of, save_model
 from mixerzoo.train.params import apply_freezing, apply_lora, fold_lora
@@ -84,8 +87,11 @@ def _save_checkpoint(out_dir: Path, step: int, module, optimizer, scheduler, con
 
 def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
     """Restore a checkpoint into the (wrapped) module, optimiser and scheduler; returns its step."""
-    saved = torch.load(path / "trainer.pt", weights_only=True)
-    if saved.get("format") != _CHECKPOINT_FORMAT:
+    try:
+        saved = torch.load(path / "trainer.pt", weights_only=True)
+    except Exception as error:  # a truncated or overwritten file fails in pickle, zipfile or torch alike
+        raise _DamagedCheckpoint(f"trainer.pt is unreadable ({type(error).__name__}: {describe(error)})") from error
+    if not isinstance(saved, dict) or saved.get("format") != _CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a mixerzoo training checkpoint")
     differs = sorted(k for k in _RESUME_MUST_MATCH if saved["config"].get(k) != config.model_dump(mode="json").get(k))
     if differs:
@@ -96,6 +102,22 @@ def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConf
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
     return saved["step"]
+
+
+def _resume(out_dir: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
+    """Restore the newest readable checkpoint in out_dir and return its step (0 without one).
+    A damaged checkpoint (unreadable trainer.pt) is skipped with a warning naming it and why,
+    and the next older one is tried; a checkpoint of another config is an error."""
+    for path in reversed(_checkpoints(out_dir)):
+        try:
+            return _load_checkpoint(path, module, optimizer, scheduler, config)
+        except _DamagedCheckpoint as error:
+            warnings.warn(f"skipped checkpoint {path}: {error}; trying an older one", stacklevel=2)
+    return 0
+
+
+class _DamagedCheckpoint(Exception):
+    """A checkpoint whose trainer.pt cannot be read."""
 
 
 def global_batch_size(config: TrainConfig, world: distributed.World) -> int:
@@ -147,14 +169,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     loss_module = StageLoss(config, student, teacher)
     module = distributed.wrap(loss_module, world, shard_units=list(decoder_of(student).layers))
     trained_parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained_parameters, lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(module, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=config.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
-    start = 0
-    checkpoints = _checkpoints(out_dir)
-    if checkpoints:
-        start = _load_checkpoint(checkpoints[-1], module, optimizer, scheduler, config)
+    start = _resume(out_dir, module, optimizer, scheduler, config)
     metrics_path = out_dir / "metrics.jsonl"
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +217,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
                 row = {"step": step + 1, "loss": loss, **{f"loss_{k}": global_sums[k] / max(counts[k], 1) for k in weights},
                        "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                       "elapsed_s": time.perf_counter() - began}
+                       "elapsed_s": time.perf_counter() - began, "threads": torch.get_num_threads()}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
@@ -208,7 +227,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
     _save_final_model(student, module, config, world)
     distributed.close_world(world)
     return {"losses": losses, "rank": world.rank, "start_step": start, "steps": config.steps, "trainable": trainable,
-            "out_dir": str(out_dir), "seconds": time.perf_counter() - began}
+            "out_dir": str(out_dir), "seconds": time.perf_counter() - began, "threads": torch.get_num_threads(),
+            "final_loss": losses[-1] if losses else _last_logged_loss(metrics_path)}
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    """The loss of the last row of a metrics.jsonl file (None without one)."""
+    rows = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(rows):
+        try:
+            return float(json.loads(line)["loss"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 def _save_final_model(student, module, config: TrainConfig, world: distributed.World) -> None:
@@ -227,13 +258,21 @@ def _save_final_model(student, module, config: TrainConfig, world: distributed.W
 
 def run_stage(stage: str, config: TrainConfig | dict | str | os.PathLike) -> dict[str, Any]:
     """Train `stage` from a TrainConfig, a dict or a YAML path (whose `stage`, if given, must match)."""
+    path = None
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
-            config = yaml.safe_load(f)
+        path, config = Path(config), read_yaml(config)
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: a TrainConfig YAML must be a mapping, got {type(config).__name__}")
     if isinstance(config, dict):
-        config = TrainConfig.model_validate({"stage": stage, **config})
+        try:
+            config = TrainConfig.model_validate({"stage": stage, **config})
+        except ValidationError as error:
+            if path is None:
+                raise
+            raise ValueError(f"{path}: {describe(error)}") from None
     if config.stage != stage:
         raise ValueError(f"the config is for stage {config.stage!r}, not {stage!r}")
+    check_checkpoints_exist(config, path.parent if path is not None else None)
     return train(config)
 
 

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from mixerzoo.blocks import Decoder, LayoutSpec
+from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers.base import atomic_save_safetensors
 from mixerzoo.registry import recipe
 from mixerzoo.train.config import ModelSource
@@ -33,13 +33,13 @@ def save_model(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu") -> nn.Module:
     """The Decoder or VLM written by `save_model` (or `save_vlm`)."""
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+    with open_safetensors(path, device="cpu") as f:
         metadata = f.metadata() or {}
     if metadata.get("format") == "mixerzoo.vlm/1":
         return load_vlm(path, device=device)
     if metadata.get("format") != _DECODER_FORMAT:
         raise ValueError(f"{path}: not a mixerzoo model file (format {metadata.get('format')!r})")
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+    with open_safetensors(path, device=str(device)) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     with torch.device("meta"):
         model = Decoder(LayoutSpec.from_json(metadata["spec"]))

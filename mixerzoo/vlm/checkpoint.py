@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from mixerzoo.blocks import LayoutSpec
+from mixerzoo.errors import open_safetensors
 
 # HF names (transformers 4.x on-disk and 5.x in-memory layouts) -> ours, first match wins.
 _RENAMES = [
@@ -43,7 +43,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        tensors.update(load_file(path / shard))
+        with open_safetensors(path / shard) as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
     return config, tensors
 
 

@@ -16,11 +16,11 @@ from typing import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
-from safetensors import safe_open
 from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
+from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers.base import atomic_save_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
@@ -96,7 +96,7 @@ class VLMState:
     @classmethod
     def load(cls, path: str | os.PathLike, model: "VLM", *, device: torch.device | str = "cpu") -> Self:
         """Read a state written by `save`; refuses a file saved for another spec."""
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device=str(device)) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _STATE_FORMAT:
                 raise ValueError(f"{path}: not a mixerzoo VLM state (format {metadata.get('format')!r})")
@@ -239,7 +239,7 @@ def save_vlm(model: VLM, path: str | os.PathLike) -> None:
 
 def load_vlm(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> VLM:
     """A VLM saved with `save_vlm`."""
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+    with open_safetensors(path, device=str(device)) as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != "mixerzoo.vlm/1":
             raise ValueError(f"{path}: not a mixerzoo VLM file (format {metadata.get('format')!r})")

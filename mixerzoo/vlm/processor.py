@@ -2,13 +2,16 @@
 
 Matches Hugging Face's Qwen2.5-VL image processor (its PIL backend) bit for bit: bicubic
 resize of uint8 pixels to a `smart_resize` size, rescale by 1/255, CLIP normalisation,
-and the patch order the vision tower expects. Needs numpy and Pillow; PyAV for `read_video`.
+and the patch order the vision tower expects. Needs numpy and Pillow; PyAV for `VideoFrames` and `read_video`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -222,37 +225,62 @@ def process_video(
     return torch.from_numpy(rows), torch.tensor([grid], dtype=torch.long), second_per_grid_t
 
 
-def read_video(path: str, fps: float | None = None) -> tuple[np.ndarray, float]:
-    """Decode a video file's first video stream to (frames [T, H, W, 3] uint8 RGB, fps of those frames).
+class VideoFrames:
+    """A video file's frames (first video stream), decoded one at a time while iterating:
+    [H, W, 3] uint8 RGB arrays, never more than one held by the reader, so memory does not
+    grow with the video's length.
 
-    With `fps` None every frame is kept and the stream's average rate is returned. With
-    `fps` set, about `fps` frames per second are kept, spread evenly over the video (never
-    more than it has), and the effective rate n_kept / n_total * native_fps is returned:
-    pass it on to `process_video`. All decoded frames are held in memory.
+    With `fps` None every frame is kept and `fps` is the stream's average rate. With `fps`
+    set, frame i is kept when floor(i * fps / native_fps) moves on (the first frame always):
+    about `fps` frames per second, evenly spaced, never more than the video has; the
+    attribute `fps` is then min(fps, native_fps), the rate of the kept frames. `frames` is
+    the number of kept frames when the container reports a frame count, else None.
     """
-    try:
-        import av
-    except ImportError as err:
-        raise ImportError("read_video needs PyAV: pip install mixerzoo[video] (or pip install av)") from err
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps}")
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path}: no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
+
+    def __init__(self, path: str | os.PathLike, fps: float | None = None):
+        try:
+            import av
+        except ImportError as err:
+            raise ImportError("reading video files needs PyAV: pip install mixerzoo[video] (or pip install av)") from err
+        if fps is not None and not fps > 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(2, "no such video file", str(path))
+        try:
+            with av.open(str(self.path)) as container:
+                if not container.streams.video:
+                    raise ValueError(f"{path}: no video stream")
+                stream = container.streams.video[0]
+                rate, count = stream.average_rate or stream.guessed_rate, stream.frames
+        except av.error.FFmpegError as error:
+            raise ValueError(f"{path}: not a readable video file ({error})") from None
         if not rate:
             raise ValueError(f"{path}: the video stream reports no frame rate")
-        native_fps = float(rate)
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        self.native_fps = float(rate)
+        self._keep = None if fps is None or fps >= self.native_fps else Fraction(fps) / Fraction(rate)
+        self.fps = self.native_fps if self._keep is None else float(fps)
+        self.frames = (count if self._keep is None else math.ceil(count * self._keep)) if count else None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        import av
+
+        with av.open(str(self.path)) as container:
+            stream = container.streams.video[0]
+            for i, frame in enumerate(container.decode(stream)):
+                if self._keep is None or i == 0 or math.floor(i * self._keep) != math.floor((i - 1) * self._keep):
+                    yield frame.to_ndarray(format="rgb24")
+
+
+def read_video(path: str | os.PathLike, fps: float | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video file's frames (kept as `VideoFrames` keeps them) to (frames [T, H, W, 3]
+    uint8 RGB, fps of those frames): pass the fps on to `process_video`. All kept frames are
+    held in memory; iterate `VideoFrames(path, fps)` to stream a long video instead."""
+    video = VideoFrames(path, fps)
+    frames = list(video)
     if not frames:
         raise ValueError(f"{path}: no frames decoded")
-    if fps is None:
-        return np.stack(frames), native_fps
-    total = len(frames)
-    n = min(total, max(1, round(total * fps / native_fps)))
-    keep = np.linspace(0, total - 1, n).round().astype(np.int64)
-    return np.stack([frames[i] for i in keep]), n / total * native_fps
+    return np.stack(frames), video.fps
 
 
 def expand_vision_tokens(

@@ -38,11 +38,11 @@ class StreamSession:
     """A video stream held in one VLM state of batch 1.
 
     Each pushed frame becomes its own video block (resized to frame_size x frame_size,
-    so (frame_size / 28)^2 visual tokens) whose temporal M-RoPE positions continue from
-    the stream; `ask` answers on a fork and leaves the stream untouched.
+    so (frame_size / 28)^2 visual tokens: 64 at the default 224) whose temporal M-RoPE
+    positions continue from the stream; `ask` answers on a fork and leaves the stream untouched.
     """
 
-    def __init__(self, model: VLM, *, frame_size: int = 448, fps: float = 2.0):
+    def __init__(self, model: VLM, *, frame_size: int = 224, fps: float = 2.0):
         factor = model.spec.processor.patch_size * model.spec.processor.merge_size
         if frame_size % factor:
             raise ValueError(f"StreamSession: frame_size must be a multiple of {factor}, got {frame_size}")

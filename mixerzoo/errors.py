@@ -1,0 +1,77 @@
+"""Errors a user can act on: one-line descriptions, and readers of user files whose errors name the file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Pydantic errors as 'field.path: message; ...' on one line (a model-level error without its field)."""
+    parts = []
+    for e in error.errors():
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(str(p) for p in e['loc'])}: {message}" if e["loc"] else message)
+    return "; ".join(parts)
+
+
+def describe(error: BaseException) -> str:
+    """The error's message on one line: pydantic errors as 'field: message; ...', a KeyError
+    without its quotes, an OSError as 'file: reason', anything else with whitespace collapsed."""
+    if isinstance(error, ValidationError):
+        text = describe_validation_error(error)
+    elif isinstance(error, KeyError) and error.args:
+        text = str(error.args[0])
+    elif isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def read_yaml(path: str | os.PathLike, *, documents: bool = False) -> Any:
+    """The YAML file at `path` (yaml.safe_load), or the list of its documents with `documents`;
+    a missing file or a syntax error is a FileNotFoundError / ValueError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(2, "no such file" if not path.exists() else "not a file", str(path))
+    try:
+        text = path.read_text()
+        return list(yaml.safe_load_all(text)) if documents else yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {error.problem or error.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> Iterator[Any]:
+    """safetensors' safe_open (framework "pt") whose errors name the file: a missing file is a
+    FileNotFoundError, a damaged one a ValueError saying so."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(2, "no such file", os.fspath(path))
+    try:
+        handle = safe_open(os.fspath(path), framework="pt", device=str(device))
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file (damaged or truncated?): {error}") from None
+    with handle as f:
+        yield f
+
+
+def close_matches(word: str, known: list[str] | set[str]) -> str:
+    """' (did you mean 'x'?)' for the nearest known word, or '' when none is near."""
+    import difflib
+
+    near = difflib.get_close_matches(word, sorted(known), n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+__all__ = ["close_matches", "describe", "describe_validation_error", "open_safetensors", "read_yaml"]

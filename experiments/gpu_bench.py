@@ -323,9 +323,10 @@ def prefill_section(plan: Plan, results: Results) -> None:
 
 
 def ops_section(plan: Plan, results: Results) -> None:
-    """Forward time of the chunked recurrent ops at paper layer shapes (GDN: H = HV = 16, K = 128, V = 256;
-    Mamba2: H = 64, P = 64, N = 128, G = 1), per backend that can run here."""
-    legend = {layer.mixer.type: layer.mixer for layer in recipe("gdn", plan.size).layers + recipe("mamba2", plan.size).layers}
+    """Forward time of the chunked recurrent ops at the recipes' layer shapes (paper: GDN H = HV = 16,
+    K = 128, V = 256; Mamba2 H = 64, P = 64, N = 128, G = 1), per backend that can run here."""
+    layers = recipe("gdn", plan.size).layers + recipe("mamba2", plan.size).layers
+    legend = {layer.mixer.type: layer.mixer for layer in layers}
     gdn, mamba = legend["gated_deltanet"], legend["mamba2"]
     length, device, dtype = plan.op_length, plan.device, plan.dtype
     backends = ["torch"] + (["fla"] if device == "cuda" and module_available("fla") else [])
@@ -334,10 +335,10 @@ def ops_section(plan: Plan, results: Results) -> None:
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device)
 
-    h, k, v = gdn.n_heads, gdn.key_dim, gdn.value_dim
-    gdn_inputs = (F.normalize(randn(1, length, h, k), dim=-1).to(dtype), F.normalize(randn(1, length, h, k), dim=-1).to(dtype),
-                  randn(1, length, h, v).to(dtype), F.logsigmoid(randn(1, length, h)).to(dtype),
-                  torch.sigmoid(randn(1, length, h)).to(dtype))
+    h, hv, k, v = gdn.n_heads, gdn.value_heads, gdn.key_dim, gdn.value_dim
+    gdn_inputs = (F.normalize(randn(1, length, h, k), dim=-1).to(dtype),
+                  F.normalize(randn(1, length, h, k), dim=-1).to(dtype), randn(1, length, hv, v).to(dtype), F.logsigmoid(randn(1, length, hv)).to(dtype),
+                  torch.sigmoid(randn(1, length, hv)).to(dtype))
     hm, groups = mamba.n_heads, mamba.n_groups
     ssd_inputs = (randn(1, length, hm, mamba.head_dim).to(dtype), F.softplus(randn(1, length, hm) - 2),
                   -torch.rand(hm, generator=gen, device=device) * 4 - 0.5,
@@ -359,7 +360,8 @@ RUNNERS = {"graph": graph_section, "decode": decode_section, "stream": stream_se
 
 def describe(plan: Plan) -> str:
     """The plan, with the GPU run's paper-size parameter and state sizes (bf16) and what fits in 80 GB."""
-    lines = [f"plan: size={plan.size} device={plan.device} dtype={plan.dtype} contexts={[label(c) for c in plan.contexts]} "
+    lines = [f"plan: size={plan.size} device={plan.device} dtype={plan.dtype} "
+             f"contexts={[label(c) for c in plan.contexts]} "
              f"prefill={[label(n) for n in plan.prefill_lengths]} frames={plan.frame_sizes} x {plan.frames}",
              "GPU run, paper size, bf16 (weights + state at each decode context, GiB; an 80 GB H100 holds ~74 GiB):"]
     for name in ("infinitevl", "transformer", "mamba2-swa"):
@@ -386,7 +388,8 @@ def metadata(plan: Plan) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, print the plan and run the chosen sections."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("results/gpu_bench"), help="directory of bench.json / bench.md")
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_bench"),
+                        help="directory of bench.json / bench.md")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (automatic without CUDA)")
     args = parser.parse_args(argv)

@@ -206,7 +206,8 @@ def check_padding_invariance(config: MixerConfig, setting: Setting, data: st.Dat
             if n:
                 y_alone, alone_state = mixer(x[row : row + 1, valid[row]])
                 assert_close(y[row, valid[row]], y_alone[0], f"padding invariance: outputs of row {row}", setting.tol)
-            assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}", setting.tol)
+            assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}",
+                                setting.tol)
 
 
 def check_fork_independence(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
@@ -267,7 +268,8 @@ def check_gradients(config: MixerConfig, setting: Setting, data: st.DataObject) 
     """Invariant 7: gradients of inputs and parameters through a prefix state and a chunk."""
     mixer, reference, _, tokens = _draw_setup(config, setting, data)
     prefix, chunk = tokens(data.draw(_lengths(config), label="prefix")), tokens(data.draw(_lengths(config), label="chunk"))
-    weights = torch.randn(chunk.shape, dtype=setting.dtype, generator=torch.Generator().manual_seed(1)).to(setting.device)
+    weights = torch.randn(chunk.shape, dtype=setting.dtype, generator=torch.Generator().manual_seed(1))
+    weights = weights.to(setting.device)
     grads = []
     for module in (mixer, reference):
         inputs = [prefix.clone().requires_grad_(), chunk.clone().requires_grad_()]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, fused_linear
 from mixerzoo.ops import apply_rotary, attention, rotary_angles
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
@@ -214,9 +214,10 @@ class Attention(Mixer):
     def _forward(self, x, state, positions, valid):
         c = self.config
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, c.n_heads, c.dim)
-        k = self.k_proj(x).view(batch, length, c.kv_heads, c.dim)
-        v = self.v_proj(x).view(batch, length, c.kv_heads, c.dim)
+        q, k, v = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x).split(
+            [c.n_heads * c.dim, c.kv_heads * c.dim, c.kv_heads * c.dim], dim=-1
+        )
+        q, k, v = q.unflatten(-1, (c.n_heads, c.dim)), k.unflatten(-1, (c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row

@@ -58,20 +58,42 @@ def gated_delta_rule(
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, chunk_size)
 
-    q_, k_, v_, g_, beta_ = (t.to(dtype) for t in (q, k, v, g, beta))
+    q_, k_, v_, g_, beta_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, g, beta))
     if initial_state is None:
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
-        state = initial_state.to(dtype)
-    with without_autocast(q.device):
-        if chosen == "reference" or seq_len == 1:
-            o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
-            return o.to(v.dtype), state
+        state = initial_state if initial_state.dtype == dtype else initial_state.to(dtype)
+    if torch.is_autocast_enabled(q.device.type):
+        with without_autocast(q.device):
+            return _run(chosen, q_, k_, v_, g_, beta_, scale, state, chunk_size, v.dtype)
+    return _run(chosen, q_, k_, v_, g_, beta_, scale, state, chunk_size, v.dtype)
+
+
+def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
+    """The torch or reference computation on inputs of one float dtype; o in out_dtype."""
+    if chosen == "torch" and q.shape[1] == 1:
+        o, state = _step(q, k, v, g, beta, scale, state)
+    elif chosen == "reference" or q.shape[1] == 1:
+        o, state = _recurrent(q, k, v, g, beta, scale, state)
+    else:
 
         def span(q, k, v, g, beta, state):
             return _chunked(q, k, v, g, beta, scale, state, chunk_size)
 
-        return in_spans(span, (q_, k_, v_, g_, beta_), state, chunk_size, v.dtype)
+        return in_spans(span, (q, k, v, g, beta), state, chunk_size, out_dtype)
+    return (o if o.dtype == out_dtype else o.to(out_dtype)), state
+
+
+def _step(q, k, v, g, beta, scale, state):
+    """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V]."""
+    heads, value_heads = q.shape[2], v.shape[2]
+    if value_heads != heads:  # value head j reads q / k head j // (HV // H)
+        q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
+    q, k = q[:, 0, :, None, :], k[:, 0, :, None, :]  # [B, HV, 1, K]
+    state = state * g[:, 0, :, None, None].exp()
+    error = (v[:, 0] - (k @ state)[:, :, 0]) * beta[:, 0, :, None]  # [B, HV, V]
+    state = state + k.mT * error[:, :, None, :]  # rank-1 write
+    return ((q @ state) * scale).transpose(1, 2), state  # o [B, 1, HV, V]
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):

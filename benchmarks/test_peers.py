@@ -10,6 +10,7 @@ at the same context. A contender whose package is not installed is skipped with 
 
 from __future__ import annotations
 
+import os
 import platform
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 
 from benchmarks.cases import CONTEXT_GROUP, CONTEXTS, GROUPS, Group, peer_missing
 
+SCALE = os.environ.get("MIXERZOO_BENCH_SCALE", "full")  # "tiny": every case in seconds, to try the pipeline
 _SETUPS: dict[str, tuple[dict, object]] = {}
 
 
@@ -25,7 +27,7 @@ def _setup(group: Group):
     if group.name not in _SETUPS:
         _SETUPS.clear()
         torch.set_num_threads(1)
-        fns, check = group.setup("full")
+        fns, check = group.setup(SCALE)
         check()
         _SETUPS[group.name] = (fns, check)
     return _SETUPS[group.name][0]
@@ -44,8 +46,8 @@ def test_case(benchmark, group: Group, contender: str):
         pytest.skip(reason)
     fn = _setup(group)[contender]
     benchmark.group = group.name
-    benchmark.extra_info.update(contender=contender, torch=torch.__version__, machine=platform.machine(),
-                                threads=torch.get_num_threads())
+    benchmark.extra_info.update(contender=contender, scale=SCALE, torch=torch.__version__,
+                                machine=platform.machine(), threads=torch.get_num_threads())
     if group is CONTEXT_GROUP:
-        benchmark.extra_info["context"] = CONTEXTS["full"][contender.split(" @ ")[1]]
+        benchmark.extra_info["context"] = CONTEXTS[SCALE][contender.split(" @ ")[1]]
     benchmark.pedantic(fn, rounds=group.rounds, warmup_rounds=group.warmup, iterations=1)

@@ -102,32 +102,39 @@ class AttentionConfig(MixerConfig):
 _GROWTH, _MIN_CAPACITY = 1.5, 64
 
 
-def _append(cache: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-    """cache [B, Hkv, L, D] followed by block [B, Hkv, n, D] along dim 2, as the prefix view of a
-    buffer with spare capacity; `cache` itself is never changed.
+class _Buffer:
+    """Storage behind a full-attention cache: `tensor` [B, Hkv, capacity, D] and `claimed`, the
+    longest prefix any state has been handed (slots past it are free to write)."""
 
-    The block is written in place into slots L .. L + n - 1 of cache's buffer when the buffer has
-    room and no state has claimed those slots (the buffer records the longest prefix handed out,
-    so two states continuing from the same cache never write into each other's slots). Otherwise,
-    and whenever either tensor requires grad (autograd sees only out-of-place ops), both go into a
-    fresh buffer of 1.5x the length.
+    def __init__(self, tensor: torch.Tensor, claimed: int):
+        self.tensor, self.claimed = tensor, claimed
+
+
+def _append(cache: torch.Tensor, block: torch.Tensor, buffer: _Buffer | None) -> tuple[torch.Tensor, _Buffer]:
+    """cache [B, Hkv, L, D] followed by block [B, Hkv, n, D] along dim 2, as the prefix view of a
+    buffer with spare capacity, and that buffer; `cache` itself is never changed.
+
+    The block is written in place into slots L .. L + n - 1 of `buffer` (the one cache is a prefix
+    of) when it has room and no state has claimed those slots, so two states continuing from the
+    same cache never write into each other's slots. Otherwise, and whenever either tensor requires
+    grad (autograd sees only out-of-place ops), both go into a fresh buffer of 1.5x the length.
     """
     length, n = cache.shape[2], block.shape[2]
-    base = cache._base
     if (
-        base is not None
-        and getattr(base, "_claimed", None) == length
-        and base.shape[2] >= length + n
-        and cache.data_ptr() == base.data_ptr()
-        and cache.stride() == base.stride()
+        buffer is not None
+        and buffer.claimed == length
+        and buffer.tensor.shape[2] >= length + n
+        and cache.data_ptr() == buffer.tensor.data_ptr()
+        and cache.stride() == buffer.tensor.stride()
         and not (cache.requires_grad or block.requires_grad)
     ):
-        base[:, :, length : length + n] = block
+        buffer.tensor[:, :, length : length + n] = block
+        buffer.claimed = length + n
     else:
         spare = max(math.ceil(_GROWTH * (length + n)), _MIN_CAPACITY) - length - n
-        base = torch.cat([cache, block, cache.new_zeros(*cache.shape[:2], spare, cache.shape[3])], dim=2)
-    base._claimed = length + n
-    return base[:, :, : length + n]
+        tensor = torch.cat([cache, block, cache.new_zeros(*cache.shape[:2], spare, cache.shape[3])], dim=2)
+        buffer = _Buffer(tensor, length + n)
+    return buffer.tensor[:, :, : length + n], buffer
 
 
 @dataclasses.dataclass
@@ -136,18 +143,29 @@ class KVCache(MixerState):
 
     `k` and `v` are prefix views of buffers with spare capacity (see `_append`): a decode step
     writes one slot past the end instead of copying the cache. `nbytes`, `save` and every
-    comparison see the used length only; `reserved_nbytes` counts the buffers.
+    comparison see the used length only; `reserved_nbytes` counts the buffers. A state made
+    any other way (clone, select, concat, load, to) has no spare capacity until it grows.
     """
 
     k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D], L = max(seen)
     v: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D]
     seen: torch.Tensor  # [B] int64: valid tokens seen; row b's keys are k[b, :, :seen[b]], the rest zero
 
+    def append(self, block_k: torch.Tensor, block_v: torch.Tensor, seen: torch.Tensor) -> Self:
+        """This cache followed by block_k, block_v [B, Hkv, n, D], with token counts `seen`; self is unchanged."""
+        buffer_k, buffer_v = self.__dict__.get("_buffers", (None, None))
+        k, buffer_k = _append(self.k, block_k, buffer_k)
+        v, buffer_v = _append(self.v, block_v, buffer_v)
+        grown = dataclasses.replace(self, k=k, v=v, seen=seen)
+        grown.__dict__["_buffers"] = (buffer_k, buffer_v)
+        return grown
+
     @property
     def reserved_nbytes(self) -> int:
         """Bytes of the buffers behind k and v (used length plus spare capacity) and the counter."""
-        buffers = sum((t if t._base is None else t._base).nbytes for t in (self.k, self.v))
-        return buffers + self.seen.nbytes
+        buffers = self.__dict__.get("_buffers", (None, None))
+        held = sum((t if b is None else b.tensor).nbytes for t, b in zip((self.k, self.v), buffers))
+        return held + self.seen.nbytes
 
     def contiguous(self) -> Self:
         """The state as it is: prefix views of a buffer are the canonical layout (save writes them
@@ -295,7 +313,7 @@ class Attention(Mixer):
         if bool((slots >= 0).all()):  # appends only: a block past the end, written in place where free
             block_k, block_v = k.new_zeros(shape), v.new_zeros(shape)
             block_k[rows, :, slots], block_v[rows, :, slots] = k[rows, cols], v[rows, cols]
-            return dataclasses.replace(state, k=_append(state.k, block_k), v=_append(state.v, block_v), seen=seen)
+            return state.append(block_k, block_v, seen)
         # a shorter row writes below the end, inside the input state's view: copy first
         new_k = torch.cat([state.k, k.new_zeros(shape)], dim=2)
         new_v = torch.cat([state.v, v.new_zeros(shape)], dim=2)
@@ -304,8 +322,8 @@ class Attention(Mixer):
 
     def _decode_full(self, q, k, v, state):
         """One token per row, every row valid with the same history: append past the end, then attend."""
-        new_k, new_v = _append(state.k, k.transpose(1, 2)), _append(state.v, v.transpose(1, 2))
-        return _decode_attention(q, new_k, new_v), dataclasses.replace(state, k=new_k, v=new_v, seen=state.seen + 1)
+        state = state.append(k.transpose(1, 2), v.transpose(1, 2), state.seen + 1)
+        return _decode_attention(q, state.k, state.v), state
 
     def _decode_ring(self, q, k, v, state, valid):
         """One token per row: write it into its ring slot, then attend over the filled slots in place."""

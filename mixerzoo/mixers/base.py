@@ -209,7 +209,10 @@ def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim
 def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """`layers` (all with a bias, or none) applied to x [..., d_in] by one matmul over their
     concatenated weights (cached on `owner` under `name`, see `cached_cat`): [..., sum of d_out],
-    the layers' outputs side by side in order."""
+    the layers' outputs side by side in order. A layer that is not a plain nn.Linear (a LoRA wrapper,
+    a subclass) or that carries forward hooks is called as it is, and so are the others then."""
+    if any(type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
     weight = cached_cat(owner, f"{name}.weight", [layer.weight for layer in layers])
     has_bias = [layer.bias is not None for layer in layers]
     if any(has_bias) and not all(has_bias):

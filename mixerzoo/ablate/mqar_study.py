@@ -13,11 +13,12 @@ evaluates it on examples from a different seed. Settings (unknown keys are an er
     power_a: 0.01          query-placement power law
     scale: 1.0             set by the runner
 
-The vocabulary is the spec's (256 at tiny). Row columns: seq_len, n_pairs, swa_window
-(the largest sliding window in the spec, None without one), accuracy, chance (one over the
-number of value tokens), final_loss,
-initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens), parameters,
-train_seconds, threads.
+The vocabulary is the spec's (256 at tiny). The run's `n_layers` / `d_model` overrides give
+zoology's 2-layer models and width sweeps. Row columns: seq_len, n_pairs, swa_window (the
+largest sliding window in the spec, None without one), accuracy, within_window (fraction of
+the evaluation queries whose value lies inside that window: what a window alone can reach),
+final_loss, initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens),
+parameters, train_seconds, threads.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import Field
 from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
 from mixerzoo.registry import recipe
-from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, train_mqar
+from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, make_mqar, train_mqar, value_distances
 
 EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a training seed of another run
 
@@ -56,6 +57,17 @@ def swa_window(spec: LayoutSpec) -> int | None:
     return max(windows, default=None)
 
 
+def within_window(task: MQARConfig, spec: LayoutSpec, seed: int, n_examples: int) -> float | None:
+    """Fraction of the evaluation queries whose value token lies inside the spec's sliding window
+    (the best a model whose every layer is that window can recall without relaying through
+    layers); None without a window."""
+    window = swa_window(spec)
+    if window is None:
+        return None
+    inputs, labels = make_mqar(task, n_examples, seed)
+    return float((value_distances(inputs, labels) < window).double().mean())
+
+
 @register_study("mqar", settings=MQARSettings,
                 chance=lambda row: chance_accuracy(recipe(row["recipe"], row["size"]).vocab_size))
 def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
@@ -72,7 +84,7 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     accuracy = evaluate_mqar(model, task, settings.eval_examples, run.seed + EVAL_SEED_OFFSET)
     return [dict(
         seq_len=task.seq_len, n_pairs=task.n_pairs, swa_window=swa_window(spec), accuracy=accuracy,
-        chance=1 / (spec.vocab_size - spec.vocab_size // 2),
+        within_window=within_window(task, spec, run.seed + EVAL_SEED_OFFSET, settings.eval_examples),
         final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),
         train_seconds=trained["seconds"], threads=torch.get_num_threads(),

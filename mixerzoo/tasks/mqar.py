@@ -114,6 +114,14 @@ def train_mqar(
                warmup_steps=warmup_steps)
 
 
+def value_distances(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Tokens from each queried pair's value to its query, over MQAR examples inputs, labels [N, T]
+    -> [Q] long (Q query positions in all; the value's position is that of the label's token in the prefix)."""
+    rows, query_positions = (labels != IGNORE).nonzero(as_tuple=True)
+    value_positions = (inputs[rows] == labels[rows, query_positions][:, None]).long().argmax(dim=1)
+    return query_positions - value_positions
+
+
 def evaluate_mqar(model: Decoder, config: MQARConfig, n_examples: int, seed: int, *, batch_size: int = 256) -> float:
     """Fraction of query positions of `n_examples` fresh examples (seeded by `seed`) where argmax logits == label."""
     inputs, labels = make_mqar(config, n_examples, seed)

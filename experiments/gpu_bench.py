@@ -181,11 +181,11 @@ def claims(sections: dict) -> list[str]:
 
 
 def build_decoder(name: str, plan: Plan) -> Decoder:
-    """Recipe `name` at the plan's size, random weights, on the plan's device and dtype."""
+    """Recipe `name` at the plan's size, random weights, on the plan's device and dtype (built outside
+    inference mode: ordinary parameters, whose fused-projection caches persist across calls)."""
     torch.manual_seed(0)
-    with torch.device(plan.device):
-        model = Decoder(recipe(name, plan.size))
-    return model.to(plan.dtype).eval()
+    with torch.inference_mode(False), torch.device(plan.device):
+        return Decoder(recipe(name, plan.size)).to(plan.dtype).eval()
 
 
 def run_case(results: Results, section: str, plan: Plan, key: dict, case: Callable[[], dict]) -> None:
@@ -280,9 +280,8 @@ def square_frames(count: int, side: int) -> np.ndarray:
 def stream_section(plan: Plan, results: Results) -> None:
     """FPS of a StreamSession at each frame size, and of its CPU preprocessing alone."""
     torch.manual_seed(0)
-    with torch.device(plan.device):
-        model = VLM(vlm_recipe("infinitevl", plan.size))
-    model = model.to(plan.dtype).eval()
+    with torch.inference_mode(False), torch.device(plan.device):
+        model = VLM(vlm_recipe("infinitevl", plan.size)).to(plan.dtype).eval()
     for side in plan.frame_sizes:
         def case() -> dict:
             session = StreamSession(model, frame_size=side)

@@ -88,14 +88,17 @@ def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
 
 def _step(q, k, v, g, beta, scale, state):
     """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V]."""
-    heads, value_heads = q.shape[2], v.shape[2]
+    batch, _, heads, dim_k = q.shape
+    value_heads, dim_v = v.shape[2:]
     if value_heads != heads:  # value head j reads q / k head j // (HV // H)
         q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
-    q, k = q[:, 0, :, None, :], k[:, 0, :, None, :]  # [B, HV, 1, K]
-    state = state * g[:, 0, :, None, None].exp()
-    error = (v[:, 0] - (k @ state)[:, :, 0]) * beta[:, 0, :, None]  # [B, HV, V]
-    state = state + k.mT * error[:, :, None, :]  # rank-1 write
-    return ((q @ state) * scale).transpose(1, 2), state  # o [B, 1, HV, V]
+    rows = batch * value_heads
+    q, k = q.reshape(rows, 1, dim_k), k.reshape(rows, 1, dim_k)
+    state = state.reshape(rows, dim_k, dim_v) * g.reshape(rows, 1, 1).exp()
+    error = (v.reshape(rows, 1, dim_v) - torch.bmm(k, state)) * beta.reshape(rows, 1, 1)  # [B HV, 1, V]
+    state = torch.baddbmm(state, k.mT, error)  # rank-1 write
+    o = torch.bmm(q, state) * scale  # [B HV, 1, V]
+    return o.view(batch, 1, value_heads, dim_v), state.view(batch, value_heads, dim_k, dim_v)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):

@@ -25,11 +25,12 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from mixerzoo.blocks import Decoder, DecoderState, random_state
+from mixerzoo.blocks import Decoder, random_state
 from mixerzoo.blocks.spec import LayoutSpec
 from mixerzoo.ops import gated_delta_rule, ssd
 from mixerzoo.registry import recipe
 from mixerzoo.registry.recipes import layout
+from mixerzoo.testing import assert_rel_close
 
 MIXERZOO, TRANSFORMERS, FLA = "mixerzoo", "transformers", "fla naive"
 PEER_MODULES = {TRANSFORMERS: "transformers", FLA: "fla"}
@@ -57,20 +58,9 @@ class Group:
     warmup: int = 3
 
 
-def assert_agree(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = AGREEMENT) -> None:
-    """Same shape, all finite, max-abs error within tol of expected's max-abs."""
-    if actual.shape != expected.shape:
-        raise AssertionError(f"{what}: shape {list(actual.shape)} != {list(expected.shape)}")
-    if not (torch.isfinite(actual).all() and torch.isfinite(expected).all()):
-        raise AssertionError(f"{what}: non-finite values")
-    error = (actual.double() - expected.double()).abs().max().item()
-    size = expected.double().abs().max().item()
-    if error > tol * max(size, 1e-30):
-        raise AssertionError(f"{what}: max-abs error {error:.3e} > {tol:g} * max-abs {size:.3e}")
-
-
-def _available(contenders: tuple[str, ...]) -> list[str]:
-    return [c for c in contenders if peer_missing(c) is None]
+def assert_agree(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Same shape, all finite, max-abs error within AGREEMENT of expected's max-abs."""
+    assert_rel_close(actual, expected, AGREEMENT, what)
 
 
 # ---------------------------------------------------------------------------------------------

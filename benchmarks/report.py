@@ -2,7 +2,9 @@
 
     python benchmarks/report.py round1.json round2.json [--out results/bench/report.md]
 
-Peer table: per group, each contender's median ms (first round) and mixerzoo's time ratio to
+By default the tables use test_interleaved (contenders in turn, round after round; --separate for
+test_case's contender-at-a-time runs). Peer table: per group, each contender's median ms (first
+round; --stat min for the fastest call) and mixerzoo's time ratio to
 each peer in every round (< 1.00x: mixerzoo is faster). Decode-vs-context table: each recipe's
 median ms at the short and the long context, the long / short ratio, and infinitevl's speedup
 over the transformer at the long context, per round.
@@ -21,10 +23,15 @@ from benchmarks.cases import CONTEXT_GROUP, CONTEXTS, GROUPS, MIXERZOO, PEERS, R
 from mixerzoo.mixers.base import atomic_write_bytes  # noqa: E402
 
 
-def medians(path: Path) -> dict[tuple[str, str], float]:
-    """(group, contender) -> median seconds, from one pytest-benchmark JSON file."""
+def seconds(path: Path, stat: str = "median", interleaved: bool = True) -> dict[tuple[str, str], float]:
+    """(row, contender) -> seconds from one JSON file: the interleaved runs' median or min (default),
+    or with interleaved=False the separate runs' pytest-benchmark statistic `stat`."""
     data = json.loads(path.read_text())
-    return {(b["group"], b["extra_info"]["contender"]): b["stats"]["median"] for b in data["benchmarks"]}
+    if interleaved:
+        return {(b["extra_info"]["row"], c): s for b in data["benchmarks"] if "row" in b["extra_info"]
+                for c, s in b["extra_info"][stat].items()}
+    return {(b["group"], b["extra_info"]["contender"]): b["stats"][stat] for b in data["benchmarks"]
+            if "contender" in b["extra_info"]}
 
 
 def peer_table(rounds: list[dict[tuple[str, str], float]]) -> str:
@@ -67,9 +74,13 @@ def context_table(rounds: list[dict[tuple[str, str], float]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rounds", type=Path, nargs="+", help="pytest-benchmark JSON files, one per round")
+    parser.add_argument("--stat", default="median", choices=["median", "min"],
+                        help="which per-contender statistic the tables use (min: least touched by other jobs)")
+    parser.add_argument("--separate", action="store_true",
+                        help="use test_case's contender-at-a-time runs instead of the interleaved ones")
     parser.add_argument("--out", type=Path, help="also write the tables to this markdown file")
     args = parser.parse_args()
-    rounds = [medians(path) for path in args.rounds]
+    rounds = [seconds(path, args.stat, interleaved=not args.separate) for path in args.rounds]
     text = f"{peer_table(rounds)}\n\n{context_table(rounds)}\n"
     print(text, end="")
     if args.out:

@@ -13,8 +13,8 @@ from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, wi
 _OP = "gated_delta_rule"
 # The transition form runs while its extra work K^2 (C + V) is at most this multiple of a chunk's
 # C K V. Measured on CPU (T = 2048, H = 4, C = 64, forward and forward+backward): the recurrent form
-# is as fast or faster from K = 16, V = 32 up to K = 128, V = 256 (0.7-0.9x), so only small key
-# heads (K <= 16 with V >= 64 at C = 64) keep the transition form.
+# was faster in 9 of 10 cases from K = 16, V = 32 to K = 128, V = 256 (0.65-0.9x), so only small
+# key heads (K <= 16 with V >= 64 at C = 64) keep the transition form.
 _TRANSITION_MAX = 0.5
 
 def gated_delta_rule(
@@ -88,14 +88,17 @@ def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
 
 def _step(q, k, v, g, beta, scale, state):
     """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V]."""
-    heads, value_heads = q.shape[2], v.shape[2]
+    batch, _, heads, dim_k = q.shape
+    value_heads, dim_v = v.shape[2:]
     if value_heads != heads:  # value head j reads q / k head j // (HV // H)
         q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
-    q, k = q[:, 0, :, None, :], k[:, 0, :, None, :]  # [B, HV, 1, K]
-    state = state * g[:, 0, :, None, None].exp()
-    error = (v[:, 0] - (k @ state)[:, :, 0]) * beta[:, 0, :, None]  # [B, HV, V]
-    state = state + k.mT * error[:, :, None, :]  # rank-1 write
-    return ((q @ state) * scale).transpose(1, 2), state  # o [B, 1, HV, V]
+    rows = batch * value_heads
+    q, k = q.reshape(rows, 1, dim_k), k.reshape(rows, 1, dim_k)
+    state = state.reshape(rows, dim_k, dim_v) * g.reshape(rows, 1, 1).exp()
+    error = (v.reshape(rows, 1, dim_v) - torch.bmm(k, state)) * beta.reshape(rows, 1, 1)  # [B HV, 1, V]
+    state = torch.baddbmm(state, k.mT, error)  # rank-1 write
+    o = torch.bmm(q, state) * scale  # [B HV, 1, V]
+    return o.view(batch, 1, value_heads, dim_v), state.view(batch, value_heads, dim_k, dim_v)
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):

@@ -4,7 +4,8 @@ One run trains a fresh model (seeded by the run's seed) on fresh MQAR batches an
 evaluates it on examples from a different seed. Settings (unknown keys are an error):
 
     seq_len, n_pairs       the MQAR shape (required)
-    vocab_size: null       the task's vocabulary (keys [1, V/2), values [V/2, V)); default the spec's
+    vocab_size: null       the task's vocabulary (keys [1, V/2), values [V/2, V)), which the model then
+                           has too (zoology's models are sized to the task); default the spec's
     steps: 300             training steps, multiplied by the experiment's `scale`
     lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
     warmup_steps: 0        linear warmup steps (capped below the step count)
@@ -76,8 +77,8 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""
     settings = MQARSettings.model_validate(run.settings)
     spec = build_spec(run)
-    if (settings.vocab_size or 0) > spec.vocab_size:
-        raise ValueError(f"mqar: vocab_size {settings.vocab_size} exceeds the model's vocabulary ({spec.vocab_size})")
+    if settings.vocab_size is not None:
+        spec = LayoutSpec.model_validate({**spec.model_dump(mode="json"), "vocab_size": settings.vocab_size})
     task = MQARConfig(vocab_size=settings.vocab_size or spec.vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs,
                       power_a=settings.power_a)
     torch.manual_seed(run.seed)

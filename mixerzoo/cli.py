@@ -168,8 +168,9 @@ def _stage_parameters(path: str, stage: str) -> int:
     return max(counts)
 
 
-def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None) -> None:
-    """Run (or with `dry` list) the experiments of an ablation YAML and print their tables."""
+def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None, jobs: int = 1) -> None:
+    """Run (or with `dry` list) the experiments of an ablation YAML and print their tables; `jobs` runs
+    at once, each in its own process with one thread."""
     from mixerzoo.ablate.runner import ablate as run_ablation, dry_run, expand, load_experiments
     from mixerzoo.ablate.studies import build_spec
 
@@ -179,8 +180,8 @@ def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | N
     if dry:
         print(dry_run(path, out, scale=scale), end="")
         return
-    print(f"{count} thread(s)", file=sys.stderr)
-    print(run_ablation(path, out, scale=scale), end="")
+    print(f"{count} thread(s)" if jobs == 1 else f"{jobs} jobs of 1 thread each", file=sys.stderr)
+    print(run_ablation(path, out, scale=scale, jobs=jobs), end="")
 
 
 def positive_int(text: str) -> int:
@@ -241,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "experiments in one file, separated by ---, run in order")
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=positive_float, help="override the experiment's scale")
+    ablate_parser.add_argument("--jobs", type=positive_int, default=1,
+                               help="runs at once, each a process with one thread (default 1; 2 on a 2-core machine)")
     ablate_parser.add_argument("--dry-run", action="store_true",
                                help="print the expanded runs, which are done, and the estimated cost; run nothing")
     for stage in STAGES:
@@ -262,7 +265,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command in STAGES:
         train_stage(args.command, args.config, args.threads)
     elif args.command == "ablate":
-        ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads)
+        ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads, args.jobs)
 
 
 def _is_user_error(error: BaseException | None) -> bool:

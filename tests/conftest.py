@@ -1,7 +1,8 @@
-"""Shared test setup: hypothesis profiles and float64 determinism."""
+"""Shared test setup: hypothesis profiles, float64 determinism, and the `cuda` marker's skip."""
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 # "ci": derandomized and bounded, so a red CI reproduces exactly; "dev": more examples.
@@ -27,3 +28,13 @@ import torch
 # The suite runs thousands of tiny ops; one intra-op thread avoids OpenMP spin contention
 # on small machines (a 2-thread pool made a 1.4 ms decode step take 30 ms under load).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason printed (-ra), where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device: marked `cuda` (run `pytest -m cuda` on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

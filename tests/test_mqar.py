@@ -139,3 +139,16 @@ def test_experiment_yaml_expands_to_valid_runs():
     for run in runs:
         settings = MQARSettings.model_validate(run.settings)
         MQARConfig(vocab_size=studies.build_spec(run).vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs)
+
+
+@given(configs(), st.integers(1, 4), st.integers(0, 2**40))
+def test_value_distances_point_at_each_querys_pair(config, n_examples, seed):
+    from mixerzoo.tasks.mqar import value_distances
+
+    inputs, labels = make_mqar(config, n_examples, seed)
+    distances = value_distances(inputs, labels)
+    rows, queries = (labels != -100).nonzero(as_tuple=True)
+    values = queries - distances
+    assert distances.shape == (n_examples * config.n_pairs,) and bool((distances > 0).all())
+    assert torch.equal(inputs[rows, values], labels[rows, queries])  # the value token of the queried pair
+    assert torch.equal(inputs[rows, values - 1], inputs[rows, queries])  # right after its key

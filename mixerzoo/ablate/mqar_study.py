@@ -5,16 +5,20 @@ evaluates it on examples from a different seed. Settings (unknown keys are an er
 
     seq_len, n_pairs       the MQAR shape (required)
     steps: 300             training steps, multiplied by the experiment's `scale`
-    lr: 3e-3               AdamW peak learning rate (cosine decay to 0)
+    lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
+    warmup_steps: 0        linear warmup steps (capped below the step count)
+    weight_decay: 0.1      on matrices only (mixerzoo.optim), as zoology
     batch_size: 32         training examples per step
     eval_examples: 512     held-out examples
     power_a: 0.01          query-placement power law
     scale: 1.0             set by the runner
 
-The vocabulary is the spec's (256 at tiny). Row columns: seq_len, n_pairs, swa_window
-(the largest sliding window in the spec, None without one), accuracy, final_loss,
-initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens), parameters,
-train_seconds, threads.
+The vocabulary is the spec's (256 at tiny). The run's `n_layers` / `d_model` overrides give
+zoology's 2-layer models and width sweeps. Row columns: seq_len, n_pairs, swa_window (the
+largest sliding window in the spec, None without one), accuracy, within_window (fraction of
+the evaluation queries whose value lies inside that window: what a window alone can reach),
+final_loss, initial_loss, steps, state_bytes (bfloat16 model state at seq_len tokens),
+parameters, train_seconds, threads.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pydantic import Field
 from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
 from mixerzoo.registry import recipe
-from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, train_mqar
+from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, make_mqar, train_mqar, value_distances
 
 EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a training seed of another run
 
@@ -40,6 +44,8 @@ class MQARSettings(StudySettings):
     n_pairs: int = Field(gt=0)
     steps: int = Field(300, gt=0)
     lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
     batch_size: int = Field(32, gt=0)
     eval_examples: int = Field(512, gt=0)
     power_a: float = Field(0.01, gt=0, le=1)
@@ -49,6 +55,17 @@ def swa_window(spec: LayoutSpec) -> int | None:
     """The largest sliding window among the spec's attention layers; None if it has none."""
     windows = [layer.mixer.window for layer in spec.layers if getattr(layer.mixer, "window", None) is not None]
     return max(windows, default=None)
+
+
+def within_window(task: MQARConfig, spec: LayoutSpec, seed: int, n_examples: int) -> float | None:
+    """Fraction of the evaluation queries whose value token lies inside the spec's sliding window
+    (the best a model whose every layer is that window can recall without relaying through
+    layers); None without a window."""
+    window = swa_window(spec)
+    if window is None:
+        return None
+    inputs, labels = make_mqar(task, n_examples, seed)
+    return float((value_distances(inputs, labels) < window).double().mean())
 
 
 @register_study("mqar", settings=MQARSettings,
@@ -62,10 +79,12 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     torch.manual_seed(run.seed)
     model = Decoder(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed)
+    trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed,
+                         weight_decay=settings.weight_decay, warmup_steps=min(settings.warmup_steps, steps - 1))
     accuracy = evaluate_mqar(model, task, settings.eval_examples, run.seed + EVAL_SEED_OFFSET)
     return [dict(
         seq_len=task.seq_len, n_pairs=task.n_pairs, swa_window=swa_window(spec), accuracy=accuracy,
+        within_window=within_window(task, spec, run.seed + EVAL_SEED_OFFSET, settings.eval_examples),
         final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),
         train_seconds=trained["seconds"], threads=torch.get_num_threads(),

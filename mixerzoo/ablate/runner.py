@@ -25,10 +25,12 @@ by `---` (`load_experiments`); `ablate` runs them in order.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import tempfile
 from pathlib import Path
@@ -39,14 +41,15 @@ from tqdm import tqdm
 from typing_extensions import Self
 
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, build_spec, figure_title, get_plot, get_study, list_plots, list_studies, save_figure,
+    Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, list_plots, list_studies, save_figure,
     study_settings,
 )
+from mixerzoo.ablate.summary import over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
 from mixerzoo.errors import describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
-_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "settings")
+_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "settings")
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -163,7 +166,7 @@ def expand(experiment: ExperimentConfig) -> list[RunConfig]:
 def run_row_fields(run: RunConfig) -> Row:
     """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
     row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "size": run.size, "seed": run.seed,
-                "window": run.window, "ratio": run.ratio}
+                "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers, "d_model": run.d_model}
     for key, value in sorted(run.settings.items()):
         row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)
     return row
@@ -298,7 +301,11 @@ def default_plot(rows: list[Row], path: Path) -> bool:
 def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
-    atomic_write_bytes(out_dir / "table.md", to_markdown(rows, title).encode())
+    summary = over_seeds(rows)
+    table = to_markdown(rows, title)
+    if any(row["seeds"] > 1 for row in summary):
+        table = to_markdown(with_spread(summary), f"{title}: mean ± std over seeds") + "\n" + table
+    atomic_write_bytes(out_dir / "table.md", table.encode())
     plot = get_plot(experiment.study, experiment.plot) or default_plot
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
     os.close(fd)
@@ -310,10 +317,31 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
         Path(tmp).unlink(missing_ok=True)
 
 
-def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True) -> Path:
+def _run_one(study: Study, run: RunConfig, out_dir: Path) -> list[Row]:
+    """One run's checked rows, computed in a scratch directory under `out_dir` that is deleted after."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+        try:
+            return _check_rows(run, study(run, Path(scratch)))
+        except Exception as error:
+            raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True,
+                   jobs: int = 1) -> Path:
     """Run every run of `experiment` that has no rows yet in `<out_root>/<name>/runs.jsonl`,
     appending each run's rows when it finishes, then regenerate results.csv, table.md and
-    plot.png from the current runs' rows. Returns the results directory."""
+    plot.png from the current runs' rows. Returns the results directory.
+
+    jobs > 1 runs that many runs at once, each in its own process with one torch thread (rows
+    are appended as runs finish; the tables keep the sweep's order)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = Path(out_root) / experiment.name
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl = out_dir / "runs.jsonl"
@@ -322,16 +350,23 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     study = get_study(experiment.study)
     pending = [run for run in runs if run.key() not in done]
     bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=experiment.name, unit="run", disable=not progress)
-    for run in pending:
-        bar.set_postfix_str(f"{run.recipe}/{run.size}")
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
-            try:
-                rows = _check_rows(run, study(run, Path(scratch)))
-            except Exception as error:
-                raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
+
+    def record(run: RunConfig, rows: list[Row]) -> None:
         fields = run_row_fields(run)
         _append_rows(jsonl, [{**fields, **row} for row in rows])
+        bar.set_postfix_str(f"{run.recipe}/{run.size}")
         bar.update()
+
+    if jobs == 1 or len(pending) < 2:
+        for run in pending:
+            record(run, _run_one(study, run, out_dir))
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), mp_context=context,
+                                                    initializer=_one_thread) as pool:
+            futures = {pool.submit(_run_one, study, run, out_dir): run for run in pending}
+            for future in concurrent.futures.as_completed(futures):
+                record(futures[future], future.result())
     bar.close()
     order = {run.key(): i for i, run in enumerate(runs)}
     rows = sorted((r for r in read_rows(jsonl) if r.get("run_key") in order), key=lambda r: order[r["run_key"]])
@@ -420,11 +455,13 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
 
 
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
-           progress: bool = True) -> str:
+           progress: bool = True, jobs: int = 1) -> str:
     """Run the experiments in YAML file `path` in order (all validated first; `scale` overrides
-    their scale if given) and return their markdown tables, separated by blank lines."""
+    their scale if given; `jobs` runs at once, see run_experiment) and return their markdown
+    tables, separated by blank lines."""
     experiments = load_experiments(path, scale=scale)
-    tables = [(run_experiment(e, Path(out_root), progress=progress) / "table.md").read_text() for e in experiments]
+    tables = [(run_experiment(e, Path(out_root), progress=progress, jobs=jobs) / "table.md").read_text()
+              for e in experiments]
     return "\n".join(tables)
 
 

@@ -57,10 +57,11 @@ def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     spec = vlm_spec(run)
     task = StreamRecallConfig(vocab_size=spec.decoder.vocab_size, gap_frames=settings.gap_frames,
                               n_keys=settings.n_keys, lead_frames=settings.lead_frames, digits=settings.digits,
-                              image_size=settings.image_size)
+                              image_size=settings.image_size, digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
     model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings, lambda n, seed: make_stream_recall(task, n, seed, processor))
+        run, spec, settings,
+        lambda n, seed, split: make_stream_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
     steps = trained["steps"]
     distances = torch.cat([batch["distance"] for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]

@@ -90,7 +90,8 @@ _SETTINGS: dict[str, type["StudySettings"]] = {}
 _CHANCE: dict[str, Chance] = {}
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
-_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study")
+_BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study",
+                    "mixerzoo.ablate.lm_study")
 
 
 class RunConfig(BaseModel):
@@ -105,6 +106,8 @@ class RunConfig(BaseModel):
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
     ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
                               description="'A:G' attention : Gated DeltaNet layer ratio, if set")
+    n_layers: int | None = Field(None, ge=1, description="depth: the recipe's layer list repeated or cut to this many")
+    d_model: int | None = Field(None, ge=1, description="width: head counts and MLP width scaled with it, head sizes kept")
     settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
 
     def key(self) -> str:
@@ -227,6 +230,10 @@ def get_plot(study: str, plot: str | None = None) -> PlotHook | None:
 def build_spec(run: RunConfig) -> LayoutSpec:
     """The spec of `run.recipe` at `run.size`, with the run's overrides applied.
 
+    `n_layers` repeats or cuts the recipe's layer list to that depth (infinitevl's SGGG at 2
+    layers is SG). `d_model` scales the width: every head count (n_heads, n_kv_heads) and the
+    MLP's hidden width by d_model / the recipe's, head sizes and state sizes per head kept (a
+    width that leaves a fractional head count is an error).
     `ratio` 'A:G' rebuilds the layer list with A attention layers per G Gated DeltaNet
     layers spread evenly over the same depth (the recipe's own attention and Gated
     DeltaNet layers are the templates; a recipe lacking one whose weight is positive is
@@ -235,6 +242,10 @@ def build_spec(run: RunConfig) -> LayoutSpec:
     a spec without sliding-window layers is unchanged).
     """
     spec = recipe(run.recipe, run.size)
+    if run.n_layers is not None:
+        spec = _with_depth(spec, run.n_layers)
+    if run.d_model is not None:
+        spec = _with_width(spec, run.d_model)
     if run.ratio is not None:
         spec = _with_ratio(spec, run.recipe, run.ratio)
     if run.window is not None:
@@ -244,6 +255,31 @@ def build_spec(run: RunConfig) -> LayoutSpec:
                 layer["mixer"]["window"] = run.window
         spec = LayoutSpec.model_validate(data)
     return spec
+
+
+def _with_depth(spec: LayoutSpec, n_layers: int) -> LayoutSpec:
+    data = spec.model_dump(mode="json")
+    data["layers"] = [data["layers"][i % spec.n_layers] for i in range(n_layers)]
+    return LayoutSpec.model_validate(data)
+
+
+def _with_width(spec: LayoutSpec, d_model: int) -> LayoutSpec:
+    data = spec.model_dump(mode="json")
+
+    def scaled(what: str, value: int) -> int:
+        if (value * d_model) % spec.d_model:
+            raise ValueError(f"d_model {d_model}: {what} = {value} x {d_model} / {spec.d_model} is not a whole number")
+        return value * d_model // spec.d_model
+
+    data["d_model"] = d_model
+    for layer in data["layers"]:
+        layer["mixer"]["d_model"] = d_model
+        for field in ("n_heads", "n_kv_heads"):
+            if layer["mixer"].get(field) is not None:
+                layer["mixer"][field] = scaled(f"mixer.{field}", layer["mixer"][field])
+        if layer["mlp"].get("hidden") is not None:
+            layer["mlp"]["hidden"] = scaled("mlp.hidden", layer["mlp"]["hidden"])
+    return LayoutSpec.model_validate(data)
 
 
 def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
@@ -271,11 +307,12 @@ def _with_ratio(spec: LayoutSpec, name: str, ratio: str) -> LayoutSpec:
 
 @register_plot("frontier")
 def frontier_plot(rows: list[Row], path: Path) -> None:
-    """Zoology's recall-memory frontier to PNG `path`: accuracy against state bytes (log
-    scale), one marker series per SWA:GDN ratio (per recipe for runs without a ratio), each
-    point labelled by its sliding window (`swa_window` column, else the run's `window`);
-    one panel per `seq_len` when the rows hold several. Rows need numeric `state_bytes`
-    and `accuracy` columns (ValueError naming the first row without them)."""
+    """Zoology's recall-memory frontier to PNG `path`: accuracy (mean over seeds, ± std as error
+    bars) against state bytes (log scale), one marker series per SWA:GDN ratio (per recipe for
+    runs without a ratio), each point labelled by its sliding window (`swa_window` column, else
+    the run's `window`) and width (`d_model`, when set); one panel per `seq_len` when the rows
+    hold several; chance levels dotted (draw_chance). Rows need numeric
+    `state_bytes` and `accuracy` columns (ValueError naming the first row without them)."""
     for number, row in enumerate(rows, 1):
         if not all(isinstance(row.get(c), (int, float)) for c in ("state_bytes", "accuracy")):
             raise ValueError(f"frontier plot: row {number} (recipe {row.get('recipe')!r}) lacks a numeric "
@@ -285,28 +322,36 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({row.get("seq_len") for row in rows}, key=str)
+    from mixerzoo.ablate.summary import over_seeds
+
+    points = over_seeds([{**row, "accuracy": float(row["accuracy"])} for row in rows])
+    panels = sorted({row.get("seq_len") for row in points}, key=str)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         series: dict[str, list[Row]] = {}
-        for row in rows:
+        for row in points:
             if row.get("seq_len") == panel:
                 name = f"SWA:GDN {row['ratio']}" if row.get("ratio") is not None else str(row.get("recipe"))
                 series.setdefault(name, []).append(row)
         for (name, mine), marker in zip(series.items(), itertools.cycle("osD^vP*X")):
-            ax.scatter([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine], marker=marker, label=name, s=36)
+            seeds = max(r["seeds"] for r in mine)
+            ax.errorbar([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine],
+                        yerr=[r["accuracy_std"] for r in mine], fmt=marker, capsize=3, markersize=6,
+                        label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
             for r in mine:
-                window = r.get("swa_window", r.get("window"))
-                if window is not None:
-                    ax.annotate(f"w={window}", (r["state_bytes"], r["accuracy"]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7)
-        mine = [r for r in rows if r.get("seq_len") == panel]
-        draw_chance(ax, mine, [r["accuracy"] for r in mine])
+                window, width = r.get("swa_window", r.get("window")), r.get("d_model")
+                text = " ".join(t for t in (window is not None and f"w={window}", width and f"d={width}") if t)
+                if text:
+                    ax.annotate(text, (r["state_bytes"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7)
+        mine = [r for r in points if r.get("seq_len") == panel]
+        draw_chance(ax, [r for r in rows if r.get("seq_len") == panel],
+                    [r["accuracy"] + r["accuracy_std"] for r in mine])
         ax.set_xscale("log")
         ax.set_xlabel("decoder state (bytes, log scale)" + ("" if panel is None else f" at seq_len {panel}"))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, title="recipe / ratio")
-    axes[0][0].set_ylabel("accuracy (fraction of queries)")
+        ax.legend(fontsize=8, title="recipe / ratio (seeds)")
+    axes[0][0].set_ylabel("accuracy (fraction of queries, mean ± std over seeds)")
     fig.suptitle(figure_title(rows, "recall against memory (higher and further left is better)"), fontsize=10)
     save_figure(fig, path)
 

@@ -9,6 +9,8 @@ another seed. Settings (unknown keys are an error):
     filler: 32             filler text tokens between the last image and the first query
     digits: 1              digits per image (answer tokens per query)
     image_size: 28         image side in pixels (28: one visual token per image)
+    digit_source: font     "font" (rendered glyphs) or "scans" (real handwritten digits, scikit-learn's
+                           load_digits; held-out examples use scans never trained on)
     steps: 60              training steps, multiplied by the experiment's `scale`
     lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
     warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -54,6 +56,7 @@ class VLMTaskSettings(StudySettings):
 
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
+    digit_source: Literal["font", "scans"] = "font"
     steps: int = Field(60, gt=0)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
@@ -118,15 +121,17 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     return True
 
 
-def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int], dict[str, Any]]):
-    """Build the run's VLM, train it on make(batch_size, seed) batches for settings.steps x settings.scale
-    steps and score it on held-out batches; returns (model, fit's summary, accuracy, held-out batches)."""
+def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int, str], dict[str, Any]]):
+    """Build the run's VLM, train it on make(batch_size, seed, "train") batches for settings.steps x
+    settings.scale steps and score it on make(n, seed, "test") batches (other seeds; for scanned
+    digits, other scans); returns (model, fit's summary, accuracy, held-out batches)."""
     torch.manual_seed(run.seed)
     model = VLM(spec)
     steps = max(1, round(settings.steps * settings.scale))
-    trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step)), steps=steps,
-                  lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
-    held_out = [make(n, derive_seed(run.seed, EVAL, i)) for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
+    trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step), "train"),
+                  steps=steps, lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
+    held_out = [make(n, derive_seed(run.seed, EVAL, i), "test")
+                for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
     return model, trained, answer_accuracy(model, held_out), held_out
 
 
@@ -137,17 +142,19 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     settings = VisualRecallSettings.model_validate(run.settings)
     spec = vlm_spec(run)
     task = VisualRecallConfig(vocab_size=spec.decoder.vocab_size, n_images=settings.n_images, filler=settings.filler,
-                              digits=settings.digits, image_size=settings.image_size)
+                              digits=settings.digits, image_size=settings.image_size,
+                              digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
     model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings, lambda n, seed: make_visual_recall(task, n, seed, processor))
+        run, spec, settings,
+        lambda n, seed, split: make_visual_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
     steps = trained["steps"]
     distances = torch.cat([batch["distance"].flatten() for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
     return [dict(
         accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         distance=int(distances.min()), distance_max=int(distances.max()), tokens=tokens, n_images=task.n_images,
-        filler=task.filler, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
+        filler=task.filler, digit_source=task.digit_source, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
         parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
         threads=torch.get_num_threads(),
     )]

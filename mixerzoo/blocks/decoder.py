@@ -20,7 +20,6 @@ from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors, chec
 from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
-_EMBED_STD = 0.02  # token embedding init (GPT-2 / Qwen initializer_range)
 
 
 class SwiGLU(nn.Module):
@@ -166,13 +165,34 @@ class Decoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
-        nn.init.normal_(self.embed.weight, std=_EMBED_STD)  # N(0, 1) would make tied logits ~sqrt(d) too large
         self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         sections = [len(getattr(getattr(layer.mixer, "rope", None), "sections", None) or ()) for layer in spec.layers]
         self.rope_streams = max(sections, default=0)  # S of M-RoPE positions [S, B, T]; 0 without M-RoPE
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one initialisation, scaled by shapes so it trains at every width and depth: every Linear
+        keeps PyTorch's fan-in default (U(+-1/sqrt(fan_in)): std 0.072 at width 64, 0.013 at 2048, where
+        GPT-2 / Qwen's constant 0.02 was tuned); the projections that write into the residual stream
+        (each mixer's `residual_projection`, each MLP's down_proj) are further divided by sqrt(R), R the
+        number of residual branches, so the stream's scale does not grow with depth; token embeddings
+        are N(0, 1), unit-RMS codes that the sublayers do not swamp and Adam does not scramble, or, when
+        the head is tied to them, N(0, 1/sqrt(d_model)) so the first logits have unit scale (0.022 at
+        width 2048: Qwen's 0.02). Mixer-specific parameters (decay rates, step sizes, convolutions,
+        norms) keep their own initialisation."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+        outputs = [getattr(block.mixer, block.mixer.residual_projection, None) for block in self.layers]
+        outputs += [block.mlp.down_proj for block in self.layers if hasattr(block, "mlp")]
+        for projection in outputs:  # one residual branch each
+            if isinstance(projection, nn.Linear):
+                projection.weight /= len(outputs) ** 0.5
+        nn.init.normal_(self.embed.weight, std=self.spec.d_model ** -0.5 if self.spec.tie_embeddings else 1.0)
 
     def text_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """Positions [B, T] as this model's mixers take them: [S, B, T] (the same in every

@@ -171,10 +171,10 @@ class Attention(Mixer):
             angles = rotary_angles(self._positions(positions, index), c.dim, theta=c.rope.theta, sections=c.rope.sections)
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
 
-        uniform = bool(valid.all()) and bool((state.seen == state.seen[0]).all())
-        if c.backend != "reference" and length == 1 and c.window is not None:
+        decode = c.backend != "reference" and length == 1
+        if decode and c.window is not None:
             o, state = self._decode_ring(q, k, v, state, valid[:, 0])
-        elif c.backend != "reference" and length == 1 and uniform:
+        elif decode and bool(valid.all()) and bool((state.seen == state.seen[0]).all()):
             o, state = self._decode_full(q, k, v, state)
         else:
             o = self._attend_rowwise(q, k, v, state, valid)
@@ -247,12 +247,15 @@ class Attention(Mixer):
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=state.seen + 1)
 
     def _decode_ring(self, q, k, v, state, valid):
-        """One token per row: write it into its ring slot, then attend over the filled slots in place."""
+        """One token per row: write it into its ring slot (a pad row writes back the slot's own value),
+        then attend over the filled slots in place. No host sync, so a CUDA graph can capture it."""
         window = self.config.window
-        rows = valid.nonzero().squeeze(1)
-        slots = state.seen[rows] % window
+        rows = torch.arange(q.shape[0], device=q.device)
+        slots = state.seen % window  # [B]
+        keep = valid[:, None, None]
         new_k, new_v = state.k.clone(), state.v.clone()
-        new_k[rows, slots], new_v[rows, slots] = k[rows, 0], v[rows, 0]
+        new_k[rows, slots] = torch.where(keep, k[:, 0], state.k[rows, slots])
+        new_v[rows, slots] = torch.where(keep, v[:, 0], state.v[rows, slots])
         seen = state.seen + valid
         # Slot s holds a token of the window iff it has been written; a pad row sees its
         # (finite) slots and its output is zeroed by the caller.

@@ -282,6 +282,7 @@ class Mixer(nn.Module):
 
     config_class: ClassVar[type[MixerConfig]]
     state_class: ClassVar[type[MixerState]]
+    residual_projection: ClassVar[str] = "o_proj"  # the Linear whose output joins the residual stream
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

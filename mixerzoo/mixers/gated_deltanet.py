@@ -22,7 +22,7 @@ from typing_extensions import Self
 
 from mixerzoo.mixers.attention import Attention
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, recurrent_dtype, step_size_bias
-from mixerzoo.ops import causal_conv1d, gated_delta_rule
+from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, gated_delta_rule
 
 _L2_EPS = 1e-6  # as fla's l2norm
 
@@ -47,8 +47,8 @@ class GatedDeltaNetConfig(MixerConfig):
             raise ValueError(f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); set head_dim")
         if self.value_heads % self.n_heads:
             raise ValueError(f"n_v_heads ({self.value_heads}) must be a multiple of n_heads ({self.n_heads})")
-        if self.backend == "flash":
-            raise ValueError("backend 'flash' has no gated delta rule kernel; use 'auto', 'reference', 'torch' or 'fla'")
+        if self.backend in ATTENTION_ONLY_BACKENDS:
+            raise ValueError(f"backend {self.backend!r} has no gated delta rule kernel; use 'auto', 'reference', 'torch' or 'fla'")
         if not float(self.key_dim * self.expand_v).is_integer():
             raise ValueError(f"head_dim ({self.key_dim}) * expand_v ({self.expand_v}) must be an integer")
         return self

@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, recurrent_dtype, step_size_bias
-from mixerzoo.ops import causal_conv1d, ssd
+from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, ssd
 
 
 class Mamba2Config(MixerConfig):
@@ -60,8 +60,8 @@ class Mamba2Config(MixerConfig):
         low, high = self.A_init_range
         if not 0 < low <= high:
             raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {self.A_init_range}")
-        if self.backend == "flash":
-            raise ValueError("backend 'flash' has no SSD kernel; use 'auto', 'reference', 'torch' or 'fla'")
+        if self.backend in ATTENTION_ONLY_BACKENDS:
+            raise ValueError(f"backend {self.backend!r} has no SSD kernel; use 'auto', 'reference', 'torch' or 'fla'")
         if self.backend == "fla" and self.chunk_size & (self.chunk_size - 1):
             raise ValueError(f"backend 'fla' needs a power-of-two chunk_size, got {self.chunk_size}")
         return self
@@ -128,6 +128,7 @@ class Mamba2(Mixer):
 
     config_class = Mamba2Config
     state_class = Mamba2State
+    residual_projection = "out_proj"
 
     def __init__(self, config: Mamba2Config):
         super().__init__(config)

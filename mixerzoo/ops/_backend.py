@@ -8,8 +8,10 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "reference", "torch", "fla", "flash"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "fla", "flash")
+Backend = Literal["auto", "reference", "torch", "fla", "flash", "flex"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "fla", "flash", "flex")
+# Backends that only attention has: a recurrent mixer's config rejects them up front.
+ATTENTION_ONLY_BACKENDS: tuple[str, ...] = ("flash", "flex")
 
 # Python module each optional CUDA backend needs.
 _CUDA_BACKEND_MODULES = {"fla": "fla", "flash": "flash_attn"}

@@ -9,6 +9,8 @@ every query sees every key.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -39,7 +41,11 @@ def attention(
     if not causal and window is not None:
         raise ValueError("attention: a window needs causal=True")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = choose_backend("attention", backend, q, supported=("flash", "torch", "fla", "reference"))
+    name = choose_backend("attention", backend, q, supported=("flash", "torch", "flex", "fla", "reference"))
+    if name == "flash" and q.dtype not in (torch.float16, torch.bfloat16):
+        if backend != "auto":
+            raise ValueError(f"attention: backend 'flash' takes float16 or bfloat16, got {q.dtype}; use 'torch'")
+        name = "torch"
     if not causal:
         return _BIDIRECTIONAL[name](q, k, v, scale)
     return _BACKENDS[name](q, k, v, window, scale)
@@ -136,6 +142,44 @@ def _fla(q, k, v, window, scale):
     return parallel_attn(q, k, v, scale=scale, window_size=window)
 
 
+@cache
+def _compiled_flex_attention():
+    """flex_attention compiled once per process (its fused CUDA kernels exist only under torch.compile)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+@cache
+def _flex_mask(offset: int, window: int | None):
+    """The mask_mod of query i seeing keys offset + i - window < j <= offset + i, one function object per
+    (offset, window): compiled FlexAttention reuses its kernel for a mask_mod it has seen."""
+
+    def visible(batch, head, q_index, kv_index):
+        position = q_index + offset
+        allowed = kv_index <= position
+        return allowed if window is None else allowed & (kv_index > position - window)
+
+    return visible
+
+
+def _flex(q, k, v, window, scale, causal=True):
+    """PyTorch FlexAttention with a block mask of the causal key offset and window: compiled on CUDA,
+    eager (an unfused reference implementation, forward only) elsewhere."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    tq, tk = q.shape[1], k.shape[1]
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(_flex_mask(tk - tq, window), None, None, tq, tk, device=q.device)
+    run = _compiled_flex_attention() if q.is_cuda else flex_attention
+    out = run(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        block_mask=block_mask, scale=scale, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
 def _flash_bidirectional(q, k, v, scale):
     from flash_attn import flash_attn_func
 
@@ -146,10 +190,11 @@ def _fla_bidirectional(q, k, v, scale):
     raise ValueError("attention: backend 'fla' is causal only; use 'flash' or 'torch' for causal=False")
 
 
-_BACKENDS = {"reference": _reference, "torch": _torch, "flash": _flash, "fla": _fla}
+_BACKENDS = {"reference": _reference, "torch": _torch, "flash": _flash, "fla": _fla, "flex": _flex}
 _BIDIRECTIONAL = {
     "reference": lambda q, k, v, scale: _reference(q, k, v, None, scale, causal=False),
     "torch": _sdpa,
+    "flex": lambda q, k, v, scale: _flex(q, k, v, None, scale, causal=False),
     "flash": _flash_bidirectional,
     "fla": _fla_bidirectional,
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -30,9 +32,10 @@ def rotary_angles(
             f"got shape {list(positions.shape)}"
         )
     angles = positions.to(torch.float64)[..., None] * inv_freq  # [S, B, T, half]
-    stream = torch.repeat_interleave(
-        torch.arange(len(sections), device=positions.device), torch.tensor(sections, device=positions.device)
-    )  # [half]: which stream drives each frequency
+    frequency = torch.arange(half, device=positions.device)
+    stream = torch.zeros_like(frequency)  # [half]: which stream drives each frequency
+    for boundary in itertools.accumulate(sections[:-1]):
+        stream += frequency >= boundary  # device ops only, no host copy: safe under CUDA graph capture
     return angles.gather(0, stream.expand_as(angles[:1])).squeeze(0)  # [B, T, half]
 
 

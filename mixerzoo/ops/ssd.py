@@ -12,6 +12,7 @@ from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, wi
 from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
 
 _OP = "ssd"
+_FLA_MAX_CHUNK = 64  # the chunk fla's kernels are written and tuned for
 
 def ssd(
     x: torch.Tensor,
@@ -153,12 +154,14 @@ def _chunked(xdt, log_decay, B, C, state, chunk_size):
 def _fla(x, dt, A, B, C, initial_state, chunk_size):
     """flash-linear-attention's simple-GLA kernel (CUDA): q = C, k = B, v = x dt, g = A dt, scale 1.
 
-    Its state is ours transposed, [Bt, H, N, P].
+    Its state is ours transposed, [Bt, H, N, P]. Its Triton tiles are [chunk, chunk]: chunks longer than
+    _FLA_MAX_CHUNK (Mamba2's default 256) run as _FLA_MAX_CHUNK, which changes rounding only.
     """
     from fla.ops.simple_gla import chunk_simple_gla
 
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"{_OP}: backend 'fla' takes a power-of-two chunk_size, got {chunk_size}")
+    chunk_size = min(chunk_size, _FLA_MAX_CHUNK)
     ratio = x.shape[2] // B.shape[2]
     q, k = (t.to(x.dtype).repeat_interleave(ratio, dim=2) for t in (C, B))  # [Bt, T, H, N]
     v = (x * dt[..., None]).to(x.dtype)  # [Bt, T, H, P]

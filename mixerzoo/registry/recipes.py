@@ -2,7 +2,10 @@
 
 Every recipe shares one size table (width, depth, heads, MLP, vocab) and differs only in
 its layer pattern, so an ablation changes exactly one thing: the token mixers. At paper
-size the shapes are Qwen2.5-VL-3B's LLM (the InfiniteVL teacher).
+size the shapes are Qwen2.5-VL-3B's LLM (the InfiniteVL teacher), whose LM head is tied to
+the embeddings; tiny and small have their own head, so their embeddings start as unit-RMS
+codes (Decoder.init_weights): a tied tiny model has to start its embeddings at 1/sqrt(d)
+and stayed on the MQAR plateau where the untied one learnt (README, "Initialisation").
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def layout(size: str, *, pattern: str | None = None, ratio: dict[str, int] | Non
     legend = {letter: spec for letter, spec in _LEGENDS[size].items() if letter in (pattern or "".join(ratio or {}))}
     data = dict(
         d_model=shape["d_model"], vocab_size=shape["vocab_size"], n_layers=shape["n_layers"], legend=legend,
-        mlp=dict(type="swiglu", hidden=shape["mlp_hidden"]), norm_eps=1e-6, tie_embeddings=True,
+        mlp=dict(type="swiglu", hidden=shape["mlp_hidden"]), norm_eps=1e-6, tie_embeddings=size == "paper",
     )
     data.update(pattern=pattern) if pattern else data.update(ratio=ratio)
     return LayoutSpec.model_validate(data)

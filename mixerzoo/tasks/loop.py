@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mixerzoo.optim import weight_decay_groups
 from mixerzoo.vlm.model import VLM
 
 IGNORE = -100
@@ -40,14 +41,15 @@ def task_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 def fit(model: torch.nn.Module, batches: Callable[[int], Batch], *, steps: int, lr: float, weight_decay: float = 0.1,
         grad_clip: float = 1.0, schedule: str = "cosine", warmup_steps: int = 0) -> dict:
-    """Train `model` in place on `batches(step)` for `steps` steps (AdamW, linear warmup over
-    `warmup_steps`, then cosine decay to 0 or constant lr, gradient clipping); returns {"losses",
+    """Train `model` in place on `batches(step)` for `steps` steps (AdamW with weight decay on the
+    matrices only (mixerzoo.optim), linear warmup over `warmup_steps`, then cosine decay to 0 or
+    constant lr, gradient clipping); returns {"losses",
     "initial_loss", "final_loss" (mean of the last tenth), "steps", "seconds"}."""
     if steps < 1 or warmup_steps < 0:
         raise ValueError(f"steps must be >= 1 and warmup_steps >= 0, got {steps}, {warmup_steps}")
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr)
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -97,6 +97,7 @@ def train_mqar(
     weight_decay: float = 0.1,
     schedule: Literal["cosine", "constant"] = "cosine",
     grad_clip: float = 1.0,
+    warmup_steps: int = 0,
 ) -> dict:
     """Train `model` in place on fresh MQAR batches (data seeded by `seed`) with AdamW and full-sequence
     forwards `model(inputs)`; returns {"losses": per-step losses, "initial_loss", "final_loss" (mean of
@@ -109,7 +110,16 @@ def train_mqar(
         rows = slice(step * batch_size, (step + 1) * batch_size)
         return {"input_ids": inputs[rows], "labels": labels[rows]}
 
-    return fit(model, batch, steps=steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, schedule=schedule)
+    return fit(model, batch, steps=steps, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, schedule=schedule,
+               warmup_steps=warmup_steps)
+
+
+def value_distances(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Tokens from each queried pair's value to its query, over MQAR examples inputs, labels [N, T]
+    -> [Q] long (Q query positions in all; the value's position is that of the label's token in the prefix)."""
+    rows, query_positions = (labels != IGNORE).nonzero(as_tuple=True)
+    value_positions = (inputs[rows] == labels[rows, query_positions][:, None]).long().argmax(dim=1)
+    return query_positions - value_positions
 
 
 def evaluate_mqar(model: Decoder, config: MQARConfig, n_examples: int, seed: int, *, batch_size: int = 256) -> float:

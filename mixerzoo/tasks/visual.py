@@ -1,8 +1,12 @@
 """Synthetic information-intensive visual tasks for VLMs: image recall and video-stream recall.
 
-Images are digits (or short digit strings) rendered with Pillow's default font on a random
-dark background, at a random position, in a random bright colour, with Gaussian pixel
-noise, so a model must read the digits rather than memorise pixels.
+Images are digits (or short digit strings), from one of two sources (`digit_source`):
+"font", rendered with Pillow's default font on a random dark background, at a random
+position, in a random bright colour; or "scans", real handwritten digits (scikit-learn's
+bundled `load_digits`: 1,797 8 x 8 scans by 43 writers, no download), a random scan of each
+digit upsampled to its share of the image, from a fixed training or held-out split of the
+scans (`scan_split`), so evaluation reads handwriting the model never saw. Gaussian pixel
+noise on both, so a model must read the digits rather than memorise pixels.
 
 Visual recall (`make_visual_recall`), K images then filler text then K queries::
 
@@ -28,7 +32,9 @@ query and arrow tokens are single ids, and filler text is drawn from
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,6 +45,29 @@ from typing_extensions import Self
 from mixerzoo.tasks.loop import IGNORE, Batch
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images, process_video
 
+
+
+SCAN_TEST_FRACTION = 0.2
+
+
+@functools.cache
+def digit_scans(split: str) -> tuple[np.ndarray, ...]:
+    """Real handwritten digit scans per digit 0..9 (scikit-learn's bundled `load_digits`): a tuple of ten
+    uint8 arrays [n_k, 8, 8] on the 0-255 scale; "train" holds the first 80% of each digit's scans, "test"
+    the rest."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("digit_source 'scans' needs scikit-learn (pip install scikit-learn): its load_digits "
+                          "ships the scans") from error
+    data = load_digits()
+    images = np.rint(data.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    per_digit = []
+    for digit in range(10):
+        scans = images[data.target == digit]
+        cut = int(round(len(scans) * (1 - SCAN_TEST_FRACTION)))
+        per_digit.append(scans[:cut] if split == "train" else scans[cut:])
+    return tuple(per_digit)
 
 
 class _VisualTaskConfig(BaseModel):
@@ -53,6 +82,10 @@ class _VisualTaskConfig(BaseModel):
     font_size: int = Field(28, gt=0, description="size of Pillow's default font (must fit in image_size; glyphs much "
                            "smaller than the image are hard for a tiny vision tower to learn)")
     noise: float = Field(8.0, ge=0, description="std of the Gaussian pixel noise, on the 0-255 scale")
+    digit_source: Literal["font", "scans"] = Field("font", description="rendered font glyphs, or real handwritten "
+                                                   "scans (scikit-learn's load_digits)")
+    scan_split: Literal["train", "test"] = Field("train", description="scans: which fixed split the digits come "
+                                                 f"from (the last {SCAN_TEST_FRACTION:.0%} of each digit's scans are test)")
     digit_offset: int = Field(1, ge=0, description="token of digit k is digit_offset + k")
     index_offset: int = Field(16, ge=0, description="token of image / key index i is index_offset + i")
     query_token: int = Field(32, ge=0, description="starts a query")
@@ -129,8 +162,10 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _font(config: _VisualTaskConfig) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's default font at config.font_size, checked to fit `digits` digits into the image."""
+def _font(config: _VisualTaskConfig) -> ImageFont.FreeTypeFont | ImageFont.ImageFont | None:
+    """Pillow's default font at config.font_size, checked to fit `digits` digits into the image (None for scans)."""
+    if config.digit_source == "scans":
+        return None
     font = ImageFont.load_default(size=config.font_size)
     left, top, right, bottom = font.getbbox("8" * config.digits)
     if right - left > config.image_size or bottom - top > config.image_size:
@@ -147,8 +182,11 @@ def _noisy(pixels: np.ndarray, config: _VisualTaskConfig, rng: np.random.Generat
 
 def render_digits(digits: Iterable[int], config: _VisualTaskConfig, rng: np.random.Generator,
                   font: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None) -> np.ndarray:
-    """An image of the digits: [image_size, image_size, 3] uint8 RGB, the string at a random position
-    in a random bright colour on a random dark background, with Gaussian noise."""
+    """An image of the digits: [image_size, image_size, 3] uint8 RGB with Gaussian noise. Font: the string
+    at a random position in a random bright colour on a random dark background. Scans: a random scan
+    of each digit from the config's split, side by side, each upsampled to image_size / digits wide."""
+    if config.digit_source == "scans":
+        return _noisy(_scanned(digits, config, rng), config, rng)
     font = _font(config) if font is None else font
     text = "".join(str(int(d)) for d in digits)
     background = tuple(int(c) for c in rng.integers(0, 80, size=3))  # dark
@@ -159,6 +197,19 @@ def render_digits(digits: Iterable[int], config: _VisualTaskConfig, rng: np.rand
     colour = tuple(int(c) for c in rng.integers(170, 256, size=3))
     ImageDraw.Draw(image).text((x, y), text, fill=colour, font=font)
     return _noisy(np.asarray(image), config, rng)
+
+
+def _scanned(digits: Iterable[int], config: _VisualTaskConfig, rng: np.random.Generator) -> np.ndarray:
+    """Random scans of the digits side by side: [image_size, image_size, 3] uint8 (grey)."""
+    scans = digit_scans(config.scan_split)
+    digits = [int(d) for d in digits]
+    image = np.zeros((config.image_size, config.image_size), dtype=np.uint8)
+    width = config.image_size // len(digits)
+    for slot, digit in enumerate(digits):
+        scan = scans[digit][rng.integers(len(scans[digit]))]
+        tile = Image.fromarray(scan).resize((width, config.image_size), Image.Resampling.BILINEAR)
+        image[:, slot * width:(slot + 1) * width] = np.asarray(tile)
+    return np.repeat(image[:, :, None], 3, axis=2)
 
 
 def render_noise(n: int, config: _VisualTaskConfig, rng: np.random.Generator) -> np.ndarray:

@@ -17,6 +17,7 @@ Each failure is an AssertionError naming the invariant and the quantity that dif
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,14 +36,32 @@ TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
 _MAX_LEN = 24
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype: torch.dtype) -> None:
-    """Every element finite and equal within the dtype's tolerance; the message names `what`."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Where a check runs and how close two results must be."""
+
+    dtype: torch.dtype
+    device: torch.device = torch.device("cpu")
+    tolerance: float | None = None  # None: TOLERANCES[dtype]
+
+    @property
+    def tol(self) -> float:
+        """The relative tolerance of comparisons."""
+        return TOLERANCES[self.dtype] if self.tolerance is None else self.tolerance
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, tolerance: torch.dtype | float) -> None:
+    """Every element finite and within `tolerance` (a float, or a dtype's entry in TOLERANCES) relative to
+    itself, with an absolute floor of `tolerance` times the larger of 1 and expected's max-abs (rounding
+    errors scale with a tensor's magnitude); the message names `what`."""
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {list(actual.shape)} != {list(expected.shape)}")
     if not torch.isfinite(actual).all():
         raise AssertionError(f"{what}: non-finite values")
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}", check_dtype=False)
+    tol = TOLERANCES[tolerance] if isinstance(tolerance, torch.dtype) else tolerance
+    size = max(1.0, expected.detach().abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * size, msg=lambda m: f"{what}: {m}",
+                               check_dtype=False)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -59,20 +78,22 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
         raise AssertionError(f"{what}: max-abs error {error:.3e} > {tol:g} * max-abs {size:.3e}")
 
 
-def assert_states_close(actual: MixerState, expected: MixerState, what: str, dtype: torch.dtype) -> None:
+def assert_states_close(actual: MixerState, expected: MixerState, what: str, tolerance: torch.dtype | float) -> None:
     """Every tensor of two states equal within tolerance (integer tensors exactly)."""
     if type(actual) is not type(expected):
         raise AssertionError(f"{what}: state kinds differ: {type(actual).__name__} vs {type(expected).__name__}")
     for name, tensor in actual.tensors().items():
         other = expected.tensors()[name]
         if tensor.is_floating_point():
-            assert_close(tensor, other, f"{what}, state field {name!r}", dtype)
+            assert_close(tensor, other, f"{what}, state field {name!r}", tolerance)
         elif not torch.equal(tensor, other):
             raise AssertionError(f"{what}, state field {name!r}: {tensor.tolist()} != {other.tolist()}")
 
 
-def build_pair(config: MixerConfig, dtype: torch.dtype, seed: int) -> tuple[Mixer, Mixer]:
-    """(mixer under its configured backend, the same weights under backend="reference").
+def build_pair(
+    config: MixerConfig, dtype: torch.dtype, seed: int, device: torch.device | str = "cpu"
+) -> tuple[Mixer, Mixer]:
+    """(mixer under its configured backend, the same weights under backend="reference"), on `device`.
 
     Every parameter of the default init is perturbed by noise, so that zero-initialised
     gates or biases cannot hide a bug.
@@ -82,7 +103,8 @@ def build_pair(config: MixerConfig, dtype: torch.dtype, seed: int) -> tuple[Mixe
     with torch.no_grad():
         for p in mixer.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    reference = build_mixer(config.model_copy(update={"backend": "reference"})).to(dtype)
+    mixer = mixer.to(device)
+    reference = build_mixer(config.model_copy(update={"backend": "reference"})).to(device=device, dtype=dtype)
     reference.load_state_dict(mixer.state_dict())
     return mixer, reference
 
@@ -120,44 +142,44 @@ def _run_chunks(mixer, x, state, bounds, valid=None):
     return torch.cat(ys, dim=1), state
 
 
-def _draw_setup(config, dtype, data):
+def _draw_setup(config, setting, data):
     seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
     batch = data.draw(st.integers(1, 3), label="batch")
-    mixer, reference = build_pair(config, dtype, seed)
+    mixer, reference = build_pair(config, setting.dtype, seed, setting.device)
     gen = torch.Generator().manual_seed(seed)
 
     def tokens(length: int) -> torch.Tensor:
-        return torch.randn(batch, length, config.d_model, generator=gen, dtype=dtype)
+        return torch.randn(batch, length, config.d_model, generator=gen, dtype=setting.dtype).to(setting.device)
 
     return mixer, reference, batch, tokens
 
 
-def check_reference_equality(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_reference_equality(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 1: a prefix then a chunk, under the backend and under the reference."""
-    mixer, reference, _, tokens = _draw_setup(config, dtype, data)
+    mixer, reference, _, tokens = _draw_setup(config, setting, data)
     x = tokens(data.draw(_lengths(config), label="prefix") + data.draw(_lengths(config), label="chunk"))
     cut = data.draw(st.integers(1, x.shape[1]), label="cut")
     bounds = [(start, end) for start, end in ((0, cut), (cut, x.shape[1])) if end > start]
     with torch.no_grad():
         y_fast, s_fast = _run_chunks(mixer, x, None, bounds)
         y_ref, s_ref = _run_chunks(reference, x, None, bounds)
-    assert_close(y_fast, y_ref, "reference equality: outputs", dtype)
-    assert_states_close(s_fast, s_ref, "reference equality: final state", dtype)
+    assert_close(y_fast, y_ref, "reference equality: outputs", setting.tol)
+    assert_states_close(s_fast, s_ref, "reference equality: final state", setting.tol)
 
 
-def check_chunk_invariance(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_chunk_invariance(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 2: random splits and T = 1 steps equal one call, outputs and final state."""
-    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    mixer, _, _, tokens = _draw_setup(config, setting, data)
     x = tokens(data.draw(_lengths(config), label="length"))
     length = x.shape[1]
     with torch.no_grad():
         y_one, s_one = mixer(x)
         y_split, s_split = _run_chunks(mixer, x, None, _splits(data, length))
         y_step, s_step = _run_chunks(mixer, x, None, [(t, t + 1) for t in range(length)])
-    assert_close(y_split, y_one, "chunk invariance: outputs of a split run", dtype)
-    assert_states_close(s_split, s_one, "chunk invariance: final state of a split run", dtype)
-    assert_close(y_step, y_one, "chunk invariance: outputs of T = 1 steps", dtype)
-    assert_states_close(s_step, s_one, "chunk invariance: final state of T = 1 steps", dtype)
+    assert_close(y_split, y_one, "chunk invariance: outputs of a split run", setting.tol)
+    assert_states_close(s_split, s_one, "chunk invariance: final state of a split run", setting.tol)
+    assert_close(y_step, y_one, "chunk invariance: outputs of T = 1 steps", setting.tol)
+    assert_states_close(s_step, s_one, "chunk invariance: final state of T = 1 steps", setting.tol)
 
 
 def _pad_pattern(data: st.DataObject, n_valid: int, extra: int) -> torch.Tensor:
@@ -168,28 +190,29 @@ def _pad_pattern(data: st.DataObject, n_valid: int, extra: int) -> torch.Tensor:
     return torch.tensor(slots, dtype=torch.bool)
 
 
-def check_padding_invariance(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_padding_invariance(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 3: a batch with pads anywhere equals each row run alone; pad outputs are zero."""
-    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
+    mixer, _, batch, tokens = _draw_setup(config, setting, data)
     lengths = [data.draw(st.integers(0, _MAX_LEN), label=f"row {b} length") for b in range(batch)]
     total = max(lengths) + data.draw(st.integers(1, 8), label="pads")
-    valid = torch.stack([_pad_pattern(data, n, total - n) for n in lengths])  # [B, total]
+    valid = torch.stack([_pad_pattern(data, n, total - n) for n in lengths]).to(setting.device)  # [B, total]
     x = tokens(total)  # pads hold random garbage, which must not leak
     with torch.no_grad():
         y, state = _run_chunks(mixer, x, None, _splits(data, total), valid)
         if not torch.equal(y[~valid], torch.zeros_like(y[~valid])):
             raise AssertionError("padding invariance: outputs at pad positions are not zero")
         for row, n in enumerate(lengths):
-            alone_state = mixer.init_state(1, dtype=dtype)
+            alone_state = mixer.init_state(1, dtype=setting.dtype)
             if n:
                 y_alone, alone_state = mixer(x[row : row + 1, valid[row]])
-                assert_close(y[row, valid[row]], y_alone[0], f"padding invariance: outputs of row {row}", dtype)
-            assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}", dtype)
+                assert_close(y[row, valid[row]], y_alone[0], f"padding invariance: outputs of row {row}", setting.tol)
+            assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}",
+                                setting.tol)
 
 
-def check_fork_independence(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_fork_independence(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 4: advancing the original or its clone leaves the other as it was."""
-    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    mixer, _, _, tokens = _draw_setup(config, setting, data)
     prefix, branch_a, branch_b = (tokens(data.draw(_lengths(config), label=n)) for n in ("prefix", "a", "b"))
     with torch.no_grad():
         _, state = mixer(prefix)
@@ -201,18 +224,18 @@ def check_fork_independence(config: MixerConfig, dtype: torch.dtype, data: st.Da
                 raise AssertionError(f"fork independence: advancing the original changed the fork's {name!r}")
         y_fork, _ = mixer(branch_b, fork)
         y_fresh, _ = mixer(torch.cat([prefix, branch_b], dim=1))
-    assert_close(y_fork, y_fresh[:, prefix.shape[1] :], "fork independence: outputs of the continued fork", dtype)
+    assert_close(y_fork, y_fresh[:, prefix.shape[1] :], "fork independence: outputs of the continued fork", setting.tol)
 
 
-def check_round_trip(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_round_trip(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 5: save then load gives bit-identical tensors and a bit-identical continuation."""
-    mixer, _, _, tokens = _draw_setup(config, dtype, data)
+    mixer, _, _, tokens = _draw_setup(config, setting, data)
     prefix, chunk = tokens(data.draw(_lengths(config), label="prefix")), tokens(data.draw(_lengths(config), label="chunk"))
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
         _, state = mixer(prefix)
         path = Path(tmp) / "state.safetensors"
         state.save(path, mixer.config)
-        loaded = mixer.load_state(path)
+        loaded = mixer.load_state(path, device=setting.device)
         for name, tensor in state.tensors().items():
             if not torch.equal(loaded.tensors()[name], tensor) or loaded.tensors()[name].dtype != tensor.dtype:
                 raise AssertionError(f"round trip: state field {name!r} changed through save / load")
@@ -222,30 +245,31 @@ def check_round_trip(config: MixerConfig, dtype: torch.dtype, data: st.DataObjec
         raise AssertionError("round trip: continuing a loaded state is not bit-identical")
 
 
-def check_bounded_memory(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_bounded_memory(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 6: state.nbytes equals the config's prediction before and after tokens."""
-    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
-    state = mixer.init_state(batch, dtype=dtype)
+    mixer, _, batch, tokens = _draw_setup(config, setting, data)
+    state = mixer.init_state(batch, dtype=setting.dtype)
     seen = 0
-    if state.nbytes != config.state_nbytes(0, batch, dtype=dtype):
+    if state.nbytes != config.state_nbytes(0, batch, dtype=setting.dtype):
         raise AssertionError(f"bounded memory: empty state has {state.nbytes} bytes, config predicts "
-                             f"{config.state_nbytes(0, batch, dtype=dtype)}")
+                             f"{config.state_nbytes(0, batch, dtype=setting.dtype)}")
     with torch.no_grad():
         for _ in range(data.draw(st.integers(1, 3), label="chunks")):
             n = data.draw(_lengths(config), label="chunk length")
             _, state = mixer(tokens(n), state)
             seen += n
-            predicted = config.state_nbytes(seen, batch, dtype=dtype)
+            predicted = config.state_nbytes(seen, batch, dtype=setting.dtype)
             if state.nbytes != predicted:
                 raise AssertionError(f"bounded memory: after {seen} tokens the state has {state.nbytes} bytes, "
                                      f"config predicts {predicted}")
 
 
-def check_gradients(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_gradients(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 7: gradients of inputs and parameters through a prefix state and a chunk."""
-    mixer, reference, _, tokens = _draw_setup(config, dtype, data)
+    mixer, reference, _, tokens = _draw_setup(config, setting, data)
     prefix, chunk = tokens(data.draw(_lengths(config), label="prefix")), tokens(data.draw(_lengths(config), label="chunk"))
-    weights = torch.randn(chunk.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(chunk.shape, dtype=setting.dtype, generator=torch.Generator().manual_seed(1))
+    weights = weights.to(setting.device)
     grads = []
     for module in (mixer, reference):
         inputs = [prefix.clone().requires_grad_(), chunk.clone().requires_grad_()]
@@ -258,12 +282,12 @@ def check_gradients(config: MixerConfig, dtype: torch.dtype, data: st.DataObject
         if (fast is None) != (ref is None):
             raise AssertionError(f"gradients: {name} has a gradient under one backend only")
         if fast is not None:
-            assert_close(fast, ref, f"gradients: d loss / d {name}", dtype)
+            assert_close(fast, ref, f"gradients: d loss / d {name}", setting.tol)
 
 
-def check_packing(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) -> None:
+def check_packing(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
     """Invariant 8: rows packing several documents (and trailing pads) equal each document alone."""
-    mixer, _, batch, tokens = _draw_setup(config, dtype, data)
+    mixer, _, batch, tokens = _draw_setup(config, setting, data)
     lengths = _special_lengths(config) + list(range(1, _MAX_LEN + 1))
     rows = [data.draw(st.lists(st.sampled_from(lengths), min_size=0, max_size=4), label=f"row {b} documents")
             for b in range(batch)]
@@ -273,6 +297,7 @@ def check_packing(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) 
         ends = torch.tensor(docs).cumsum(0).tolist()
         for d, (start, end) in enumerate(zip([0, *ends], ends)):
             documents[b, start:end] = d
+    documents = documents.to(setting.device)
     x = tokens(total)  # pads hold random garbage, which must not leak
     with torch.no_grad():
         y = mixer.forward_packed(x, documents)
@@ -282,10 +307,10 @@ def check_packing(config: MixerConfig, dtype: torch.dtype, data: st.DataObject) 
             for d in range(len(docs)):
                 here = documents[b] == d
                 alone, _ = mixer(x[b : b + 1, here])
-                assert_close(y[b, here], alone[0], f"packing: row {b} document {d} (length {docs[d]})", dtype)
+                assert_close(y[b, here], alone[0], f"packing: row {b} document {d} (length {docs[d]})", setting.tol)
 
 
-CHECKS: dict[str, Callable[[MixerConfig, torch.dtype, st.DataObject], None]] = {
+CHECKS: dict[str, Callable[[MixerConfig, Setting, st.DataObject], None]] = {
     "reference_equality": check_reference_equality,
     "chunk_invariance": check_chunk_invariance,
     "padding_invariance": check_padding_invariance,
@@ -301,16 +326,23 @@ def certify(
     config: Mapping[str, Any] | MixerConfig,
     *,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    tolerance: float | None = None,
     checks: tuple[str, ...] = tuple(CHECKS),
     settings: hypothesis_settings | None = None,
 ) -> None:
     """Check every invariant for the mixer `config` names; raises AssertionError on the first failure.
 
-    `settings` defaults to the loaded hypothesis profile. Runs on CPU in `dtype`.
+    Runs in `dtype` on `device`; `tolerance` (relative) defaults to TOLERANCES[dtype], which suits
+    exact float32 arithmetic: a backend with lower-precision internals (fla's kernels take float32
+    dot products in TF32) states its own. `settings` defaults to the loaded hypothesis profile.
     """
     config = mixer_config(config)
     if dtype not in TOLERANCES:
         raise ValueError(f"certify: dtype must be one of {list(TOLERANCES)}, got {dtype}")
+    if tolerance is not None and not 0 < tolerance < 1:
+        raise ValueError(f"certify: tolerance must be in (0, 1), got {tolerance}")
+    setting = Setting(dtype, torch.device(device), tolerance)
     unknown = set(checks) - set(CHECKS)
     if unknown:
         raise ValueError(f"certify: unknown checks {sorted(unknown)}; known: {list(CHECKS)}")
@@ -319,7 +351,7 @@ def certify(
 
         @given(data=st.data())
         def prop(data: st.DataObject) -> None:
-            check(config, dtype, data)
+            check(config, setting, data)
 
         # one minimal failing example per check, raised as a plain AssertionError
         prop = hypothesis_settings(settings, report_multiple_bugs=False)(prop)

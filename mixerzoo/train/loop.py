@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from mixerzoo.errors import describe, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
+from mixerzoo.optim import weight_decay_groups
 from mixerzoo.train import distributed
 from mixerzoo.train.config import TrainConfig, check_checkpoints_exist
 from mixerzoo.train.data import Dataset, build_dataset, collate
@@ -168,8 +169,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     loss_module = StageLoss(config, student, teacher)
     module = distributed.wrap(loss_module, world, shard_units=list(decoder_of(student).layers))
     trained_parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained_parameters, lr=config.optim.lr, betas=config.optim.betas,
-                                  weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(module, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=config.optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
 
     start = _resume(out_dir, module, optimizer, scheduler, config)

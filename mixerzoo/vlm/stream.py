@@ -47,11 +47,12 @@ class StreamSession:
         if frame_size % factor:
             raise ValueError(f"StreamSession: frame_size must be a multiple of {factor}, got {frame_size}")
         self.model = model
+        self.device = model.decoder.embed.weight.device
         self.fps = fps
         self.processor = model.spec.processor.model_copy(
             update={"video_min_pixels": frame_size * frame_size, "video_max_pixels": frame_size * frame_size}
         )
-        self.state: VLMState = model.init_state(1)
+        self.state: VLMState = model.init_state(1, device=self.device)
         self.stats = StreamStats()
 
     @property
@@ -62,14 +63,17 @@ class StreamSession:
 
     @torch.inference_mode()
     def push_frames(self, frames: np.ndarray | Sequence[np.ndarray]) -> None:
-        """Prefill frames ([T, H, W, 3] uint8, or a list of [H, W, 3]) into the running state."""
+        """Prefill frames ([T, H, W, 3] uint8, or a list of [H, W, 3]) into the running state; each
+        frame's time counts until its work on the device is done."""
         for frame in frames:
             start = time.perf_counter()
             pixels, grid, seconds = process_video(np.asarray(frame)[None], self.processor, fps=self.fps)
-            ids = torch.tensor([expand_vision_tokens(["video"], video_grid_thw=grid, config=self.processor)])
-            _, self.state = self.model(
-                ids, self.state, pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=[seconds]
-            )
+            ids = torch.tensor([expand_vision_tokens(["video"], video_grid_thw=grid, config=self.processor)],
+                               device=self.device)
+            _, self.state = self.model(ids, self.state, pixel_values_videos=pixels.to(self.device),
+                                       video_grid_thw=grid, second_per_grid_ts=[seconds])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.stats.frame_seconds.append(time.perf_counter() - start)
             self.stats.state_nbytes.append(self.state.nbytes)
 
@@ -77,7 +81,7 @@ class StreamSession:
     def ask(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 32, stop_tokens: Sequence[int] = ()) -> list[int]:
         """Greedy answer to a tokenised question, computed on a fork of the stream's state."""
         fork = self.state.clone()
-        logits, fork = self.model(torch.tensor([list(prompt_ids)]), fork)
+        logits, fork = self.model(torch.tensor([list(prompt_ids)], device=self.device), fork)
         answer = []
         for token in continue_stream(self.model, logits[:, -1].float(), fork, max_new_tokens=max_new_tokens,
                                      stop_tokens=stop_tokens):
@@ -92,4 +96,4 @@ class StreamSession:
 
     def load(self, path: str | os.PathLike) -> None:
         """Continue from a memory saved with `save` (refused if it was saved for another model spec)."""
-        self.state = self.model.load_state(path)
+        self.state = self.model.load_state(path, device=self.device)

@@ -1,0 +1,409 @@
+"""GPU benchmarks of the paper-size (3B) models; experiments/gpu_check.sh runs it, --dry-run checks it on CPU.
+
+    python experiments/gpu_bench.py --out DIR [--sections graph decode stream prefill ops]
+    python experiments/gpu_bench.py --dry-run          # automatic without CUDA
+
+Sections (in the order given), each appending its rows to DIR/bench.json and DIR/bench.md as
+soon as a case finishes, so a run cut off by its time limit keeps what it measured:
+  graph    CUDA-graph T = 1 decode (GraphDecoder) of infinitevl and mamba2-swa: greedy tokens equal
+           to the eager path's (continue_stream) from the same state, and ms/token of both.
+  decode   ms/token at 4K / 16K / 50K / 128K / 300K context, batch 1: infinitevl eager and as a CUDA
+           graph, transformer eager (attention by SDPA). States are random_state: random values of the
+           size the context leaves, not a prefill. An out-of-memory case is recorded as such.
+  stream   streaming FPS of the infinitevl VLM (vision tower + decoder) at 64 and 256 visual tokens
+           per square frame through StreamSession: end to end, and without the CPU preprocessing.
+  prefill  tokens/s of one forward over an 8K and a 32K prompt (logits of every position included).
+  ops      chunked gated_delta_rule and ssd at paper layer shapes, 8K tokens: fla vs torch backend.
+Every case records peak GPU memory. Weights are random (speed does not depend on them); bf16;
+op backends "auto" (on the GPU machine: fla for GDN / SSD, PyTorch SDPA for attention).
+
+The dry run builds every model and input at tiny size on CPU, runs each section's code path once
+with small contexts and lengths, and prints the plan with the paper-size sizes and memory, so the
+one GPU run cannot fail on a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mixerzoo.blocks import Decoder, GraphDecoder, continue_stream, random_state, state_nbytes
+from mixerzoo.blocks.costs import parameter_count
+from mixerzoo.mixers.base import atomic_write_bytes
+from mixerzoo.ops import gated_delta_rule, ssd
+from mixerzoo.ops._backend import module_available
+from mixerzoo.registry import recipe
+from mixerzoo.vlm import VLM, StreamSession, process_video, vlm_recipe
+
+SECTIONS = ("graph", "decode", "stream", "prefill", "ops")
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one run measures, and at which sizes."""
+
+    size: str
+    device: str
+    dtype: torch.dtype
+    contexts: tuple[int, ...]
+    prefill_lengths: tuple[int, ...]
+    frame_sizes: tuple[int, ...]  # square frames: (side / 28)^2 visual tokens
+    frames: int
+    decode_steps: int
+    graph_tokens: int
+    op_length: int
+    repeats: int
+    warmup: int
+    strict: bool  # raise on the first failing case (the dry run) instead of recording it
+
+
+GPU_PLAN = Plan(size="paper", device="cuda", dtype=torch.bfloat16, contexts=(4096, 16384, 51200, 131072, 307200),
+                prefill_lengths=(8192, 32768), frame_sizes=(224, 448), frames=20, decode_steps=20, graph_tokens=32,
+                op_length=8192, repeats=5, warmup=3, strict=False)
+DRY_PLAN = Plan(size="tiny", device="cpu", dtype=torch.bfloat16, contexts=(40, 300), prefill_lengths=(32, 80),
+                frame_sizes=(224,), frames=1, decode_steps=1, graph_tokens=3, op_length=80, repeats=1, warmup=0,
+                strict=True)
+
+
+def label(n: int) -> str:
+    """4096 -> '4K'."""
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (timings count finished work only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], plan: Plan, repeats: int | None = None) -> float:
+    """Median seconds of fn() over `repeats` synchronised calls after plan.warmup untimed ones."""
+    for _ in range(plan.warmup):
+        fn()
+    times = []
+    for _ in range(repeats or plan.repeats):
+        sync(plan.device)
+        start = time.perf_counter()
+        fn()
+        sync(plan.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_gib(plan: Plan) -> float | None:
+    """Peak GPU memory allocated since the last reset, GiB (None on CPU)."""
+    return torch.cuda.max_memory_allocated() / GIB if plan.device == "cuda" else None
+
+
+def free_memory(plan: Plan, *, collect: bool = False) -> None:
+    """Return cached blocks to the device and reset the peak counter; `collect` also runs the garbage
+    collector (slow: only after a failure or a model, whose tensors a reference cycle may hold)."""
+    if collect:
+        gc.collect()
+    if plan.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Results:
+    """Rows per section, rewritten to bench.json and bench.md after every case (appends to an earlier run's file)."""
+
+    def __init__(self, out: Path, meta: dict):
+        self.out = out
+        path = out / "bench.json"
+        self.data = json.loads(path.read_text()) if path.exists() else {"meta": meta, "sections": {}}
+
+    def add(self, section: str, row: dict) -> None:
+        """Record one case and write both files."""
+        print(f"[{section}] {row}", flush=True)
+        self.data["sections"].setdefault(section, []).append(row)
+        atomic_write_bytes(self.out / "bench.json", (json.dumps(self.data, indent=1) + "\n").encode())
+        atomic_write_bytes(self.out / "bench.md", self.markdown().encode())
+
+    def markdown(self) -> str:
+        """Every section as a table (columns from its rows' keys), then the paper's claims where measured."""
+        meta = self.data["meta"]
+        lines = [f"# GPU benchmark: {meta.get('device_name')}", "", f"`{json.dumps(meta)}`", ""]
+        for section, rows in self.data["sections"].items():
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            lines += [f"## {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+            lines.append("")
+        return "\n".join(lines + claims(self.data["sections"])) + "\n"
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
+
+
+def claims(sections: dict) -> list[str]:
+    """The paper's claims against what was measured: decode speedups at 50K and 300K, flat latency,
+    streaming FPS at 256 tokens per frame."""
+    decode = {(r["recipe"], r["mode"], r["context"]): r for r in sections.get("decode", []) if "ms_per_token" in r}
+    lines = ["## claims", ""]
+    for mode in ("eager", "graph"):
+        for context, goal in ((51200, 3.6), (307200, 8.0)):
+            ours, theirs = decode.get(("infinitevl", mode, context)), decode.get(("transformer", "eager", context))
+            if ours and theirs:
+                speedup = theirs["ms_per_token"] / ours["ms_per_token"]
+                lines.append(f"- decode at {label(context)}: infinitevl ({mode}) {speedup:.2f}x faster than the "
+                             f"SDPA transformer (paper: >= {goal}x): {'holds' if speedup >= goal else 'does not hold'}")
+            elif ours and any(r.get("status") == "oom" for r in sections.get("decode", [])
+                              if r["recipe"] == "transformer" and r["context"] == context):
+                lines.append(f"- decode at {label(context)}: the transformer ran out of memory; infinitevl ({mode}) "
+                             f"{ours['ms_per_token']:.2f} ms/token")
+        rows = sorted((r for (name, m, _), r in decode.items() if name == "infinitevl" and m == mode),
+                      key=lambda r: r["context"])
+        if len(rows) > 1:
+            ratio = rows[-1]["ms_per_token"] / rows[0]["ms_per_token"]
+            lines.append(f"- infinitevl ({mode}) latency {label(rows[-1]['context'])} / {label(rows[0]['context'])}: "
+                         f"{ratio:.2f}x (flat means about 1)")
+    for row in sections.get("stream", []):
+        if row.get("tokens_per_frame") == 256 and "fps" in row:
+            lines.append(f"- streaming at 256 tokens per frame: {row['fps']:.1f} FPS end to end, "
+                         f"{row['model_fps']:.1f} FPS without CPU preprocessing (goal on an H100: >= 50)")
+    return lines
+
+
+def build_decoder(name: str, plan: Plan) -> Decoder:
+    """Recipe `name` at the plan's size, random weights, on the plan's device and dtype."""
+    torch.manual_seed(0)
+    with torch.device(plan.device):
+        model = Decoder(recipe(name, plan.size))
+    return model.to(plan.dtype).eval()
+
+
+def run_case(results: Results, section: str, plan: Plan, key: dict, case: Callable[[], dict]) -> None:
+    """Run one case and record key + its row, or the out-of-memory / error it hit (re-raised when strict)."""
+    free_memory(plan)
+    failed = True
+    try:
+        row, failed = case(), False
+    except torch.OutOfMemoryError:
+        if plan.strict:
+            raise
+        row = {"status": "oom"}
+    except Exception as error:  # noqa: BLE001 - one failing case must not lose the others' rows
+        if plan.strict:
+            raise
+        traceback.print_exc()
+        row = {"status": f"error: {type(error).__name__}: {error}"[:300]}
+    results.add(section, {**key, **row, "peak_gib": peak_gib(plan)})
+    free_memory(plan, collect=failed)
+
+
+def graph_section(plan: Plan, results: Results) -> None:
+    """GraphDecoder tokens vs eager tokens from a random state, and ms/token of both."""
+    for name in ("infinitevl", "mamba2-swa"):
+        model = build_decoder(name, plan)
+        context, steps = plan.contexts[0], plan.graph_tokens
+
+        def case() -> dict:
+            torch.manual_seed(1)
+            state = random_state(model, context)
+            logits = torch.randn(1, model.spec.vocab_size, device=plan.device)
+            start = time.perf_counter()
+            eager = torch.stack(list(continue_stream(model, logits, state, max_new_tokens=steps)), dim=1)
+            sync(plan.device)
+            eager_s = time.perf_counter() - start
+            start = time.perf_counter()
+            graph = GraphDecoder(model, state)
+            sync(plan.device)
+            capture_s = time.perf_counter() - start
+            start = time.perf_counter()
+            tokens = graph.generate(logits, steps)
+            sync(plan.device)
+            graph_s = time.perf_counter() - start
+            differ = (tokens != eager).nonzero()
+            return dict(captured=graph.graph is not None, tokens_equal=bool(torch.equal(tokens, eager)),
+                        first_mismatch=int(differ[0, 1]) if len(differ) else None, eager_ms=eager_s / steps * 1e3,
+                        graph_ms=graph_s / steps * 1e3, capture_s=capture_s)
+
+        run_case(results, "graph", plan, dict(recipe=name, context=context, tokens=steps), case)
+        del model
+        free_memory(plan, collect=True)
+
+
+def decode_section(plan: Plan, results: Results) -> None:
+    """ms/token per context: infinitevl eager and CUDA graph, transformer eager."""
+    for name in ("infinitevl", "transformer"):
+        model = build_decoder(name, plan)
+        spec = model.spec
+        graph: GraphDecoder | None = None
+        for context in plan.contexts:
+            key = dict(recipe=name, context=context, state_gib=state_nbytes(spec, context, dtype=plan.dtype) / GIB)
+
+            def eager() -> dict:
+                state = random_state(model, context)
+                ids = torch.randint(spec.vocab_size, (1, 1), device=plan.device)
+                return dict(ms_per_token=timed(lambda: model(ids, state), plan, plan.decode_steps) * 1e3)
+
+            run_case(results, "decode", plan, {**key, "mode": "eager"}, eager)
+            if name == "transformer":
+                continue  # full attention: GraphDecoder refuses a growing KV cache
+
+            def graphed() -> dict:
+                nonlocal graph
+                state = random_state(model, context)
+                if graph is None:
+                    graph = GraphDecoder(model, state)
+                else:
+                    graph.reset(state)
+                token = torch.randint(spec.vocab_size, (1,), device=plan.device)
+                return dict(ms_per_token=timed(lambda: graph.step(token), plan, plan.decode_steps) * 1e3)
+
+            run_case(results, "decode", plan, {**key, "mode": "graph"}, graphed)
+        del model, graph
+        free_memory(plan, collect=True)
+
+
+def square_frames(count: int, side: int) -> np.ndarray:
+    """Random RGB frames [count, side, side, 3] (square: exactly (side / 28)^2 visual tokens each)."""
+    return np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+
+
+def stream_section(plan: Plan, results: Results) -> None:
+    """FPS of a StreamSession at each frame size, and of its CPU preprocessing alone."""
+    torch.manual_seed(0)
+    with torch.device(plan.device):
+        model = VLM(vlm_recipe("infinitevl", plan.size))
+    model = model.to(plan.dtype).eval()
+    for side in plan.frame_sizes:
+        def case() -> dict:
+            session = StreamSession(model, frame_size=side)
+            frames = square_frames(plan.warmup + plan.frames, side)
+            session.push_frames(frames[: plan.warmup])
+            session.push_frames(frames[plan.warmup :])
+            seconds = session.stats.frame_seconds[plan.warmup :]
+            start = time.perf_counter()
+            for frame in frames[plan.warmup :]:
+                process_video(frame[None], session.processor, fps=session.fps)
+            preprocess = (time.perf_counter() - start) / plan.frames
+            frame_s = statistics.mean(seconds)
+            return dict(tokens_per_frame=session.tokens_per_frame, frames=plan.frames, fps=1 / frame_s,
+                        frame_ms=frame_s * 1e3, preprocess_ms=preprocess * 1e3,
+                        model_fps=1 / max(frame_s - preprocess, 1e-9), state_mib=session.state.nbytes / 2**20)
+
+        run_case(results, "stream", plan, dict(recipe="infinitevl", frame_size=side), case)
+    del model
+    free_memory(plan, collect=True)
+
+
+def prefill_section(plan: Plan, results: Results) -> None:
+    """tokens/s of one forward over each prompt length, after a short warm-up prompt (kernel compiles)."""
+    for name in ("infinitevl", "transformer"):
+        model = build_decoder(name, plan)
+        vocab = model.spec.vocab_size
+        with torch.inference_mode():
+            model(torch.randint(vocab, (1, min(plan.prefill_lengths)), device=plan.device))
+        for length in plan.prefill_lengths:
+            def case() -> dict:
+                ids = torch.randint(vocab, (1, length), device=plan.device)
+                seconds = timed(lambda: model(ids), dataclasses.replace(plan, warmup=0), repeats=2)
+                return dict(seconds=seconds, tokens_per_s=length / seconds)
+
+            run_case(results, "prefill", plan, dict(recipe=name, tokens=length), case)
+        del model
+        free_memory(plan, collect=True)
+
+
+def ops_section(plan: Plan, results: Results) -> None:
+    """Forward time of the chunked recurrent ops at the recipes' layer shapes (paper: GDN H = HV = 16,
+    K = 128, V = 256; Mamba2 H = 64, P = 64, N = 128, G = 1), per backend that can run here."""
+    layers = recipe("gdn", plan.size).layers + recipe("mamba2", plan.size).layers
+    legend = {layer.mixer.type: layer.mixer for layer in layers}
+    gdn, mamba = legend["gated_deltanet"], legend["mamba2"]
+    length, device, dtype = plan.op_length, plan.device, plan.dtype
+    backends = ["torch"] + (["fla"] if device == "cuda" and module_available("fla") else [])
+    gen = torch.Generator(device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    h, hv, k, v = gdn.n_heads, gdn.value_heads, gdn.key_dim, gdn.value_dim
+    gdn_inputs = (F.normalize(randn(1, length, h, k), dim=-1).to(dtype),
+                  F.normalize(randn(1, length, h, k), dim=-1).to(dtype), randn(1, length, hv, v).to(dtype), F.logsigmoid(randn(1, length, hv)).to(dtype),
+                  torch.sigmoid(randn(1, length, hv)).to(dtype))
+    hm, groups = mamba.n_heads, mamba.n_groups
+    ssd_inputs = (randn(1, length, hm, mamba.head_dim).to(dtype), F.softplus(randn(1, length, hm) - 2),
+                  -torch.rand(hm, generator=gen, device=device) * 4 - 0.5,
+                  randn(1, length, groups, mamba.d_state).to(dtype), randn(1, length, groups, mamba.d_state).to(dtype))
+    for op, fn, inputs, chunk in (("gated_delta_rule", gated_delta_rule, gdn_inputs, gdn.chunk_size),
+                                  ("ssd", ssd, ssd_inputs, mamba.chunk_size)):
+        for backend in backends:
+            def case() -> dict:
+                with torch.inference_mode():
+                    seconds = timed(lambda: fn(*inputs, backend=backend, chunk_size=chunk), plan)
+                return dict(ms=seconds * 1e3, tokens_per_s=length / seconds)
+
+            run_case(results, "ops", plan, dict(op=op, backend=backend, tokens=length, dtype=str(dtype)), case)
+
+
+RUNNERS = {"graph": graph_section, "decode": decode_section, "stream": stream_section, "prefill": prefill_section,
+           "ops": ops_section}
+
+
+def describe(plan: Plan) -> str:
+    """The plan, with the GPU run's paper-size parameter and state sizes (bf16) and what fits in 80 GB."""
+    lines = [f"plan: size={plan.size} device={plan.device} dtype={plan.dtype} "
+             f"contexts={[label(c) for c in plan.contexts]} "
+             f"prefill={[label(n) for n in plan.prefill_lengths]} frames={plan.frame_sizes} x {plan.frames}",
+             "GPU run, paper size, bf16 (weights + state at each decode context, GiB; an 80 GB H100 holds ~74 GiB):"]
+    for name in ("infinitevl", "transformer", "mamba2-swa"):
+        spec = recipe(name, "paper")
+        weights = parameter_count(spec) * 2 / GIB
+        states = ", ".join(f"{label(c)}: {state_nbytes(spec, c) / GIB:.2f}" for c in GPU_PLAN.contexts)
+        lines.append(f"  {name}: {parameter_count(spec) / 1e9:.2f}B params = {weights:.1f} GiB; state {states}")
+    return "\n".join(lines)
+
+
+def metadata(plan: Plan) -> dict:
+    """Versions and the device, for the JSON header."""
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in ("triton", "fla-core", "flash-linear-attention", "flash-attn"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    device_name = torch.cuda.get_device_name() if plan.device == "cuda" else f"cpu ({platform.machine()})"
+    return dict(device_name=device_name, plan=dataclasses.asdict(plan) | {"dtype": str(plan.dtype)},
+                state_note="decode from random_state (not a prefill)", **versions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, print the plan and run the chosen sections."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/gpu_bench"),
+                        help="directory of bench.json / bench.md")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (automatic without CUDA)")
+    args = parser.parse_args(argv)
+    dry = args.dry_run or not torch.cuda.is_available()
+    plan = DRY_PLAN if dry else GPU_PLAN
+    print(("DRY RUN (tiny, CPU): " if dry else "") + describe(plan), flush=True)
+    results = Results(args.out, metadata(plan))
+    for section in args.sections:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            RUNNERS[section](plan, results)
+        print(f"section {section}: {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

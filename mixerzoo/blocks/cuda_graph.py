@@ -1,0 +1,116 @@
+"""T = 1 decode of a Decoder as one captured CUDA graph, replayed once per token.
+
+The graph reads a static token buffer, runs the model, and writes the new state back into
+static state buffers and the logits into a static logits buffer, all on the device: no
+host sync per token (the sliding-window ring index lives in the state, on the device).
+Only models whose layer states have a fixed size qualify (sliding window, Gated DeltaNet,
+Mamba2): a full-attention KV cache grows with every token, which a graph cannot hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from mixerzoo.blocks.decoder import Decoder, DecoderState
+
+
+def check_constant_state(model: Decoder) -> None:
+    """Raise ValueError naming the first layer whose state grows with the tokens seen (full attention)."""
+    for i, (block, state) in enumerate(zip(model.layers, model.init_state(1, device="meta").layers)):
+        growing = [f.name for f in dataclasses.fields(state) if f.metadata.get("variable_dims")]
+        if growing:
+            raise ValueError(
+                f"GraphDecoder: layer {i} ({block.mixer.config.type}) keeps a state that grows with every token "
+                f"(fields {growing}), which a CUDA graph cannot hold; decode this model eagerly (Decoder.__call__ "
+                "or mixerzoo.blocks.generate), or use constant-state layers (sliding window, Gated DeltaNet, Mamba2)"
+            )
+
+
+class GraphDecoder:
+    """T = 1 decode of `model` from a copy of `state`, one CUDA graph replay per token.
+
+    `step(tokens)` feeds one token per row and returns the next-token logits; `generate`
+    decodes greedily. The state is held in static buffers (`self.state`), advanced in place.
+    With capture=False (the default off CUDA) the same static-buffer step runs eagerly, so
+    CPU tests compare it with the model's own decode.
+    """
+
+    def __init__(self, model: Decoder, state: DecoderState, *, capture: bool | None = None, warmup: int = 2):
+        check_constant_state(model)
+        self.model = model
+        device = state.seen.device
+        if model.embed.weight.device != device:
+            raise ValueError(f"GraphDecoder: the model is on {model.embed.weight.device}, the state on {device}")
+        with torch.inference_mode():
+            self.state = state.clone()  # the static buffers
+            self._buffers = self.state.flat_tensors()
+            self.tokens = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)
+            self.logits = torch.zeros(state.batch_size, model.spec.vocab_size, dtype=model.embed.weight.dtype,
+                                      device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if device.type == "cuda" if capture is None else capture:
+            self._capture(warmup)
+
+    def _step(self) -> None:
+        """One token per row from the static buffers back into them (what the graph captures)."""
+        logits, new = self.model(embeds=self.model.embed(self.tokens), state=self.state)
+        for name, tensor in new.flat_tensors().items():
+            self._buffers[name].copy_(tensor)
+        self.logits.copy_(logits[:, 0])
+
+    @torch.inference_mode()
+    def _capture(self, warmup: int) -> None:
+        """Warm up on a side stream (kernel compiles and autotuning happen here), capture one step,
+        then restore the state the warm-up advanced."""
+        if self.tokens.device.type != "cuda":
+            raise ValueError(f"GraphDecoder: capture needs the model and state on CUDA, got {self.tokens.device}")
+        saved = self.state.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self.reset(saved)
+
+    @torch.inference_mode()
+    def reset(self, state: DecoderState) -> None:
+        """Continue from `state` (same model, batch and shapes) without capturing again."""
+        tensors = state.flat_tensors()
+        if tensors.keys() != self._buffers.keys():
+            raise ValueError("GraphDecoder.reset: the state's layers differ from the captured model's")
+        for name, buffer in self._buffers.items():
+            if tensors[name].shape != buffer.shape:
+                raise ValueError(f"GraphDecoder.reset: {name} has shape {list(tensors[name].shape)}, "
+                                 f"the buffers {list(buffer.shape)}")
+            buffer.copy_(tensors[name])
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] (one per row, on the state's device); returns logits [B, vocab], the static
+        buffer that the next step overwrites (clone it to keep it)."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        if self.graph is None:
+            self._step()
+        else:
+            self.graph.replay()
+        return self.logits
+
+    @torch.inference_mode()
+    def generate(self, logits: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy tokens [B, max_new_tokens] after next-token logits [B, vocab] (as `continue_stream` at
+        temperature 0 with no stop tokens). Every token is fed, so the held state ends after the last
+        one and `self.logits` predicts the next. Tokens stay on the device until the end."""
+        if max_new_tokens < 1:
+            raise ValueError(f"GraphDecoder.generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        token = logits.argmax(-1)
+        tokens = []
+        for _ in range(max_new_tokens):
+            tokens.append(token)
+            token = self.step(token).argmax(-1)
+        return torch.stack(tokens, dim=1)

@@ -1,0 +1,107 @@
+"""The GPU check prepared on CPU: the script's dry run, the CUDA tests' code on CPU backends, and the
+benchmark's summary of the paper's claims."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    """A fresh copy of the module at `path` (under its own name, apart from pytest's import of it)."""
+    spec = importlib.util.spec_from_file_location(f"dry_run_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_builds_and_runs_every_section(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "experiments" / "gpu_check.sh"), "--dry-run"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("*.log")}
+    assert done.returncode == 0, (done.stdout, logs)
+    assert "dry run passed" in logs["gpu_check.log"]
+    assert "tests collected" in logs["collect.log"]
+    sections = json.loads((tmp_path / "bench.json").read_text())["sections"]
+    assert set(sections) == {"graph", "decode", "stream", "prefill", "ops"}
+    assert all(row["tokens_equal"] for row in sections["graph"])
+    decode = {(row["recipe"], row["mode"]) for row in sections["decode"]}
+    assert decode == {("infinitevl", "eager"), ("infinitevl", "graph"), ("transformer", "eager")}
+    assert all(row["tokens_per_frame"] == 64 for row in sections["stream"])
+    rows = [row for rows in sections.values() for row in rows]
+    assert not [row for row in rows if "status" in row], "a dry-run case failed"
+    assert "## claims" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.fixture
+def cuda_tests(monkeypatch):
+    """tests/test_cuda_backends.py with its device set to CPU."""
+    module = _load(ROOT / "tests" / "test_cuda_backends.py")
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    return module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backend_tests_pass_on_cpu_with_the_torch_backend(cuda_tests, dtype):
+    """The comparisons and tolerances of the CUDA tests, run on CPU where only "torch" applies (FlexAttention
+    has no CPU backward, fla no CPU kernels)."""
+    for length in (1, 100):
+        cuda_tests.test_gated_delta_rule("torch", dtype, length)
+        cuda_tests.test_ssd("torch", dtype, length)
+    for case in cuda_tests.ATTENTION_CASES:
+        cuda_tests.test_attention("torch", dtype, case)
+    cuda_tests.test_bidirectional_attention("torch", dtype)
+
+
+def test_cuda_kit_configs_build_with_the_op_tests_head_layout(cuda_tests):
+    """The kit's CUDA configs are valid and share the op tests' head layout (one fla compile per dtype)."""
+    from mixerzoo.registry import build_mixer
+
+    gdn = build_mixer(cuda_tests.KIT_CONFIGS["gated_deltanet"][0]).config
+    shape = cuda_tests.GDN_SHAPE
+    assert (gdn.n_heads, gdn.value_heads, gdn.key_dim, gdn.value_dim) == (
+        shape["heads"], shape["value_heads"], shape["dim_k"], shape["dim_v"])
+    mamba = build_mixer(cuda_tests.KIT_CONFIGS["mamba2"][0]).config
+    shape = cuda_tests.SSD_SHAPE
+    assert (mamba.n_heads, mamba.head_dim, mamba.n_groups, mamba.d_state) == (
+        shape["heads"], shape["dim_p"], shape["groups"], shape["dim_n"])
+    for name in ("attention", "sliding_window"):
+        build_mixer(cuda_tests.KIT_CONFIGS[name][0])
+
+
+def test_the_check_catches_a_wrong_backend(cuda_tests, monkeypatch):
+    """A backend whose outputs are off by a few percent fails the bfloat16 tolerance."""
+    ops = sys.modules["mixerzoo.ops.gated_delta_rule"]
+    chunked = ops._chunked
+    monkeypatch.setattr(ops, "_chunked", lambda *args: (lambda o, s: (o * 1.05, s))(*chunked(*args)))
+    with pytest.raises(AssertionError, match="relative RMSE"):
+        cuda_tests.test_gated_delta_rule("torch", torch.bfloat16, 100)
+
+
+def test_claims_compare_the_paper_goals():
+    bench = _load(ROOT / "experiments" / "gpu_bench.py")
+
+    def row(recipe, mode, context, ms):
+        return dict(recipe=recipe, mode=mode, context=context, ms_per_token=ms)
+
+    sections = {
+        "decode": [row("infinitevl", "graph", 4096, 5.0), row("infinitevl", "graph", 51200, 5.0),
+                   row("infinitevl", "graph", 307200, 5.5), row("transformer", "eager", 51200, 20.0),
+                   dict(recipe="transformer", mode="eager", context=307200, status="oom")],
+        "stream": [dict(tokens_per_frame=256, fps=40.0, model_fps=55.0)],
+    }
+    text = "\n".join(bench.claims(sections))
+    assert "decode at 50K: infinitevl (graph) 4.00x faster" in text and "holds" in text
+    assert "decode at 300K: the transformer ran out of memory" in text
+    assert "latency 300K / 4K: 1.10x" in text
+    assert "40.0 FPS end to end, 55.0 FPS without CPU preprocessing" in text

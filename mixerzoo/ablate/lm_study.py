@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, build_spec, register_study, save_figure
+from mixerzoo.ablate.studies import Row, RunConfig, StudySettings, build_spec, register_study, save_figure
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, parameter_count, state_nbytes
 from mixerzoo.tasks.loop import fit
@@ -42,10 +42,8 @@ EVAL_SEED = 2**31  # validation windows: the same for every run
 EVAL_BATCH = 32
 
 
-class LMSettings(BaseModel):
+class LMSettings(StudySettings):
     """The `lm` study's settings (unknown keys are an error)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     seq_len: int = Field(256, gt=1)
     steps: int = Field(300, gt=0)
@@ -55,7 +53,6 @@ class LMSettings(BaseModel):
     batch_size: int = Field(16, gt=0)
     eval_windows: int = Field(256, gt=0)
     buckets: int = Field(8, gt=0)
-    scale: float = Field(1.0, gt=0)
 
 
 @torch.no_grad()
@@ -100,7 +97,7 @@ def lm_plot(rows: list[Row], path: Path) -> None:
     save_figure(fig, path)
 
 
-@register_study("lm", plot=lm_plot)
+@register_study("lm", settings=LMSettings, plot=lm_plot)
 def lm_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on stdlib text; one row of validation loss overall and by position."""
     settings = LMSettings.model_validate(run.settings)

@@ -3,7 +3,7 @@
 A user error (bad YAML, an unknown name, a missing or damaged file, a bad value) prints one
 line, `mixerzoo: error: ...`, and exits with status 1 (2 for a bad command line); `--debug`
 shows the traceback instead. Every command takes `--threads` (torch intra-op threads); the
-default is 1 for models under SMALL_MODEL_PARAMETERS parameters, where more threads on a
+default is 1 for models under 100M parameters (SMALL_MODEL_PARAMETERS), where more threads on a
 shared machine only add contention, and torch's own default above that.
 """
 

@@ -41,8 +41,8 @@ class PadDecayGatedDeltaNet(GatedDeltaNet):
 
     config_class = PadDecayConfig
 
-    def _gates(self, x, valid):
-        g, beta = super()._gates(x, torch.ones_like(valid))
+    def _gates(self, a, b, valid):
+        g, beta = super()._gates(a, b, torch.ones_like(valid))
         return g, beta * valid[..., None]
 
 

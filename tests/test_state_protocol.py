@@ -38,10 +38,10 @@ def _ragged_full_state(mixer):
 def test_select_trims_a_full_cache_and_concat_restores_it():
     mixer = build_mixer(FULL)
     state = _ragged_full_state(mixer)
-    assert state.seen.tolist() == [5, 2] and state.k.shape[1] == 5
+    assert state.seen.tolist() == [5, 2] and state.k.shape[2] == 5
     short = state.select([1])
-    assert short.k.shape[1] == 2 and short.seen.tolist() == [2]
-    assert torch.equal(short.k[0], state.k[1, :2])
+    assert short.k.shape[2] == 2 and short.seen.tolist() == [2]
+    assert torch.equal(short.k[0], state.k[1, :, :2])
     again = KVCache.concat([state.select([0]), short])
     for name, tensor in state.tensors().items():
         assert torch.equal(again.tensors()[name], tensor), name
@@ -107,3 +107,59 @@ def test_state_size_formula_bounded_for_window_linear_for_full():
     assert swa.state_nbytes(10, 2) == swa.state_nbytes(1_000_000, 2)
     assert full.state_nbytes(2000, 2) - full.state_nbytes(1000, 2) == full.state_nbytes(1000, 2) - full.state_nbytes(0, 2)
     assert full.state_nbytes(1000, 1, dtype=torch.bfloat16) == 2 * 1000 * 2 * 8 * 2 + 8
+
+
+def _decode(mixer, state, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        _, state = mixer(torch.randn(state.batch_size, 1, 16, generator=gen), state)
+    return state
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_full_cache_decodes_into_spare_capacity_with_geometric_growth(mode):
+    mixer = build_mixer(FULL)
+    _, state = mixer(torch.randn(2, 3, 16))
+    buffers = set()
+    with mode():
+        for _ in range(300):
+            state = _decode(mixer, state, 1)
+            buffers.add(state.k.data_ptr())  # a prefix view starts where its buffer starts
+    # 1.5x growth from 64 slots: 64 -> 96+ -> ... reaches 303 tokens in a handful of buffers, not 300 copies
+    assert len(buffers) <= 6, f"{len(buffers)} buffers for 300 decode steps: the cache is copied per token"
+    assert state.k.shape == (2, 2, 303, 8) and state.seen.tolist() == [303, 303]
+    assert state.nbytes == mixer.config.state_nbytes(303, 2)
+    assert state.nbytes < state.reserved_nbytes <= 2 * state.nbytes + 2 * mixer.config.state_nbytes(64, 2)
+
+
+def test_full_cache_continuations_of_one_state_never_clobber_each_other():
+    mixer = build_mixer(FULL).double()
+    _, state = mixer(torch.randn(1, 5, 16, dtype=torch.float64))
+    snapshot = {k: t.clone() for k, t in state.tensors().items()}
+    a, b = torch.randn(1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, after_a = mixer(a, state)  # claims the slot past the end of state's buffer
+        _, after_b = mixer(b, state)  # must not write into that slot
+        for name, tensor in state.tensors().items():
+            assert torch.equal(tensor, snapshot[name]), f"a forward changed its input state's {name!r}"
+        torch.testing.assert_close(mixer(a, after_a)[0], mixer(a, _decode_like(mixer, state, a))[0], rtol=0, atol=0)
+        torch.testing.assert_close(mixer(b, after_b)[0], mixer(b, _decode_like(mixer, state, b))[0], rtol=0, atol=0)
+    assert not torch.equal(after_a.k[:, :, -1], after_b.k[:, :, -1])
+
+
+def _decode_like(mixer, state, x):
+    """The state after x from an independent copy of `state` (no shared buffer)."""
+    return mixer(x, state.clone())[1]
+
+
+def test_full_cache_save_writes_the_used_length_only(tmp_path: Path):
+    mixer = build_mixer(FULL)
+    _, state = mixer(torch.randn(1, 4, 16))
+    state = _decode(mixer, state, 3)
+    assert state.reserved_nbytes > state.nbytes
+    path = tmp_path / "s.safetensors"
+    state.save(path, mixer.config)
+    saved = safetensors.torch.load_file(path)
+    assert saved["k"].shape == (1, 2, 7, 8) and saved["v"].shape == (1, 2, 7, 8)
+    loaded = mixer.load_state(path)
+    assert loaded.nbytes == state.nbytes == mixer.config.state_nbytes(7, 1)

@@ -127,7 +127,9 @@ def test_lora_trains_only_adapters_and_folds_into_plain_linears():
     groups = parameter_groups(model)
     assert groups["lora"] and all("lora_" in name for name in groups["lora"])
     same, _ = model(ids)
-    torch.testing.assert_close(same, reference, rtol=0, atol=0)  # B = 0 at init: an exact no-op
+    # B = 0 at init: a no-op, up to float32 rounding (the wrapped projections no longer run fused
+    # with their neighbours, which groups the matmul's sums differently)
+    torch.testing.assert_close(same, reference)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)

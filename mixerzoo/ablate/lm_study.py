@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, StudySettings, build_spec, register_study, save_figure
+from mixerzoo.ablate.studies import Row, RunConfig, StudySettings, build_spec, figure_title, register_study, save_figure
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, parameter_count, state_nbytes
 from mixerzoo.tasks.loop import fit
@@ -91,7 +91,7 @@ def lm_plot(rows: list[Row], path: Path) -> None:
             ax.axvline(row["swa_window"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.set_xlabel("token position in the window")
     ax.set_ylabel("validation loss (nats per byte)")
-    ax.set_title("Language modelling on the stdlib's source: loss by position (dotted: sliding windows)")
+    ax.set_title(figure_title(rows, "stdlib source, loss by position (dotted: sliding windows)"), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -4,6 +4,7 @@ One run trains a fresh model (seeded by the run's seed) on fresh MQAR batches an
 evaluates it on examples from a different seed. Settings (unknown keys are an error):
 
     seq_len, n_pairs       the MQAR shape (required)
+    vocab_size: null       the task's vocabulary (keys [1, V/2), values [V/2, V)); default the spec's
     steps: 300             training steps, multiplied by the experiment's `scale`
     lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
     warmup_steps: 0        linear warmup steps (capped below the step count)
@@ -42,6 +43,7 @@ class MQARSettings(StudySettings):
 
     seq_len: int = Field(gt=0)
     n_pairs: int = Field(gt=0)
+    vocab_size: int | None = Field(None, gt=0)
     steps: int = Field(300, gt=0)
     lr: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(0, ge=0)
@@ -69,12 +71,14 @@ def within_window(task: MQARConfig, spec: LayoutSpec, seed: int, n_examples: int
 
 
 @register_study("mqar", settings=MQARSettings,
-                chance=lambda row: chance_accuracy(recipe(row["recipe"], row["size"]).vocab_size))
+                chance=lambda row: chance_accuracy(row.get("vocab_size") or recipe(row["recipe"], row["size"]).vocab_size))
 def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""
     settings = MQARSettings.model_validate(run.settings)
     spec = build_spec(run)
-    task = MQARConfig(vocab_size=spec.vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs,
+    if (settings.vocab_size or 0) > spec.vocab_size:
+        raise ValueError(f"mqar: vocab_size {settings.vocab_size} exceeds the model's vocabulary ({spec.vocab_size})")
+    task = MQARConfig(vocab_size=settings.vocab_size or spec.vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs,
                       power_a=settings.power_a)
     torch.manual_seed(run.seed)
     model = Decoder(spec)
@@ -83,7 +87,7 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
                          weight_decay=settings.weight_decay, warmup_steps=min(settings.warmup_steps, steps - 1))
     accuracy = evaluate_mqar(model, task, settings.eval_examples, run.seed + EVAL_SEED_OFFSET)
     return [dict(
-        seq_len=task.seq_len, n_pairs=task.n_pairs, swa_window=swa_window(spec), accuracy=accuracy,
+        seq_len=task.seq_len, n_pairs=task.n_pairs, vocab_size=task.vocab_size, swa_window=swa_window(spec), accuracy=accuracy,
         within_window=within_window(task, spec, run.seed + EVAL_SEED_OFFSET, settings.eval_examples),
         final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),

@@ -16,14 +16,16 @@ from typing_extensions import Self
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
-from mixerzoo.mixers.base import activation_dtype, atomic_save_safetensors, check_count, check_input_dtype
+from mixerzoo.mixers.base import (
+    activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, fused_linear,
+)
 from mixerzoo.mixers.packing import PackedLayout
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), with Llama / Qwen parameter names."""
+    """down(silu(gate(x)) * up(x)), with Llama / Qwen parameter names (gate and up run as one matmul)."""
 
     def __init__(self, d_model: int, spec: MLPSpec):
         super().__init__()
@@ -33,7 +35,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_model] -> [..., d_model]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(self, "gate_up", (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

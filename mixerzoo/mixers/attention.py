@@ -1,7 +1,7 @@
 """Softmax attention as a mixer: full (window=None) or sliding window (window=W).
 
 Full attention keeps every past key and value (post-rotary): its state grows by one
-slot per token. Sliding-window attention keeps a ring buffer of the last W keys and
+slot per token, written into spare capacity of a preallocated buffer (no copy per token). Sliding-window attention keeps a ring buffer of the last W keys and
 values per row (token n lives in slot n % W): its state is constant. Positions and
 windows count valid tokens only.
 """
@@ -9,6 +9,7 @@ windows count valid tokens only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import defaultdict
 from typing import Literal, Sequence
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, fused_linear
 from mixerzoo.ops import apply_rotary, attention, rotary_angles
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
@@ -87,33 +88,103 @@ class AttentionConfig(MixerConfig):
         return 4 * self.n_heads * self.dim * visible
 
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
-        """K and V for `window` slots (sliding) or every token (full), plus the token count."""
+        """K and V for `window` slots (sliding) or every token (full), plus the token count.
+
+        For full attention this is the used length, what `state.nbytes` reports and `save` writes;
+        the buffers behind it reserve up to 1.5x more (`KVCache.reserved_nbytes`)."""
         slots = n_tokens if self.window is None else self.window
         itemsize = torch.empty((), dtype=dtype).element_size()
         return batch_size * (2 * slots * self.kv_heads * self.dim * itemsize + _INDEX_BYTES)
 
 
+# Spare capacity of a full-attention buffer when it must grow: 1.5x the tokens it then holds
+# (at least _MIN_CAPACITY), so a stream of T tokens copies each key O(1) times in all.
+_GROWTH, _MIN_CAPACITY = 1.5, 64
+
+
+class _Buffer:
+    """Storage behind a full-attention cache: `tensor` [B, Hkv, capacity, D] and `claimed`, the
+    longest prefix any state has been handed (slots past it are free to write)."""
+
+    def __init__(self, tensor: torch.Tensor, claimed: int):
+        self.tensor, self.claimed = tensor, claimed
+
+
+def _append(cache: torch.Tensor, block: torch.Tensor, buffer: _Buffer | None) -> tuple[torch.Tensor, _Buffer]:
+    """cache [B, Hkv, L, D] followed by block [B, Hkv, n, D] along dim 2, as the prefix view of a
+    buffer with spare capacity, and that buffer; `cache` itself is never changed.
+
+    The block is written in place into slots L .. L + n - 1 of `buffer` (the one cache is a prefix
+    of) when it has room and no state has claimed those slots, so two states continuing from the
+    same cache never write into each other's slots. Otherwise, and whenever either tensor requires
+    grad (autograd sees only out-of-place ops), both go into a fresh buffer of 1.5x the length.
+    """
+    length, n = cache.shape[2], block.shape[2]
+    if (
+        buffer is not None
+        and buffer.claimed == length
+        and buffer.tensor.shape[2] >= length + n
+        and cache.data_ptr() == buffer.tensor.data_ptr()
+        and cache.stride() == buffer.tensor.stride()
+        and not (cache.requires_grad or block.requires_grad)
+    ):
+        buffer.tensor[:, :, length : length + n] = block
+        buffer.claimed = length + n
+    else:
+        spare = max(math.ceil(_GROWTH * (length + n)), _MIN_CAPACITY) - length - n
+        tensor = torch.cat([cache, block, cache.new_zeros(*cache.shape[:2], spare, cache.shape[3])], dim=2)
+        buffer = _Buffer(tensor, length + n)
+    return buffer.tensor[:, :, : length + n], buffer
+
+
 @dataclasses.dataclass
 class KVCache(MixerState):
-    """Full-attention state: keys and values of every valid token seen, row-compact."""
+    """Full-attention state: keys and values of every valid token seen, row-compact.
 
-    k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (1,)})  # [B, L, Hkv, D], L = max(seen)
-    v: torch.Tensor = dataclasses.field(metadata={"variable_dims": (1,)})  # [B, L, Hkv, D]
-    seen: torch.Tensor  # [B] int64: valid tokens seen; row b's keys are k[b, :seen[b]], the rest zero
+    `k` and `v` are prefix views of buffers with spare capacity (see `_append`): a decode step
+    writes one slot past the end instead of copying the cache. `nbytes`, `save` and every
+    comparison see the used length only; `reserved_nbytes` counts the buffers. A state made
+    any other way (clone, select, concat, load, to) has no spare capacity until it grows.
+    """
+
+    k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D], L = max(seen)
+    v: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D]
+    seen: torch.Tensor  # [B] int64: valid tokens seen; row b's keys are k[b, :, :seen[b]], the rest zero
+
+    def append(self, block_k: torch.Tensor, block_v: torch.Tensor, seen: torch.Tensor) -> Self:
+        """This cache followed by block_k, block_v [B, Hkv, n, D], with token counts `seen`; self is unchanged."""
+        buffer_k, buffer_v = self.__dict__.get("_buffers", (None, None))
+        k, buffer_k = _append(self.k, block_k, buffer_k)
+        v, buffer_v = _append(self.v, block_v, buffer_v)
+        grown = dataclasses.replace(self, k=k, v=v, seen=seen)
+        grown.__dict__["_buffers"] = (buffer_k, buffer_v)
+        return grown
+
+    @property
+    def reserved_nbytes(self) -> int:
+        """Bytes of the buffers behind k and v (used length plus spare capacity) and the counter."""
+        buffers = self.__dict__.get("_buffers", (None, None))
+        held = sum((t if b is None else b.tensor).nbytes for t, b in zip((self.k, self.v), buffers))
+        return held + self.seen.nbytes
+
+    def contiguous(self) -> Self:
+        """The state as it is: prefix views of a buffer are the canonical layout (save writes them
+        contiguous, and a loaded state continues bit-identically)."""
+        return self
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
         """The given rows, with the cache trimmed to their longest history."""
         picked = super().select(rows)
         length = int(picked.seen.max()) if picked.seen.numel() else 0
-        return dataclasses.replace(picked, k=picked.k[:, :length], v=picked.v[:, :length])
+        return dataclasses.replace(picked, k=picked.k[:, :, :length], v=picked.v[:, :, :length])
 
     @classmethod
     def concat(cls, states: Sequence[Self]) -> Self:
         """One batch of `states`' rows; shorter caches are padded with empty slots."""
-        length = max((s.k.shape[1] for s in states), default=0)
+        length = max((s.k.shape[2] for s in states), default=0)
 
         def pad(t: torch.Tensor) -> torch.Tensor:
-            return F.pad(t, (0, 0, 0, 0, 0, length - t.shape[1]))
+            return F.pad(t, (0, 0, 0, length - t.shape[2]))
 
         return super().concat([dataclasses.replace(s, k=pad(s.k), v=pad(s.v)) for s in states])
 
@@ -122,8 +193,8 @@ class KVCache(MixerState):
 class RingKVCache(MixerState):
     """Sliding-window state: a ring of the last W keys and values per row."""
 
-    k: torch.Tensor  # [B, W, Hkv, D]; token n (counting valid tokens from 0) lives in slot n % W
-    v: torch.Tensor  # [B, W, Hkv, D]
+    k: torch.Tensor  # [B, Hkv, W, D]; token n (counting valid tokens from 0) lives in slot n % W
+    v: torch.Tensor  # [B, Hkv, W, D]
     seen: torch.Tensor  # [B] int64: valid tokens seen
 
 
@@ -154,16 +225,17 @@ class Attention(Mixer):
         device = self.o_proj.weight.device if device is None else device
         dtype = self.o_proj.weight.dtype if dtype is None else dtype
         slots = 0 if c.window is None else c.window
-        kv = torch.zeros(batch_size, slots, c.kv_heads, c.dim, device=device, dtype=dtype)
+        kv = torch.zeros(batch_size, c.kv_heads, slots, c.dim, device=device, dtype=dtype)
         seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         return self.state_class(k=kv, v=kv.clone(), seen=seen)
 
     def _forward(self, x, state, positions, valid):
         c = self.config
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, c.n_heads, c.dim)
-        k = self.k_proj(x).view(batch, length, c.kv_heads, c.dim)
-        v = self.v_proj(x).view(batch, length, c.kv_heads, c.dim)
+        q, k, v = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x).split(
+            [c.n_heads * c.dim, c.kv_heads * c.dim, c.kv_heads * c.dim], dim=-1
+        )
+        q, k, v = q.unflatten(-1, (c.n_heads, c.dim)), k.unflatten(-1, (c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row
@@ -197,7 +269,7 @@ class Attention(Mixer):
         slots = state.seen[rows, None] - count + torch.arange(count, device=rows.device)  # [G, count]
         if self.config.window is not None:
             slots = slots % self.config.window
-        return state.k[rows[:, None], slots], state.v[rows[:, None], slots]
+        return state.k[rows[:, None], :, slots], state.v[rows[:, None], :, slots]
 
     def _attend_rowwise(self, q, k, v, state, valid):
         """Each row's valid queries against its history plus its valid chunk tokens, in time order.
@@ -226,25 +298,32 @@ class Attention(Mixer):
         """The state after storing the chunk's valid keys and values (the input state is untouched)."""
         c = self.config
         seen = state.seen + valid.sum(1)
-        if c.window is None:
-            length = max(state.k.shape[1], int(seen.max()))
-            new_k = F.pad(state.k, (0, 0, 0, 0, 0, length - state.k.shape[1]))
-            new_v = F.pad(state.v, (0, 0, 0, 0, 0, length - state.v.shape[1]))
-            keep = valid
-        else:
-            new_k, new_v = state.k.clone(), state.v.clone()
+        rows, cols = valid.nonzero(as_tuple=True)
+        if c.window is not None:
             keep = valid & (index >= seen[:, None] - c.window)  # only the last W tokens reach the ring
-        rows, cols = keep.nonzero(as_tuple=True)
-        slots = index[rows, cols] if c.window is None else index[rows, cols] % c.window
-        new_k[rows, slots] = k[rows, cols]
-        new_v[rows, slots] = v[rows, cols]
+            rows, cols = keep.nonzero(as_tuple=True)
+            slots = index[rows, cols] % c.window
+            new_k, new_v = state.k.clone(), state.v.clone()
+            new_k[rows, :, slots], new_v[rows, :, slots] = k[rows, cols], v[rows, cols]
+            return dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
+        length = state.k.shape[2]
+        slots = index[rows, cols] - length  # [N]: slot relative to the current end; < 0 inside a shorter row
+        grow = max(int(seen.max()) - length, 0)
+        shape = (k.shape[0], c.kv_heads, grow, c.dim)
+        if bool((slots >= 0).all()):  # appends only: a block past the end, written in place where free
+            block_k, block_v = k.new_zeros(shape), v.new_zeros(shape)
+            block_k[rows, :, slots], block_v[rows, :, slots] = k[rows, cols], v[rows, cols]
+            return state.append(block_k, block_v, seen)
+        # a shorter row writes below the end, inside the input state's view: copy first
+        new_k = torch.cat([state.k, k.new_zeros(shape)], dim=2)
+        new_v = torch.cat([state.v, v.new_zeros(shape)], dim=2)
+        new_k[rows, :, slots + length], new_v[rows, :, slots + length] = k[rows, cols], v[rows, cols]
         return dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
 
     def _decode_full(self, q, k, v, state):
-        """One token per row, every row valid with the same history: append, then attend."""
-        new_k, new_v = torch.cat([state.k, k], dim=1), torch.cat([state.v, v], dim=1)
-        o = attention(q, new_k, new_v, backend=self.config.backend)
-        return o, dataclasses.replace(state, k=new_k, v=new_v, seen=state.seen + 1)
+        """One token per row, every row valid with the same history: append past the end, then attend."""
+        state = state.append(k.transpose(1, 2), v.transpose(1, 2), state.seen + 1)
+        return _decode_attention(q, state.k, state.v), state
 
     def _decode_ring(self, q, k, v, state, valid):
         """One token per row: write it into its ring slot (a pad row writes back the slot's own value),
@@ -254,14 +333,23 @@ class Attention(Mixer):
         slots = state.seen % window  # [B]
         keep = valid[:, None, None]
         new_k, new_v = state.k.clone(), state.v.clone()
-        new_k[rows, slots] = torch.where(keep, k[:, 0], state.k[rows, slots])
-        new_v[rows, slots] = torch.where(keep, v[:, 0], state.v[rows, slots])
+        new_k[rows, :, slots] = torch.where(keep, k[:, 0], state.k[rows, :, slots])
+        new_v[rows, :, slots] = torch.where(keep, v[:, 0], state.v[rows, :, slots])
         seen = state.seen + valid
         # Slot s holds a token of the window iff it has been written; a pad row sees its
         # (finite) slots and its output is zeroed by the caller.
         filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid[:, None]  # [B, W]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), new_k.transpose(1, 2), new_v.transpose(1, 2),
-            attn_mask=filled[:, None, None, :], enable_gqa=q.shape[2] != k.shape[2],
-        ).transpose(1, 2)
-        return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
+        return _decode_attention(q, new_k, new_v, filled[:, None, None, :]), dataclasses.replace(
+            state, k=new_k, v=new_v, seen=seen
+        )
+
+
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row against cached keys: q [B, 1, Hq, D]; k, v [B, Hkv, S, D]; mask [B, 1, 1, S] or None.
+
+    The query heads that share a KV head ride as that head's query rows ([B, Hkv, Hq / Hkv, D]),
+    so SDPA reads each cached key once and never expands the cache for GQA. Returns [B, 1, Hq, D].
+    """
+    batch, _, heads, dim = q.shape
+    grouped = q.view(batch, k.shape[1], heads // k.shape[1], dim)
+    return F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask).reshape(batch, 1, heads, dim)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
@@ -222,6 +223,41 @@ class MixerState:
         return cls(**tensors)
 
 
+def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat(tensors, dim) of `owner`'s parameters, kept on `owner` under `name` while they are unchanged.
+
+    Lets a module keep separately named parameters (fla / HF checkpoints load as they are) and still
+    run one matmul or conv over them. The cached copy is rebuilt when any parameter is replaced,
+    moved, cast or written in place (its version counter moves: optimizer steps, load_state_dict);
+    while autograd records a parameter the concatenation is made per call, so gradients reach
+    the parameters. It is not a parameter or buffer: state_dict never sees it.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return torch.cat(list(tensors), dim)
+    key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (dim,)
+    cache = owner.__dict__.setdefault("_cat_cache", {})
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = cache[name] = (key, torch.cat(list(tensors), dim))
+    return hit[1]
+
+
+def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """`layers` (all with a bias, or none) applied to x [..., d_in] by one matmul over their
+    concatenated weights (cached on `owner` under `name`, see `cached_cat`): [..., sum of d_out],
+    the layers' outputs side by side in order. A layer that is not a plain nn.Linear (a LoRA wrapper,
+    a subclass) or that carries forward hooks is called as it is, and so are the others then."""
+    if any(type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks for layer in layers):
+        return torch.cat([layer(x) for layer in layers], dim=-1)
+    weight = cached_cat(owner, f"{name}.weight", [layer.weight for layer in layers])
+    has_bias = [layer.bias is not None for layer in layers]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError(f"fused_linear {name}: either every layer has a bias or none")
+    bias = cached_cat(owner, f"{name}.bias", [layer.bias for layer in layers]) if all(has_bias) else None
+    return F.linear(x, weight, bias)
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype activations computed from `x` will have: autocast's dtype when autocast is on for
     x's device, else x's own (a fresh state's caches must hold what the projections produce)."""
@@ -334,9 +370,13 @@ class Mixer(nn.Module):
                 raise ValueError(f"{name}: x has batch {batch} but the state has {state.batch_size} rows")
             if state.device != x.device:
                 raise ValueError(f"{name}: x is on {x.device} but the state is on {state.device}")
-            state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
+            made_for = state.__dict__.get("_made_for", (None, None))
+            if made_for[0] is not self.config or made_for[1] != x.dtype:  # validated once per state
+                state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
         y, state = self._forward(x, state, positions, valid)
-        return y, state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
+        state = state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
+        state.__dict__["_made_for"] = (self.config, x.dtype)  # this mixer built it: no check to continue it
+        return y, state
 
     def forward_packed(
         self, x: torch.Tensor, documents: torch.Tensor | PackedLayout, *, positions: torch.Tensor | None = None

@@ -5,7 +5,8 @@ L2-normalised per head; beta = sigmoid(b_proj x) (x2 with negative eigenvalues);
 log decay g = -exp(A_log) * softplus(a_proj x + dt_bias); the gated delta rule mixes;
 each head's output is RMS-normalised, gated by SiLU(g_proj x), then o_proj.
 Parameter names and shapes equal fla's, so its state_dicts load without renaming.
-The state is three conv tails plus the recurrent matrix: constant in tokens seen.
+The state is the conv tail plus the recurrent matrix: constant in tokens seen. At run time the six
+input projections run as one matmul and the three convs as one (concatenated weights, cached).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.attention import Attention
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, recurrent_dtype, step_size_bias
+from mixerzoo.mixers.base import (
+    Mixer, MixerConfig, MixerState, cached_cat, fused_linear, recurrent_dtype, step_size_bias,
+)
 from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, gated_delta_rule
 
 _L2_EPS = 1e-6  # as fla's l2norm
@@ -73,7 +76,7 @@ class GatedDeltaNetConfig(MixerConfig):
         return 7 * self.value_heads * self.key_dim * self.value_dim
 
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
-        """Conv tails (activation dtype) plus the recurrent matrix (at least float32): constant."""
+        """Conv tail (activation dtype) plus the recurrent matrix (at least float32): constant."""
         item = torch.empty((), dtype=dtype).element_size()
         tails = (self.conv_size - 1) * (2 * self.n_heads * self.key_dim + self.value_heads * self.value_dim) * item
         matrix = self.value_heads * self.key_dim * self.value_dim * max(item, 4)
@@ -82,11 +85,9 @@ class GatedDeltaNetConfig(MixerConfig):
 
 @dataclasses.dataclass
 class GatedDeltaNetState(MixerState):
-    """Three conv tails (last conv_size - 1 valid inputs) and the recurrent matrix."""
+    """The conv tail of q, k and v side by side (last conv_size - 1 valid inputs) and the recurrent matrix."""
 
-    q_conv: torch.Tensor  # [B, W - 1, H * K]
-    k_conv: torch.Tensor  # [B, W - 1, H * K]
-    v_conv: torch.Tensor  # [B, W - 1, HV * V]
+    conv: torch.Tensor  # [B, W - 1, 2 H K + HV V]: q channels, then k, then v
     recurrent: torch.Tensor = dataclasses.field(metadata={"float32": True})  # [B, HV, K, V], float32 (float64 runs: float64)
 
 
@@ -115,49 +116,52 @@ class GatedDeltaNet(Mixer):
         self.o_proj = nn.Linear(value_width, c.d_model, bias=False)
 
     def init_state(self, batch_size, *, device=None, dtype=None):
-        """Zero conv tails (activation dtype) and a zero recurrent matrix (float32, or float64)."""
+        """Zero conv tail (activation dtype) and a zero recurrent matrix (float32, or float64)."""
         c = self.config
         device = self.o_proj.weight.device if device is None else device
         dtype = self.o_proj.weight.dtype if dtype is None else dtype
 
-        def tail(width: int) -> torch.Tensor:
-            return torch.zeros(batch_size, c.conv_size - 1, width, device=device, dtype=dtype)
-
+        conv = torch.zeros(batch_size, c.conv_size - 1, self._conv_width, device=device, dtype=dtype)
         matrix = torch.zeros(batch_size, c.value_heads, c.key_dim, c.value_dim, device=device, dtype=recurrent_dtype(dtype))
-        return GatedDeltaNetState(
-            q_conv=tail(c.n_heads * c.key_dim), k_conv=tail(c.n_heads * c.key_dim),
-            v_conv=tail(c.value_heads * c.value_dim), recurrent=matrix,
-        )
+        return GatedDeltaNetState(conv=conv, recurrent=matrix)
 
-    def _conv(self, conv: nn.Conv1d, x: torch.Tensor, tail: torch.Tensor, valid: torch.Tensor):
-        """Short conv + SiLU over the valid tokens; returns (activations, new tail)."""
-        backend = "reference" if self.config.backend == "reference" else "torch"  # the conv has no CUDA kernel
-        y, tail = causal_conv1d(x, conv.weight[:, 0, :], tail, valid, conv.bias, backend=backend)
-        return F.silu(y), tail
+    @property
+    def _conv_width(self) -> int:
+        """Channels of the q, k and v convs together: 2 H K + HV V."""
+        c = self.config
+        return 2 * c.n_heads * c.key_dim + c.value_heads * c.value_dim
 
     def _forward(self, x, state, positions, valid):
         c = self.config
         batch, length, _ = x.shape
-        q, q_tail = self._conv(self.q_conv1d, self.q_proj(x), state.q_conv, valid)
-        k, k_tail = self._conv(self.k_conv1d, self.k_proj(x), state.k_conv, valid)
-        v, v_tail = self._conv(self.v_conv1d, self.v_proj(x), state.v_conv, valid)
-        q = _l2_normalize(q.view(batch, length, c.n_heads, c.key_dim))
-        k = _l2_normalize(k.view(batch, length, c.n_heads, c.key_dim))
-        v = v.view(batch, length, c.value_heads, c.value_dim)
-        g, beta = self._gates(x, valid)
+        key_width, value_width = c.n_heads * c.key_dim, c.value_heads * c.value_dim
+        # the six input projections as one matmul: q | k | v (the conv's channels) | gate | a | b
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj)
+        qkv, gate, a, b = fused_linear(self, "in", projections, x).split(
+            [self._conv_width, value_width, c.value_heads, c.value_heads], dim=-1
+        )
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        weight = cached_cat(self, "conv.weight", [conv.weight for conv in convs])[:, 0]  # [2HK + HV V, W]
+        bias = cached_cat(self, "conv.bias", [conv.bias for conv in convs]) if c.conv_bias else None
+        backend = "reference" if c.backend == "reference" else "torch"  # the conv has no CUDA kernel
+        qkv, conv = causal_conv1d(qkv, weight, state.conv, valid, bias, backend=backend)
+        q, k, v = F.silu(qkv).split([key_width, key_width, value_width], dim=-1)
+        q = _l2_normalize(q.unflatten(-1, (c.n_heads, c.key_dim)))
+        k = _l2_normalize(k.unflatten(-1, (c.n_heads, c.key_dim)))
+        v = v.unflatten(-1, (c.value_heads, c.value_dim))
+        g, beta = self._gates(a, b, valid)
         o, recurrent = gated_delta_rule(
             q, k, v, g, beta, initial_state=state.recurrent, backend=c.backend, chunk_size=c.chunk_size
         )
-        gate = self.g_proj(x).view(batch, length, c.value_heads, c.value_dim)
-        o = self.o_norm(o) * F.silu(gate)
+        o = self.o_norm(o) * F.silu(gate.unflatten(-1, (c.value_heads, c.value_dim)))
         y = self.o_proj(o.reshape(batch, length, -1)) * valid[..., None]
-        return y, GatedDeltaNetState(q_conv=q_tail, k_conv=k_tail, v_conv=v_tail, recurrent=recurrent.to(state.recurrent.dtype))
+        return y, GatedDeltaNetState(conv=conv, recurrent=recurrent.to(state.recurrent.dtype))
 
-    def _gates(self, x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log decay g and write strength beta [B, T, HV]; both zero at pads, so a pad
-        neither decays nor writes and the state passes through it exactly."""
-        beta = torch.sigmoid(self.b_proj(x)) * (2.0 if self.config.allow_neg_eigval else 1.0)
-        g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)
+    def _gates(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log decay g and write strength beta [B, T, HV] from the a and b projections; both zero
+        at pads, so a pad neither decays nor writes and the state passes through it exactly."""
+        beta = torch.sigmoid(b) * (2.0 if self.config.allow_neg_eigval else 1.0)
+        g = -self.A_log.exp() * F.softplus(a + self.dt_bias)
         return g * valid[..., None], beta * valid[..., None]
 
     @torch.no_grad()

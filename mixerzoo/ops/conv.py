@@ -55,11 +55,21 @@ def _reference(x, weight, tail, valid, bias):
     return torch.stack(ys, dim=1), tail
 
 
+def _step(x, weight, tail, valid, bias):
+    """One token (decode): its window is the tail and itself; a pad outputs zero and keeps the tail."""
+    window = torch.cat([tail, x], dim=1)  # [B, W, C]
+    y = (window * weight.t()).sum(1, keepdim=True)  # [B, 1, C]
+    if bias is not None:
+        y = y + bias
+    keep = valid[:, :, None]  # [B, 1, 1]
+    return y * keep, torch.where(keep, window[:, 1:], tail)
+
+
 def _torch(x, weight, tail, valid, bias):
     """Move each row's valid tokens to the front (in order), convolve after the tail, scatter back;
     a single token (decode) takes the one-step form."""
     if x.shape[1] == 1:
-        return _reference(x, weight, tail, valid, bias)
+        return _step(x, weight, tail, valid, bias)
     taps = weight.shape[1]
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # [B, T]: valid first
     packed = torch.cat([tail, x.gather(1, order[..., None].expand_as(x))], dim=1)  # [B, W - 1 + T, C]

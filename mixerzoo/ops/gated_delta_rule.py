@@ -11,6 +11,11 @@ from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
 
 _OP = "gated_delta_rule"
+# The transition form runs while its extra work K^2 (C + V) is at most this multiple of a chunk's
+# C K V. Measured on CPU (T = 2048, H = 4, C = 64, forward and forward+backward): the recurrent form
+# is as fast or faster from K = 16, V = 32 up to K = 128, V = 256 (0.7-0.9x), so only small key
+# heads (K <= 16 with V >= 64 at C = 64) keep the transition form.
+_TRANSITION_MAX = 0.5
 
 def gated_delta_rule(
     q: torch.Tensor,
@@ -55,20 +60,42 @@ def gated_delta_rule(
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, chunk_size)
 
-    q_, k_, v_, g_, beta_ = (t.to(dtype) for t in (q, k, v, g, beta))
+    q_, k_, v_, g_, beta_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, g, beta))
     if initial_state is None:
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
-        state = initial_state.to(dtype)
-    with without_autocast(q.device):
-        if chosen == "reference" or seq_len == 1:
-            o, state = _recurrent(q_, k_, v_, g_, beta_, scale, state)
-            return o.to(v.dtype), state
+        state = initial_state if initial_state.dtype == dtype else initial_state.to(dtype)
+    if torch.is_autocast_enabled(q.device.type):
+        with without_autocast(q.device):
+            return _run(chosen, q_, k_, v_, g_, beta_, scale, state, chunk_size, v.dtype)
+    return _run(chosen, q_, k_, v_, g_, beta_, scale, state, chunk_size, v.dtype)
+
+
+def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
+    """The torch or reference computation on inputs of one float dtype; o in out_dtype."""
+    if chosen == "torch" and q.shape[1] == 1:
+        o, state = _step(q, k, v, g, beta, scale, state)
+    elif chosen == "reference" or q.shape[1] == 1:
+        o, state = _recurrent(q, k, v, g, beta, scale, state)
+    else:
 
         def span(q, k, v, g, beta, state):
             return _chunked(q, k, v, g, beta, scale, state, chunk_size)
 
-        return in_spans(span, (q_, k_, v_, g_, beta_), state, chunk_size, v.dtype)
+        return in_spans(span, (q, k, v, g, beta), state, chunk_size, out_dtype)
+    return (o if o.dtype == out_dtype else o.to(out_dtype)), state
+
+
+def _step(q, k, v, g, beta, scale, state):
+    """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V]."""
+    heads, value_heads = q.shape[2], v.shape[2]
+    if value_heads != heads:  # value head j reads q / k head j // (HV // H)
+        q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
+    q, k = q[:, 0, :, None, :], k[:, 0, :, None, :]  # [B, HV, 1, K]
+    state = state * g[:, 0, :, None, None].exp()
+    error = (v[:, 0] - (k @ state)[:, :, 0]) * beta[:, 0, :, None]  # [B, HV, V]
+    state = state + k.mT * error[:, :, None, :]  # rank-1 write
+    return ((q @ state) * scale).transpose(1, 2), state  # o [B, 1, HV, V]
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
@@ -110,8 +137,16 @@ def _recurrent(q, k, v, g, beta, scale, state):
     return torch.stack(outputs, dim=1).flatten(2, 3), state.flatten(1, 2)  # [B, T, HV, V], [B, HV, K, V]
 
 
-def _chunked(q, k, v, g, beta, scale, state, chunk_size):
-    """Chunked WY form; shapes as in `_recurrent`, all tensors of one float dtype.
+def _transition_form(dim_k: int, dim_v: int, chunk_size: int) -> bool:
+    """Whether the chunk-to-chunk carry takes the [K, K] transition form (one product per chunk in
+    the sequential loop, K^2 (C + V) extra multiply-adds per chunk and head) rather than the
+    per-chunk recurrent form fla uses (two products per chunk, no extra work): where K is small."""
+    return dim_k * (chunk_size + dim_v) <= _TRANSITION_MAX * chunk_size * dim_v
+
+
+def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
+    """Chunked WY form; shapes as in `_recurrent`, all tensors of one float dtype. `form`
+    ("transition" or "recurrent") overrides the choice by shape (`_transition_form`).
 
     Within a chunk, with log decays summed from the chunk start (G), the values the chunk writes are
     u = T^-1 (beta v) - T^-1 (beta exp(G) k) S0 with T = I + strictly_lower(beta (k k^T) exp(G_i - G_j)).
@@ -149,18 +184,27 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size):
     t_inv = torch.linalg.solve_triangular(gram_t, eye, upper=True, left=False, unitriangular=True).mT
     u_free = t_inv @ (beta_c * v_c)  # [N, BHV, C, V]
     w = t_inv @ per_value_head(beta_c * decay_in, k_c)  # [N, BHV, C, K]; the chunk writes u = u_free - w S0
-    k_out = per_value_head(decay_out, k_c).mT  # [N, BHV, K, C]
-    # S_end = exp(G_C) S0 + k_out u = transition S0 + inject
-    transition = decay_all * torch.eye(dim_k, dtype=q.dtype, device=q.device) - k_out @ w  # [N, BHV, K, K]
-    inject = k_out @ u_free  # [N, BHV, K, V]
+    k_out = per_value_head(decay_out, k_c).mT  # [N, BHV, K, C]; S_end = exp(G_C) S0 + k_out u
 
     state = state.reshape(batch * value_heads, dim_k, dim_v)
     starts = []
-    for i in range(n_chunks):
-        starts.append(state)
-        state = torch.baddbmm(inject[i], transition[i], state)
-    start = torch.stack(starts).flatten(0, 1)  # [N * BHV, K, V]
-    u = torch.baddbmm(u_free.flatten(0, 1), w.flatten(0, 1), start, alpha=-1)  # [N * BHV, C, V]
+    if _transition_form(dim_k, dim_v, size) if form is None else form == "transition":
+        # S_end = transition S0 + inject: one [K, K] @ [K, V] product per chunk in the loop
+        transition = decay_all * torch.eye(dim_k, dtype=q.dtype, device=q.device) - k_out @ w  # [N, BHV, K, K]
+        inject = k_out @ u_free  # [N, BHV, K, V]
+        for i in range(n_chunks):
+            starts.append(state)
+            state = torch.baddbmm(inject[i], transition[i], state)
+        start = torch.stack(starts).flatten(0, 1)  # [N * BHV, K, V]
+        u = torch.baddbmm(u_free.flatten(0, 1), w.flatten(0, 1), start, alpha=-1)  # [N * BHV, C, V]
+    else:
+        # per chunk: u = u_free - w S0, then S_end = exp(G_C) S0 + k_out u (no [K, K] matrices)
+        values = []
+        for i in range(n_chunks):
+            starts.append(state)
+            values.append(torch.baddbmm(u_free[i], w[i], state, alpha=-1))
+            state = torch.baddbmm(state * decay_all[i], k_out[i], values[-1])
+        start, u = torch.stack(starts).flatten(0, 1), torch.stack(values).flatten(0, 1)
 
     scores_t = per_value_head(decay_t, k_c @ q_c.mT).flatten(0, 1)  # [N * BHV, C, C]: (q_i . k_j) decay at (j, i)
     q_in = per_value_head(decay_in, q_c).flatten(0, 1)  # [N * BHV, C, K]

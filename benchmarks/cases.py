@@ -1,0 +1,441 @@
+"""The benchmark cases: mixerzoo against the pure-PyTorch paths a user would pick instead.
+
+Each group is one row of the comparison (one shape, one kind of call); its contenders run the
+same inputs. `Group.setup(scale)` builds every contender whose package is installed and returns
+a closure per contender plus an agreement check, which the suite runs before timing anything.
+Decode closures advance their own state one token per call (as a generation loop does), so
+every contender, timed over the same number of calls, ends at the same context.
+
+Peers: transformers (Qwen2ForCausalLM, Qwen3NextForCausalLM and Qwen3-Next's torch gated delta
+rule) and fla's naive pure-torch references. transformers routes Qwen3-Next's gated delta rule to
+fla's Triton kernels whenever fla is installed, and those do not run on a CPU; the suite calls
+transformers' own torch functions (`__wrapped__`), which is what transformers runs without fla.
+
+Scales: "full" is what the README reports; "tiny" runs every case in seconds (the smoke test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import re
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mixerzoo.blocks import Decoder, DecoderState, random_state
+from mixerzoo.blocks.spec import LayoutSpec
+from mixerzoo.ops import gated_delta_rule, ssd
+from mixerzoo.registry import recipe
+from mixerzoo.registry.recipes import layout
+
+MIXERZOO, TRANSFORMERS, FLA = "mixerzoo", "transformers", "fla naive"
+PEER_MODULES = {TRANSFORMERS: "transformers", FLA: "fla"}
+# Relative agreement asserted before timing (max-abs error / max-abs of mixerzoo's output):
+# float32 paths that sum in different orders over at most a few thousand terms.
+AGREEMENT = 1e-4
+
+
+def peer_missing(contender: str) -> str | None:
+    """Why `contender` cannot run here (its package is not installed), or None."""
+    module = PEER_MODULES.get(contender)
+    if module and importlib.util.find_spec(module) is None:
+        return f"{contender}: the package {module!r} is not installed"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """One row: its name, contenders, how many timed calls each gets, and how to set it up."""
+
+    name: str
+    contenders: tuple[str, ...]
+    setup: Callable[[str], tuple[dict[str, Callable[[], object]], Callable[[], None]]]
+    rounds: int = 20
+    warmup: int = 3
+
+
+def assert_agree(actual: torch.Tensor, expected: torch.Tensor, what: str, tol: float = AGREEMENT) -> None:
+    """Same shape, all finite, max-abs error within tol of expected's max-abs."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {list(actual.shape)} != {list(expected.shape)}")
+    if not (torch.isfinite(actual).all() and torch.isfinite(expected).all()):
+        raise AssertionError(f"{what}: non-finite values")
+    error = (actual.double() - expected.double()).abs().max().item()
+    size = expected.double().abs().max().item()
+    if error > tol * max(size, 1e-30):
+        raise AssertionError(f"{what}: max-abs error {error:.3e} > {tol:g} * max-abs {size:.3e}")
+
+
+def _available(contenders: tuple[str, ...]) -> list[str]:
+    return [c for c in contenders if peer_missing(c) is None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers models with mixerzoo's weights
+
+
+@contextlib.contextmanager
+def hf_torch_paths() -> Iterator[None]:
+    """Qwen3-Next's gated delta rule through transformers' own torch functions (see the module doc)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    names = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+    saved = {n: getattr(m, n) for n in names}
+    for n in names:
+        setattr(m, n, getattr(saved[n], "__wrapped__", saved[n]))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(m, n, f)
+
+
+def hf_torch_gdn(kind: str) -> Callable:
+    """transformers' torch_{kind}_gated_delta_rule of Qwen3-Next (kind: chunk or recurrent)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as m
+
+    f = getattr(m, f"torch_{kind}_gated_delta_rule")
+    return getattr(f, "__wrapped__", f)
+
+
+def qwen2_twin(model: Decoder):
+    """A transformers Qwen2ForCausalLM with `model`'s shapes and weights (all layers full attention)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    spec = model.spec
+    attn, mlp = spec.layers[0].mixer, spec.layers[0].mlp
+    config = Qwen2Config(
+        vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=mlp.hidden,
+        num_hidden_layers=len(spec.layers), num_attention_heads=attn.n_heads, num_key_value_heads=attn.kv_heads,
+        head_dim=attn.dim, rms_norm_eps=spec.norm_eps, tie_word_embeddings=spec.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": attn.rope.theta}, attn_implementation="sdpa",
+    )
+    twin = Qwen2ForCausalLM(config).eval()
+    renames = [(r"^embed\.", "model.embed_tokens."), (r"^norm\.", "model.norm."), (r"^lm_head\.", "lm_head."),
+               (r"^layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
+               (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+               (r"^layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn."),
+               (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp.")]
+    weights = {}
+    for name, tensor in model.state_dict().items():
+        for pattern, target in renames:
+            if re.match(pattern, name):
+                weights[re.sub(pattern, target, name)] = tensor
+                break
+    if spec.tie_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+    twin.load_state_dict(weights, strict=True)
+    return twin
+
+
+def qwen3_next_twin(spec: LayoutSpec):
+    """A transformers Qwen3NextForCausalLM of `spec`'s shapes (G layers linear attention, F full
+    attention, dense SwiGLU MLPs); random weights. Its attention layers add Qwen3-Next's output gate
+    and q / k norms, which mixerzoo's plain attention does not have: only the GDN layers map exactly."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    gdn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "gated_deltanet")
+    attn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "attention")
+    config = Qwen3NextConfig(
+        vocab_size=spec.vocab_size, hidden_size=spec.d_model, intermediate_size=spec.layers[0].mlp.hidden,
+        num_hidden_layers=len(spec.layers), num_attention_heads=attn.n_heads, num_key_value_heads=attn.kv_heads,
+        head_dim=attn.dim, rms_norm_eps=gdn.norm_eps, tie_word_embeddings=spec.tie_embeddings,
+        linear_conv_kernel_dim=gdn.conv_size, linear_key_head_dim=gdn.key_dim, linear_value_head_dim=gdn.value_dim,
+        linear_num_key_heads=gdn.n_heads, linear_num_value_heads=gdn.value_heads, num_experts=0,
+        layer_types=["linear_attention" if layer.mixer.type == "gated_deltanet" else "full_attention"
+                     for layer in spec.layers],
+    )
+    return Qwen3NextForCausalLM(config).eval()
+
+
+def load_gdn_from_hf(ours, theirs) -> None:
+    """Copy a transformers Qwen3NextGatedDeltaNet's weights into a mixerzoo GatedDeltaNet of the same shapes."""
+    c = ours.config
+    group, k, v = c.value_heads // c.n_heads, c.key_dim, c.value_dim
+    qkvz = theirs.in_proj_qkvz.weight.view(c.n_heads, 2 * k + 2 * group * v, -1)  # per key head: q, k, v, z
+    q, kk, vv, z = qkvz.split([k, k, group * v, group * v], dim=1)
+    ba = theirs.in_proj_ba.weight.view(c.n_heads, 2 * group, -1)  # per key head: b, a
+    b, a = ba.split([group, group], dim=1)
+    conv = theirs.conv1d.weight  # [2HK + HV V, 1, W]: q, k, v channels
+    conv_q, conv_k, conv_v = conv.split([c.n_heads * k, c.n_heads * k, c.value_heads * v])
+    with torch.no_grad():
+        for mine, weight in ((ours.q_proj, q), (ours.k_proj, kk), (ours.v_proj, vv), (ours.g_proj, z),
+                             (ours.b_proj, b), (ours.a_proj, a)):
+            mine.weight.copy_(weight.reshape(mine.weight.shape))
+        for mine, weight in ((ours.q_conv1d, conv_q), (ours.k_conv1d, conv_k), (ours.v_conv1d, conv_v)):
+            mine.weight.copy_(weight)
+        ours.A_log.copy_(theirs.A_log)
+        ours.dt_bias.copy_(theirs.dt_bias)
+        ours.o_norm.weight.copy_(theirs.norm.weight)
+        ours.o_proj.weight.copy_(theirs.out_proj.weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model decode
+
+
+def _advancing(step: Callable[[object], tuple[torch.Tensor, object]], state: object) -> Callable[[], torch.Tensor]:
+    """A closure running one decode step from the current state and keeping the new one."""
+    box = [state]
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            logits, box[0] = step(box[0])
+        return logits
+
+    return call
+
+
+def _hf_step(model, ids: torch.Tensor):
+    def step(cache):
+        out = model(input_ids=ids, cache=cache, use_cache=True)
+        return out.logits, out.past_key_values
+
+    return step
+
+
+def _ours_step(model: Decoder, ids: torch.Tensor):
+    return lambda state: model(ids, state)
+
+
+def qwen2_decode(scale: str):
+    """Full-attention decode after a long context: mixerzoo `transformer` vs its Qwen2 twin, from
+    the same random keys and values (a prefill of this length would take minutes on 2 cores)."""
+    size, context = ("small", 8192) if scale == "full" else ("tiny", 64)
+    torch.manual_seed(0)
+    model = Decoder(recipe("transformer", size)).eval()
+    state = random_state(model, context)
+    ids = torch.randint(model.spec.vocab_size, (1, 1))
+    fns = {MIXERZOO: _advancing(_ours_step(model, ids), state)}
+    if peer_missing(TRANSFORMERS) is None:
+        from transformers import DynamicCache
+
+        twin = qwen2_twin(model)
+        cache = DynamicCache(config=twin.config)
+        for i, layer in enumerate(state.layers):
+            cache.update(layer.k.clone(), layer.v.clone(), i)
+        fns[TRANSFORMERS] = _advancing(_hf_step(twin, ids), cache)
+
+    def check() -> None:
+        if TRANSFORMERS in fns:
+            assert_agree(fns[TRANSFORMERS](), fns[MIXERZOO](), "qwen2 decode logits")
+
+    return fns, check
+
+
+def hybrid_decode(scale: str):
+    """Hybrid decode (GGGF: three Gated DeltaNet layers to one full attention) after a prefill,
+    mixerzoo vs a Qwen3-Next of the same shapes. Agreement is asserted on a GDN layer with the
+    weights mapped (the attention layers differ, see qwen3_next_twin)."""
+    size, context = ("small", 1024) if scale == "full" else ("tiny", 32)
+    torch.manual_seed(0)
+    spec = layout(size, pattern="GGGF")
+    model = Decoder(spec).eval()
+    prompt = torch.randint(spec.vocab_size, (1, context))
+    ids = torch.randint(spec.vocab_size, (1, 1))
+    with torch.inference_mode():
+        _, state = model(prompt)
+    fns = {MIXERZOO: _advancing(_ours_step(model, ids), state)}
+    checks = []
+    if peer_missing(TRANSFORMERS) is None:
+        twin = qwen3_next_twin(spec)
+        with hf_torch_paths(), torch.inference_mode():
+            cache = twin(input_ids=prompt, use_cache=True).past_key_values
+        hf_step = _hf_step(twin, ids)
+
+        def step(cache):
+            with hf_torch_paths():
+                return hf_step(cache)
+
+        fns[TRANSFORMERS] = _advancing(step, cache)
+        checks.append(lambda: _check_gdn_layer(model, twin, context))
+
+    def check() -> None:
+        for c in checks:
+            c()
+
+    return fns, check
+
+
+def _check_gdn_layer(model: Decoder, twin, length: int) -> None:
+    """Layer 0 of both models (a GDN layer) on the same input, mixerzoo weights from transformers'."""
+    mine = model.layers[0].mixer
+    theirs = twin.model.layers[0].linear_attn
+    saved = {k: t.clone() for k, t in mine.state_dict().items()}
+    load_gdn_from_hf(mine, theirs)
+    try:
+        x = torch.randn(1, length, model.spec.d_model, generator=torch.Generator().manual_seed(1))
+        with hf_torch_paths(), torch.inference_mode():
+            expected = theirs(x)
+            actual, _ = mine(x)
+        assert_agree(actual, expected, "GDN layer (weights mapped from Qwen3-Next)")
+    finally:
+        mine.load_state_dict(saved)
+
+
+def decode_vs_context(scale: str):
+    """Decode latency of four recipes at a short and a long context, each from a random state of
+    that context's size (not a prefill), after checking state.nbytes against the configs' formula;
+    the contenders are "recipe @ short" and "recipe @ long"."""
+    size = "small" if scale == "full" else "tiny"
+    fns = {}
+    for name in RECIPES_VS_CONTEXT:
+        torch.manual_seed(0)
+        model = Decoder(recipe(name, size)).eval()
+        for role, context in CONTEXTS[scale].items():
+            state = random_state(model, context)
+            expected = sum(layer.mixer.state_nbytes(context) for layer in model.spec.layers) + state.seen.nbytes
+            if state.nbytes != expected:
+                raise AssertionError(f"{name} @ {context}: state.nbytes {state.nbytes} != config formula {expected}")
+            fns[f"{name} @ {role}"] = _advancing(_ours_step(model, torch.tensor([[1]])), state)
+    return fns, lambda: None
+
+
+# The contexts of decode_vs_context per scale (README: 1K and 64K).
+CONTEXTS = {"full": {"short": 1024, "long": 65536}, "tiny": {"short": 16, "long": 128}}
+RECIPES_VS_CONTEXT = ("transformer", "infinitevl", "gdn", "swa")
+
+
+def context_label(context: int) -> str:
+    """1024 -> '1K'; other numbers as they are."""
+    return f"{context // 1024}K" if context % 1024 == 0 else str(context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+
+
+def gdn_inputs(seq_len: int, heads: int, dim_k: int, dim_v: int, *, grad: bool = False, seed: int = 0) -> dict:
+    """Gated delta rule inputs as the mixer makes them (unit-norm q and k), with a random initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        "q": F.normalize(torch.randn(1, seq_len, heads, dim_k, generator=gen), dim=-1),
+        "k": F.normalize(torch.randn(1, seq_len, heads, dim_k, generator=gen), dim=-1),
+        "v": torch.randn(1, seq_len, heads, dim_v, generator=gen),
+        "g": F.logsigmoid(torch.randn(1, seq_len, heads, generator=gen) + 3),
+        "beta": torch.rand(1, seq_len, heads, generator=gen),
+        "initial_state": 0.1 * torch.randn(1, heads, dim_k, dim_v, generator=gen),
+    }
+    return {k: t.requires_grad_(grad) for k, t in inputs.items()}
+
+
+def _gdn_contenders(kind: str) -> dict[str, Callable]:
+    """(q, k, v, g, beta, initial_state) -> (o, final state) for each contender; kind chunk or recurrent."""
+    def ours(q, k, v, g, beta, initial_state):
+        return gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, backend="torch")
+
+    fns = {MIXERZOO: ours}
+    if peer_missing(TRANSFORMERS) is None:
+        hf = hf_torch_gdn(kind)
+        fns[TRANSFORMERS] = lambda q, k, v, g, beta, initial_state: hf(
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=True
+        )
+    if peer_missing(FLA) is None:
+        from fla.ops.gated_delta_rule import naive_chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+
+        naive = naive_chunk_gated_delta_rule if kind == "chunk" else naive_recurrent_gated_delta_rule
+        fns[FLA] = lambda q, k, v, g, beta, initial_state: naive(
+            q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state, output_final_state=True
+        )
+    return fns
+
+
+def gdn_op(seq_len: int, heads: int, dim_k: int, dim_v: int, *, backward: bool):
+    """A setup timing one gated_delta_rule call (and its backward) at the given shape."""
+
+    def setup(scale: str):
+        t = seq_len if scale == "full" else 48
+        kind = "recurrent" if t == 1 else "chunk"
+        inputs = gdn_inputs(t, heads, dim_k, dim_v, grad=backward)
+        cotangent = torch.randn(1, t, heads, dim_v, generator=torch.Generator().manual_seed(2))
+
+        def timed(fn):
+            def call():
+                if not backward:
+                    with torch.no_grad():
+                        return fn(**inputs)
+                for leaf in inputs.values():
+                    leaf.grad = None
+                o, state = fn(**inputs)
+                ((o * cotangent).sum() + state.sum()).backward()
+                return (o.detach(), state.detach(), *(leaf.grad for leaf in inputs.values()))
+
+            return call
+
+        fns = {name: timed(fn) for name, fn in _gdn_contenders(kind).items()}
+
+        def check() -> None:
+            expected = fns[MIXERZOO]()
+            for name, fn in fns.items():
+                for i, (a, e) in enumerate(zip(fn(), expected)):
+                    assert_agree(a, e, f"{name} vs mixerzoo, output {i}")
+
+        return fns, check
+
+    return setup
+
+
+def ssd_op(seq_len: int, heads: int, dim: int):
+    """A setup timing one ssd call (Mamba2's scan) against fla's naive chunked simple GLA, forward."""
+
+    def setup(scale: str):
+        t = seq_len if scale == "full" else 48
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, t, heads, dim, generator=gen)
+        dt = F.softplus(torch.randn(1, t, heads, generator=gen) - 2)
+        A = -4 * torch.rand(heads, generator=gen)
+        B = torch.randn(1, t, 1, dim, generator=gen) / dim**0.5
+        C = torch.randn(1, t, 1, dim, generator=gen)
+        state = 0.1 * torch.randn(1, heads, dim, dim, generator=gen)
+        fns = {MIXERZOO: lambda: ssd(x, dt, A, B, C, initial_state=state, backend="torch")}
+        if peer_missing(FLA) is None:
+            from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+
+            def fla():
+                y, s = naive_chunk_simple_gla(
+                    q=C.expand(-1, -1, heads, -1), k=B.expand(-1, -1, heads, -1), v=x * dt[..., None], g=A * dt,
+                    initial_state=state.transpose(-1, -2), output_final_state=True, scale=1.0,
+                )
+                return y, s.transpose(-1, -2)
+
+            fns[FLA] = fla
+
+        def check() -> None:
+            with torch.no_grad():
+                expected = fns[MIXERZOO]()
+                for name, fn in fns.items():
+                    for i, (a, e) in enumerate(zip(fn(), expected)):
+                        assert_agree(a, e, f"{name} vs mixerzoo ssd, output {i}")
+
+        def no_grad(fn):
+            def call():
+                with torch.no_grad():
+                    return fn()
+
+            return call
+
+        return {name: no_grad(fn) for name, fn in fns.items()}, check
+
+    return setup
+
+
+PEERS = (MIXERZOO, TRANSFORMERS, FLA)
+GROUPS: tuple[Group, ...] = (
+    Group("full-attention decode @ 8K (Qwen2 shapes)", (MIXERZOO, TRANSFORMERS), qwen2_decode, rounds=30),
+    Group("hybrid decode GGGF @ 1K (Qwen3-Next shapes)", (MIXERZOO, TRANSFORMERS), hybrid_decode, rounds=30),
+    Group("GDN decode step K=V=64 (H=4)", PEERS, gdn_op(1, 4, 64, 64, backward=False), rounds=200, warmup=20),
+    Group("GDN decode step K=128 V=256 (H=4)", PEERS, gdn_op(1, 4, 128, 256, backward=False), rounds=200, warmup=20),
+    Group("GDN forward K=V=64 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 64, 64, backward=False), rounds=5, warmup=1),
+    Group("GDN forward K=128 V=256 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 128, 256, backward=False), rounds=5, warmup=1),
+    Group("GDN fwd+bwd K=V=64 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 64, 64, backward=True), rounds=3, warmup=1),
+    Group("GDN fwd+bwd K=128 V=256 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 128, 256, backward=True), rounds=3, warmup=1),
+    Group("SSD forward P=N=64 T=4096 (H=4)", (MIXERZOO, FLA), ssd_op(4096, 4, 64), rounds=5, warmup=1),
+)
+CONTEXT_GROUP = Group(
+    "decode vs context (small recipes)",
+    tuple(f"{name} @ {role}" for name in RECIPES_VS_CONTEXT for role in ("short", "long")),
+    decode_vs_context, rounds=20, warmup=3,
+)

@@ -208,3 +208,21 @@ def test_mrope_decoder_takes_text_positions_equal_in_every_section():
         assert torch.equal(logits, expected)
     shifted, _ = model(ids, valid=valid, positions=torch.stack([text, 2 * text, text]))
     assert not torch.allclose(shifted[valid], expected[valid])  # the sections do matter
+
+
+def test_a_model_built_under_inference_mode_runs_and_equals_one_built_outside():
+    """Parameters made under torch.inference_mode are inference tensors (no version counter for the
+    fused-projection cache): prefill and decode still run and give the same logits."""
+    spec = recipe("infinitevl", "tiny")
+    torch.manual_seed(0)
+    outside = Decoder(spec).eval()
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        inside = Decoder(spec).eval()
+        ids = torch.randint(0, spec.vocab_size, (2, 9))
+        results = []
+        for model in (outside, inside):
+            logits, state = model(ids)
+            step, _ = model(ids[:, :1], state)
+            results.append(torch.cat([logits, step], dim=1))
+    assert torch.equal(*results)

@@ -230,9 +230,10 @@ def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim
     run one matmul or conv over them. The cached copy is rebuilt when any parameter is replaced,
     moved, cast or written in place (its version counter moves: optimizer steps, load_state_dict);
     while autograd records a parameter the concatenation is made per call, so gradients reach
-    the parameters. It is not a parameter or buffer: state_dict never sees it.
+    the parameters. It is not a parameter or buffer: state_dict never sees it. Inference tensors
+    (a model built under torch.inference_mode) have no version counter, so theirs is made per call.
     """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or any(t.is_inference() for t in tensors):
         return torch.cat(list(tensors), dim)
     key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (dim,)
     cache = owner.__dict__.setdefault("_cat_cache", {})

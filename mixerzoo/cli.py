@@ -3,7 +3,7 @@
 A user error (bad YAML, an unknown name, a missing or damaged file, a bad value) prints one
 line, `mixerzoo: error: ...`, and exits with status 1 (2 for a bad command line); `--debug`
 shows the traceback instead. Every command takes `--threads` (torch intra-op threads); the
-default is 1 for models under SMALL_MODEL_PARAMETERS parameters, where more threads on a
+default is 1 for models under 100M parameters (SMALL_MODEL_PARAMETERS), where more threads on a
 shared machine only add contention, and torch's own default above that.
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from mixerzoo.blocks.costs import BYTE_UNITS, FLOP_UNITS, flops_per_token, in_units, parameter_count, state_nbytes
-from mixerzoo.errors import describe
+from mixerzoo.errors import describe, read_yaml
 from mixerzoo.registry import SIZES, build_mixer, list_recipes, recipe
-from mixerzoo.train.config import STAGES
+from mixerzoo.train.config import STAGES, TrainConfig
 
 _CONTEXTS = {"8K": 8192, "128K": 131072, "1M": 1048576}
 SMALL_MODEL_PARAMETERS = 100_000_000  # tiny (~0.3M) and small (~30M) recipes run fastest on one thread
@@ -138,10 +138,8 @@ def stream(video: str, recipe_name: str, size: str, frame_size: int, fps: float,
 def train_stage(stage: str, config: str, threads: int | None = None) -> None:
     """Run a training stage from its YAML and print what it did: steps, final loss, threads, where the model is."""
     from mixerzoo.train import run_stage
-    from mixerzoo.train.config import TrainConfig
 
-    source = _stage_parameters(config, TrainConfig, stage)
-    count = use_threads(threads, source)
+    count = use_threads(threads, _stage_parameters(config, stage))
     summary = run_stage(stage, config)
     if summary["rank"] != 0:
         return
@@ -154,22 +152,18 @@ def train_stage(stage: str, config: str, threads: int | None = None) -> None:
               f"model in {summary['out_dir']}")
 
 
-def _stage_parameters(path: str, config_class, stage: str) -> int:
+def _stage_parameters(path: str, stage: str) -> int:
     """About how many parameters the stage's largest model has (0 if the YAML does not validate:
-    run_stage then reports why): recipes counted from their spec, checkpoints from their size."""
-    from mixerzoo.errors import read_yaml
-
+    run_stage then reports why): recipes counted from their spec, checkpoints from their float32 bytes."""
     try:
-        config = config_class.model_validate({"stage": stage, **read_yaml(path)})
-    except Exception:
+        config = TrainConfig.model_validate({"stage": stage, **read_yaml(path)})
+    except (ValueError, OSError, TypeError):
         return 0
     counts = [0]
     for source in (config.student, config.teacher):
-        if source is None:
-            continue
-        if source.checkpoint is not None:
-            counts.append(source.checkpoint.stat().st_size // 4 if source.checkpoint.is_file() else 0)
-        elif source.recipe in list_recipes():
+        if source is not None and source.checkpoint is not None and source.checkpoint.is_file():
+            counts.append(source.checkpoint.stat().st_size // 4)
+        elif source is not None and source.recipe in list_recipes():
             counts.append(parameter_count(recipe(source.recipe, source.size)))
     return max(counts)
 

@@ -8,6 +8,8 @@ from typing import Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from typing_extensions import Self
 
+from mixerzoo.errors import read_yaml
+
 Stage = Literal["distill-layers", "distill-logits", "sft", "long-sft"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
@@ -147,8 +149,6 @@ class TrainConfig(_Strict):
 def check_checkpoints_exist(config: TrainConfig, config_dir: Path | None = None) -> None:
     """Raise FileNotFoundError if a model source's checkpoint is missing, saying which command
     writes it when a YAML in `config_dir` (the config's folder) trains into its folder."""
-    from mixerzoo.errors import read_yaml
-
     for role, checkpoint in config.checkpoint_sources().items():
         if checkpoint.is_file():
             continue

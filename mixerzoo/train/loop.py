@@ -85,6 +85,10 @@ def _save_checkpoint(out_dir: Path, step: int, module, optimizer, scheduler, con
         shutil.rmtree(old)
 
 
+class _DamagedCheckpoint(Exception):
+    """A checkpoint whose trainer.pt cannot be read."""
+
+
 def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
     """Restore a checkpoint into the (wrapped) module, optimiser and scheduler; returns its step."""
     try:
@@ -114,10 +118,6 @@ def _resume(out_dir: Path, module, optimizer, scheduler, config: TrainConfig) ->
         except _DamagedCheckpoint as error:
             warnings.warn(f"skipped checkpoint {path}: {error}; trying an older one", stacklevel=2)
     return 0
-
-
-class _DamagedCheckpoint(Exception):
-    """A checkpoint whose trainer.pt cannot be read."""
 
 
 def global_batch_size(config: TrainConfig, world: distributed.World) -> int:

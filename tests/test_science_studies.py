@@ -100,3 +100,14 @@ def test_scanned_digits_are_real_held_out_handwriting():
     processor = sized_processor(vlm_recipe("transformer", "tiny").processor, 28)
     batch = make_visual_recall(config.model_copy(update={"scan_split": "test"}), 3, seed=1, processor_config=processor)
     assert batch["pixel_values"].shape[0] > 0 and torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_timed_studies_never_run_in_parallel(tmp_path, monkeypatch):
+    from mixerzoo.ablate import runner
+    from mixerzoo.ablate.studies import is_timed
+
+    assert is_timed("efficiency") and not is_timed("mqar")
+    monkeypatch.setattr(runner.concurrent.futures, "ProcessPoolExecutor", None)  # any pool would fail
+    experiment = ExperimentConfig(name="eff", study="efficiency", sweep={"recipe": ["gdn", "swa"]},
+                                  fixed=dict(contexts=[16], repeats=1, prefill_tokens=8))
+    assert len(_rows(run_experiment(experiment, tmp_path, progress=False, jobs=2))) == 2

@@ -41,8 +41,8 @@ from tqdm import tqdm
 from typing_extensions import Self
 
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, list_plots, list_studies, save_figure,
-    study_settings,
+    Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
+    save_figure, study_settings,
 )
 from mixerzoo.ablate.summary import over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
@@ -339,7 +339,8 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     plot.png from the current runs' rows. Returns the results directory.
 
     jobs > 1 runs that many runs at once, each in its own process with one torch thread (rows
-    are appended as runs finish; the tables keep the sweep's order)."""
+    are appended as runs finish; the tables keep the sweep's order); a timed study (one that
+    measures wall-clock time, such as efficiency) always runs one run at a time."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = Path(out_root) / experiment.name
@@ -357,7 +358,7 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
         bar.set_postfix_str(f"{run.recipe}/{run.size}")
         bar.update()
 
-    if jobs == 1 or len(pending) < 2:
+    if jobs == 1 or len(pending) < 2 or is_timed(experiment.study):
         for run in pending:
             record(run, _run_one(study, run, out_dir))
     else:

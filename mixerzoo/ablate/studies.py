@@ -88,6 +88,7 @@ def save_figure(fig, path: Path) -> None:
 _STUDIES: dict[str, Study] = {}
 _SETTINGS: dict[str, type["StudySettings"]] = {}
 _CHANCE: dict[str, Chance] = {}
+_TIMED: set[str] = set()
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
 _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study",
@@ -142,11 +143,12 @@ class StudySettings(BaseModel):
 
 
 def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook | None = None,
-                   chance: Chance | None = None) -> Callable[[Study], Study]:
+                   chance: Chance | None = None, timed: bool = False) -> Callable[[Study], Study]:
     """Decorator registering `study(run, scratch_dir) -> rows` under `name`, with its settings
     model (every run's settings are validated against it before any run starts), an optional
-    `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`, and an
-    optional `chance(row)`: the accuracy of guessing for that row's run (plots draw it)."""
+    `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`, an optional
+    `chance(row)`: the accuracy of guessing for that row's run (plots draw it), and `timed`:
+    the study measures wall-clock time, so its runs never share the machine (`jobs` is ignored)."""
     if not (isinstance(settings, type) and issubclass(settings, StudySettings)):
         raise TypeError(f"study {name!r}: settings must be a StudySettings subclass, got {settings!r}")
 
@@ -159,6 +161,8 @@ def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook |
             _PLOTS[name] = plot
         if chance is not None:
             _CHANCE[name] = chance
+        if timed:
+            _TIMED.add(name)
         return study
 
     return decorate
@@ -187,6 +191,12 @@ def list_studies() -> list[str]:
     """Registered study names."""
     _load_builtin()
     return sorted(_STUDIES)
+
+
+def is_timed(name: str) -> bool:
+    """Whether study `name` measures wall-clock time (its runs run one at a time)."""
+    get_study(name)
+    return name in _TIMED
 
 
 def get_study(name: str) -> Study:
@@ -380,7 +390,7 @@ class EfficiencySettings(StudySettings):
         return prefill + sum(flops_per_token(spec, c) * (self.repeats + 1) for c in self.contexts)
 
 
-@register_study("efficiency", settings=EfficiencySettings)
+@register_study("efficiency", settings=EfficiencySettings, timed=True)
 def efficiency(run: RunConfig, scratch: Path) -> list[Row]:
     """Per context: decode latency, prefill throughput, state bytes (measured and predicted),
     parameters and FLOPs per token of the run's Decoder (float32, batch 1, inference mode).
@@ -428,5 +438,5 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
 
 
 __all__ = ["Chance", "EfficiencySettings", "PlotHook", "Row", "RunConfig", "Study", "StudySettings", "build_spec",
-           "chance_level", "draw_chance", "figure_title", "frontier_plot", "get_plot", "get_study", "list_plots", "list_studies", "register_plot",
-           "register_study", "study_settings"]
+           "chance_level", "draw_chance", "figure_title", "frontier_plot", "get_plot", "get_study", "is_timed",
+           "list_plots", "list_studies", "register_plot", "register_study", "study_settings"]

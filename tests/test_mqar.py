@@ -130,15 +130,17 @@ def test_study_applies_window_and_scale_and_rejects_unknown_settings(tmp_path):
 
 
 def test_experiment_yaml_expands_to_valid_runs():
-    runner = pytest.importorskip("mixerzoo.ablate.runner", reason="mixerzoo.ablate.runner is not written yet")
+    from mixerzoo.ablate import runner
     from mixerzoo.ablate.mqar_study import MQARSettings
 
     experiment = runner.ExperimentConfig.model_validate(yaml.safe_load((ROOT / "experiments/mqar.yaml").read_text()))
     runs = runner.expand(experiment)
-    assert {run.recipe for run in runs} == {"transformer", "swa", "gdn", "infinitevl"}
+    assert {run.recipe for run in runs} == {"transformer", "swa", "gdn", "mamba2", "infinitevl"}
+    assert {run.seed for run in runs} == {0, 1, 2} and {run.n_layers for run in runs} == {2}
     for run in runs:
         settings = MQARSettings.model_validate(run.settings)
-        MQARConfig(vocab_size=studies.build_spec(run).vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs)
+        MQARConfig(vocab_size=settings.vocab_size or studies.build_spec(run).vocab_size, seq_len=settings.seq_len,
+                   n_pairs=settings.n_pairs)
 
 
 @given(configs(), st.integers(1, 4), st.integers(0, 2**40))

@@ -126,7 +126,8 @@ class ExperimentConfig(BaseModel):
 
 def _describe_run(run: RunConfig) -> str:
     """recipe/size and the run's other set fields, for messages and the dry-run listing."""
-    extra = [f"{f}={getattr(run, f)}" for f in ("seed", "window", "ratio") if getattr(run, f) not in (None, 0)]
+    extra = [f"{f}={getattr(run, f)}" for f in ("seed", "window", "ratio", "n_layers", "d_model")
+             if getattr(run, f) not in (None, 0)]
     return " ".join([f"{run.recipe}/{run.size}", *extra])
 
 

@@ -8,10 +8,10 @@
 # ../shared/device-wheels/README.md) into /tmp/site, then runs, each step time-boxed and logging to
 # $OUT (default results/gpu_check) as it goes, so a cut-off run still returns what finished:
 #   1. pytest: every test marked `cuda` (CUDA backends vs the float64 reference, the kit on CUDA,
-#      the captured-graph decode)                                    -> pytest.log
+#      the captured-graph decode)                      -> pytest.log, failures.log (each failure as it happens)
 #   2. graph: CUDA-graph decode of paper-size models vs eager tokens -> graph.log, bench.json, bench.md
 #   3. bench: decode latency, streaming FPS, prefill, op times       -> bench.log, bench.json, bench.md
-# plus gpu_check.log (steps, exit codes, seconds) and env.txt (device, versions): 7 files.
+# plus gpu_check.log (steps, exit codes, seconds) and env.txt (device, versions): 8 files, the most $OUT returns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-results/gpu_check}"
@@ -63,12 +63,13 @@ export PYTHONPATH="/tmp/site:$PWD"
 } >"$OUT/env.txt" 2>&1
 log "env: $(head -2 "$OUT/env.txt" | tail -1)"
 
-# On the GPU image: xdist spreads the Triton / inductor compiles over 4 processes, and pytest-timeout
+# On the GPU image: xdist spreads the Triton / inductor compiles over 8 processes (the first run, 4,
+# reached 84% of the tests in 180 s: compiles dominate), and pytest-timeout
 # fails a hung test (with its stack) instead of the step's limit cutting off the whole report. -v logs
 # each result as it comes; --maxfail=10 rather than -x: one run should show every failure it can.
-EXTRA=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 4")
+EXTRA=$("$PYTHON" -c "import xdist" 2>/dev/null && echo "-n 8")
 EXTRA="$EXTRA $("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--timeout 90")"
-step pytest 180 "$PYTHON" -m pytest -m cuda -v -ra --maxfail=10 --durations=15 -p no:cacheprovider $EXTRA $CUDA_TESTS
-step graph 75 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections graph
-step bench 210 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections decode stream prefill ops
+MIXERZOO_FAILURE_LOG="$OUT/failures.log" step pytest 210 "$PYTHON" -m pytest -m cuda -v -ra --maxfail=10 --durations=15 -p no:cacheprovider $EXTRA $CUDA_TESTS
+step graph 80 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections graph
+step bench 190 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections decode stream prefill ops
 log "done: $(tail -1 "$OUT/pytest.log" 2>/dev/null)"

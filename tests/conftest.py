@@ -38,3 +38,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With MIXERZOO_FAILURE_LOG set, append each failure's report to that file as it happens, so a run
+    cut off by a time limit (the one GPU run) still shows why its tests failed."""
+    path = os.environ.get("MIXERZOO_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -3,6 +3,7 @@ CPU backends, and the benchmark's summary of the paper's claims."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,21 @@ def test_claims_compare_the_paper_goals():
     assert "decode at 300K: the transformer ran out of memory" in text
     assert "latency 300K / 4K: 1.10x" in text
     assert "40.0 FPS end to end, 55.0 FPS without CPU preprocessing" in text
+
+
+def test_failure_log_records_each_failure_as_it_happens(tmp_path):
+    """With MIXERZOO_FAILURE_LOG set, the suite's conftest appends every failing test's report to the
+    file (the GPU run's pytest step can be cut off before pytest prints its summary)."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_planted.py").write_text(
+        "def test_passes():\n    assert True\n\n"
+        "def test_fails():\n    assert 1 + 1 == 3, 'planted failure'\n"
+    )
+    log = tmp_path / "failures.log"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            env={**os.environ, "MIXERZOO_FAILURE_LOG": str(log)},
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    text = log.read_text()
+    assert "test_planted.py::test_fails (call)" in text and "planted failure" in text
+    assert "test_passes" not in text

@@ -13,11 +13,12 @@ from mixerzoo.ablate.studies import RunConfig, list_studies
 from mixerzoo.ablate.visual_study import VisualRecallSettings, visual_recall_study, vlm_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(steps=2, batch_size=2, eval_examples=4)
+TINY = dict(steps=2, batch_size=2, eval_examples=4, tower_steps=2)
 
 
 def _table(out: Path) -> list[dict]:
-    assert {p.name for p in out.iterdir()} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
+    assert {p.name for p in out.iterdir()} == {"runs.jsonl", "results.csv", "table.md", "plot.png", ".towers"}
+    assert {p.suffix for p in (out / ".towers").iterdir()} == {".safetensors", ".lock"}  # the shared towers
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     with open(out / "results.csv") as f:
         return list(csv.DictReader(f))

@@ -11,14 +11,14 @@ question at the end) and evaluates answer accuracy on examples from another seed
     lead_frames: 1         noise slots before the first key frame
 
 and the training settings every VLM recall study shares (`VLMTaskSettings`, listed in
-`visual_study`): digits, image_size, steps, lr, warmup_steps, batch_size, eval_examples, scale.
+`visual_study`): digits, image_size, tower, tower_steps, steps, lr, warmup_steps, batch_size, eval_examples, scale.
 
 Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_loss, steps,
 distance and distance_max (tokens from the asked key frame's last visual token to the
 question's arrow, smallest and largest over the evaluation set), gap_frames,
 stream_tokens (sequence length), swa_window, state_bytes (bfloat16 decoder state after
 `stream_tokens`: constant in distance for windowed and recurrent recipes, linear for full
-attention), parameters (vision tower included), train_seconds, threads.
+attention), parameters (vision tower included), tower, tower_accuracy, train_seconds, threads.
 """
 
 from __future__ import annotations
@@ -59,9 +59,10 @@ def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
                               n_keys=settings.n_keys, lead_frames=settings.lead_frames, digits=settings.digits,
                               image_size=settings.image_size, digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
-    model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings,
-        lambda n, seed, split: make_stream_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
+    model, trained, accuracy, held_out, tower = train_and_score(
+        run, spec, settings, task, processor,
+        lambda n, seed, split: make_stream_recall(task.model_copy(update={"scan_split": split}), n, seed, processor),
+        scratch)
     steps = trained["steps"]
     distances = torch.cat([batch["distance"] for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
@@ -69,6 +70,6 @@ def stream_memory_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
         accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         distance=int(distances.min()), distance_max=int(distances.max()), gap_frames=task.gap_frames,
         stream_tokens=tokens, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
-        parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
+        parameters=sum(p.numel() for p in model.parameters()), **tower, train_seconds=trained["seconds"],
         threads=torch.get_num_threads(),
     )]

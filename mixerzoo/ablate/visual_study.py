@@ -11,6 +11,11 @@ another seed. Settings (unknown keys are an error):
     image_size: 28         image side in pixels (28: one visual token per image)
     digit_source: font     "font" (rendered glyphs) or "scans" (real handwritten digits, scikit-learn's
                            load_digits; held-out examples use scans never trained on)
+    tower: pretrained      "pretrained": load a vision tower pretrained to read the task's digits
+                           (`mixerzoo.tasks.tower`, cached per seed in <out>/.towers, shared by every recipe
+                           of that seed) and freeze it, so the run measures the decoder's memory;
+                           "scratch": train the tower with the decoder (as before issue 12)
+    tower_steps: 300       pretraining steps of that tower (batch 64, not scaled)
     steps: 60              training steps, multiplied by the experiment's `scale`
     lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
     warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
@@ -22,7 +27,8 @@ Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_los
 distance and distance_max (tokens from an image's last visual token to its query's arrow,
 smallest and largest over the evaluation set), tokens (sequence length), n_images, filler,
 swa_window, state_bytes (bfloat16 decoder state at `tokens`), parameters (vision tower
-included), train_seconds, threads.
+included), tower, tower_accuracy (the pretrained tower's held-out digit accuracy: the ceiling
+the decoder can reach; None from scratch), train_seconds, threads.
 """
 
 from __future__ import annotations
@@ -40,8 +46,10 @@ from mixerzoo.ablate.studies import (
 )
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
+from mixerzoo.tasks.tower import cached_digit_tower
 from mixerzoo.tasks.visual import VisualRecallConfig, derive_seed, make_visual_recall, sized_processor
 from mixerzoo.vlm.model import VLM, VLMSpec
+from mixerzoo.vlm.processor import ProcessorConfig
 from mixerzoo.vlm.recipes import with_mrope, vlm_recipe
 
 TRAIN, EVAL = 0, 1  # derive_seed streams: training batches and held-out batches never share a seed
@@ -57,6 +65,8 @@ class VLMTaskSettings(StudySettings):
     digits: int = Field(1, ge=1, le=4)
     image_size: int = Field(28, gt=0)
     digit_source: Literal["font", "scans"] = "font"
+    tower: Literal["pretrained", "scratch"] = "pretrained"
+    tower_steps: int = Field(300, gt=0)
     steps: int = Field(60, gt=0)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
@@ -121,18 +131,26 @@ def plot_accuracy_vs_distance(rows: list[Row], path: Path) -> bool:
     return True
 
 
-def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, make: Callable[[int, int, str], dict[str, Any]]):
-    """Build the run's VLM, train it on make(batch_size, seed, "train") batches for settings.steps x
-    settings.scale steps and score it on make(n, seed, "test") batches (other seeds; for scanned
-    digits, other scans); returns (model, fit's summary, accuracy, held-out batches)."""
+def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, task: Any, processor: ProcessorConfig,
+                    make: Callable[[int, int, str], dict[str, Any]], scratch: Path):
+    """Build the run's VLM (its tower pretrained on `task`'s digits and frozen when settings.tower says
+    so), train it on make(batch_size, seed, "train") batches for settings.steps x settings.scale
+    steps and score it on make(n, seed, "test") batches (other seeds; for scanned digits, other
+    scans); returns (model, fit's summary, accuracy, held-out batches, the columns of the tower)."""
+    tower = dict(tower=settings.tower, tower_accuracy=None)
     torch.manual_seed(run.seed)
     model = VLM(spec)
+    if settings.tower == "pretrained":
+        weights, tower["tower_accuracy"] = cached_digit_tower(
+            scratch.parent / ".towers", spec.vision, task, processor, steps=settings.tower_steps, seed=run.seed)
+        model.visual.load_state_dict(weights)
+        model.visual.requires_grad_(False)
     steps = max(1, round(settings.steps * settings.scale))
     trained = fit(model, lambda step: make(settings.batch_size, derive_seed(run.seed, TRAIN, step), "train"),
                   steps=steps, lr=settings.lr, warmup_steps=min(settings.warmup_steps, steps - 1))
     held_out = [make(n, derive_seed(run.seed, EVAL, i), "test")
                 for i, n in enumerate(batch_sizes(settings.eval_examples, EVAL_BATCH))]
-    return model, trained, answer_accuracy(model, held_out), held_out
+    return model, trained, answer_accuracy(model, held_out), held_out, tower
 
 
 @register_study("visual-recall", settings=VisualRecallSettings, plot=plot_accuracy_vs_distance,
@@ -145,9 +163,10 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
                               digits=settings.digits, image_size=settings.image_size,
                               digit_source=settings.digit_source)
     processor = sized_processor(spec.processor, settings.image_size)
-    model, trained, accuracy, held_out = train_and_score(
-        run, spec, settings,
-        lambda n, seed, split: make_visual_recall(task.model_copy(update={"scan_split": split}), n, seed, processor))
+    model, trained, accuracy, held_out, tower = train_and_score(
+        run, spec, settings, task, processor,
+        lambda n, seed, split: make_visual_recall(task.model_copy(update={"scan_split": split}), n, seed, processor),
+        scratch)
     steps = trained["steps"]
     distances = torch.cat([batch["distance"].flatten() for batch in held_out])
     tokens = held_out[0]["input_ids"].shape[1]
@@ -155,6 +174,6 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
         accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         distance=int(distances.min()), distance_max=int(distances.max()), tokens=tokens, n_images=task.n_images,
         filler=task.filler, digit_source=task.digit_source, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
-        parameters=sum(p.numel() for p in model.parameters()), train_seconds=trained["seconds"],
+        parameters=sum(p.numel() for p in model.parameters()), **tower, train_seconds=trained["seconds"],
         threads=torch.get_num_threads(),
     )]

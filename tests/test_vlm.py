@@ -230,3 +230,14 @@ def test_left_padded_vlm_batch_generates_like_each_prompt_alone():
         alone = generate_vlm(model, torch.tensor([prompt]), max_new_tokens=8, pixel_values=pixels[row],
                              image_grid_thw=grids[row])
         assert batched[row].tolist() == alone[0].tolist()
+
+
+@pytest.mark.parametrize("ids, message", [([[1, 2, 256]], r"VLM: token ids must be in \[0, 256\), got 1\.\.256"),
+                                          ([[-1, 2]], r"VLM: token ids must be in \[0, 256\), got -1\.\.2"),
+                                          ([[1.0, 2.0]], "VLM: input_ids must be an integer tensor"),
+                                          ([1, 2], r"VLM: input_ids must be \[B, T\]")])
+def test_bad_token_ids_name_the_model_and_range(ids, message):
+    """Out-of-vocabulary ids are a clear error, not an IndexError from the embedding."""
+    model = VLM(vlm_recipe("gdn", "tiny"))
+    with pytest.raises(ValueError, match=message):
+        model(torch.tensor(ids))

@@ -154,6 +154,19 @@ def _without_backends(spec: LayoutSpec) -> list[dict]:
     ]
 
 
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
+    """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size)
+    (one host sync: an out-of-range id would otherwise be a bare IndexError, or garbage on CUDA)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"{owner}: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"{owner}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise ValueError(f"{owner}: token ids must be in [0, {vocab_size}), got "
+                         f"{int(input_ids.min())}..{int(input_ids.max())}")
+
+
 class Decoder(nn.Module):
     """A decoder LM built from a LayoutSpec: `logits, state = model(input_ids, state)`.
 
@@ -239,13 +252,7 @@ class Decoder(nn.Module):
         if (input_ids is None) == (embeds is None):
             raise ValueError("Decoder: give exactly one of input_ids and embeds")
         if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"Decoder: input_ids must be [B, T], got shape {list(input_ids.shape)}")
-            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-                raise ValueError(f"Decoder: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.spec.vocab_size):
-                raise ValueError(f"Decoder: token ids must be in [0, {self.spec.vocab_size}), got "
-                                 f"{int(input_ids.min())}..{int(input_ids.max())}")
+            check_token_ids(input_ids, self.spec.vocab_size, "Decoder")
             embeds = self.embed(input_ids)
         else:
             check_input_dtype(self, embeds, "Decoder: embeds")

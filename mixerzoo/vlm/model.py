@@ -20,6 +20,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
+from mixerzoo.blocks.decoder import check_token_ids
 from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers.base import atomic_save_safetensors
 from mixerzoo.mixers.packing import PackedLayout
@@ -188,8 +189,7 @@ class VLM(nn.Module):
         documents [B, T] packs several documents per row for training (see Decoder.forward):
         each document gets the M-RoPE positions and mixing it would get alone; no state.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"VLM: input_ids must be [B, T], got shape {list(input_ids.shape)}")
+        check_token_ids(input_ids, self.spec.decoder.vocab_size, "VLM")
         if documents is not None:
             if state is not None or chunk_size is not None:
                 raise ValueError("VLM: packed documents start from a fresh state and run in one call "

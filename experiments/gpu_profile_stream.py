@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+from mixerzoo.vlm.processor import process_video
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> None:
         f"frame ms {[round(s * 1e3, 1) for s in session.stats.frame_seconds]}")
 
     # the vision tower alone on the same frame
-    from mixerzoo.vlm.processor import process_video
-
     pixels, grid, _ = process_video(frames[3][None], session.processor, fps=session.fps)
     pixels = pixels.to(device, torch.bfloat16)
     with torch.inference_mode():

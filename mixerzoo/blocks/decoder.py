@@ -154,7 +154,6 @@ def _without_backends(spec: LayoutSpec) -> list[dict]:
     ]
 
 
-
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
     """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size)
     (one host sync: an out-of-range id would otherwise be a bare IndexError, or garbage on CUDA)."""

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from mixerzoo.mixers.base import atomic_save_safetensors
@@ -105,9 +104,8 @@ def cached_digit_tower(cache_dir: Path, vision: VisionConfig, task: _VisualTaskC
             state, accuracy = pretrain_digit_tower(vision, task, processor, steps=steps, seed=seed)
             atomic_save_safetensors({k: v.contiguous() for k, v in state.items()}, path,
                                     {"accuracy": repr(accuracy), "key": key})
-    with safe_open(str(path), "pt") as handle:
-        accuracy = float(handle.metadata()["accuracy"])
-    return load_file(str(path)), accuracy
+    with safe_open(str(path), "pt") as handle:  # one read: the weights and the accuracy beside them
+        return {k: handle.get_tensor(k) for k in handle.keys()}, float(handle.metadata()["accuracy"])
 
 
 __all__ = ["DigitReader", "cached_digit_tower", "digit_batch", "pretrain_digit_tower"]

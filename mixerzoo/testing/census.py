@@ -1,0 +1,107 @@
+"""Count what the host does in a step: aten calls and host syncs, exactly, on any device.
+
+Timings on a shared CPU are noise; the number of ops a step dispatches and the number of times
+it waits for a device value are not. `HostCensus` is a dispatch mode that records both:
+
+    with HostCensus() as census:
+        logits, state = model(token, state)
+    census.syncs, census.calls, census.sync_sites
+
+A sync is an op whose result the host must read before it can go on: `.item()` / `bool()` /
+`int()` of a tensor (aten's `_local_scalar_dense`), ops whose output shape depends on values
+(`nonzero`, `unique`, `masked_select`, ...), `tolist()` / `numpy()`, and copies from a device to
+the CPU. On a CUDA device each one stalls the launch queue; a CUDA graph and a
+`torch.compile(fullgraph=True)` cannot hold any of them.
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# Ops whose output (a Python scalar, or a shape) depends on tensor values.
+_VALUE_DEPENDENT = {
+    "_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2", "unique_consecutive", "unique_dim",
+    "bincount", "masked_select", "equal", "is_nonzero", "histc",
+}
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _is_sync(func, args, kwargs, out) -> bool:
+    name = func._schema.name.split("::")[-1]
+    if name in _VALUE_DEPENDENT:
+        return True
+    if name == "repeat_interleave" and "output_size" not in kwargs and any(isinstance(a, torch.Tensor) for a in args):
+        return True
+    if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "cpu":
+        source = args[1] if name == "copy_" else args[0]
+        return isinstance(source, torch.Tensor) and source.device.type != "cpu"
+    return False
+
+
+def _call_site() -> str:
+    """file:line of the innermost frame inside mixerzoo (outside this module), else the outermost caller."""
+    frames = traceback.extract_stack()[:-3]
+    for frame in reversed(frames):
+        path = Path(frame.filename).resolve()
+        if _PACKAGE in path.parents and path.name != "census.py":
+            return f"{path.relative_to(_PACKAGE.parent)}:{frame.lineno} ({frame.name})"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+class HostCensus(TorchDispatchMode):
+    """Dispatch mode counting aten calls (`calls`, by op in `ops`) and host syncs (`syncs`, by
+    call site in `sync_sites`) of everything run inside it. `tolist()` and `numpy()` on a tensor,
+    which read its data without dispatching, count as syncs too."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+        self.sync_sites: collections.Counter[str] = collections.Counter()
+        self._patched: dict[str, object] = {}
+
+    @property
+    def calls(self) -> int:
+        """aten ops dispatched."""
+        return sum(self.ops.values())
+
+    @property
+    def syncs(self) -> int:
+        """Host syncs: device values the host waited for."""
+        return sum(self.sync_sites.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        if _is_sync(func, args, kwargs, out):
+            self.sync_sites[f"{func.overloadpacket.__name__} at {_call_site()}"] += 1
+        return out
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._patched[name] = original
+
+            def reading(tensor, *args, _original=original, _name=name, **kwargs):
+                self.sync_sites[f"{_name} at {_call_site()}"] += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, reading)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            setattr(torch.Tensor, name, original)
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+    def report(self) -> str:
+        """A short text: totals, then each sync site with its count."""
+        lines = [f"{self.calls} aten calls, {self.syncs} host syncs"]
+        lines += [f"  {count} x {site}" for site, count in self.sync_sites.most_common()]
+        return "\n".join(lines)

@@ -42,8 +42,8 @@ class PadDecayGatedDeltaNet(GatedDeltaNet):
     config_class = PadDecayConfig
 
     def _gates(self, a, b, valid):
-        g, beta = super()._gates(a, b, torch.ones_like(valid))
-        return g, beta * valid[..., None]
+        g, beta = super()._gates(a, b, None)
+        return g, beta if valid is None else beta * valid[..., None]
 
 
 def test_kit_catches_pads_that_decay_the_state():

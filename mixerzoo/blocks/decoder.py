@@ -89,6 +89,13 @@ class DecoderState:
         """An independent fork."""
         return DecoderState([s.clone() for s in self.layers], self.seen.clone())
 
+    def with_capacity(self, capacity: int) -> Self:
+        """Every layer state that grows with the tokens (a full-attention KVCache) preallocated for
+        `capacity` tokens per row, so every shape of a step is fixed: what GraphDecoder and compiled
+        steps need. A StaticKVCache is written in place by each step; `clone()` to keep a fork."""
+        check_count("capacity", capacity, minimum=1, owner="DecoderState.with_capacity")
+        return DecoderState([s.with_capacity(capacity) for s in self.layers], self.seen)
+
     def to(self, device=None, dtype=None) -> Self:
         """Moved to `device`, activation tensors in `dtype` (recurrent states stay float32)."""
         return DecoderState([s.to(device=device, dtype=dtype) for s in self.layers], self.seen.to(device=device))
@@ -155,15 +162,23 @@ def _without_backends(spec: LayoutSpec) -> list[dict]:
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
-    """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size)
-    (one host sync: an out-of-range id would otherwise be a bare IndexError, or garbage on CUDA)."""
+    """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size).
+
+    The range is checked on the device (`torch._assert_async`), so a step never waits for it: a CPU
+    raises the ValueError at once; CUDA stops at the next sync with the message (an out-of-range id
+    would otherwise be garbage there). A compiled step skips it: its caller checked the ids it feeds.
+    """
     if input_ids.dim() != 2:
         raise ValueError(f"{owner}: input_ids must be [B, T], got shape {list(input_ids.shape)}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
         raise ValueError(f"{owner}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
-    if input_ids.numel() and bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
-        raise ValueError(f"{owner}: token ids must be in [0, {vocab_size}), got "
-                         f"{int(input_ids.min())}..{int(input_ids.max())}")
+    if not input_ids.numel() or torch.compiler.is_compiling():
+        return
+    message = f"{owner}: token ids must be in [0, {vocab_size})"
+    try:
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
+    except RuntimeError as error:  # raised here on the CPU only
+        raise ValueError(f"{message}, got {int(input_ids.min())}..{int(input_ids.max())}") from error
 
 
 class Decoder(nn.Module):
@@ -216,13 +231,15 @@ class Decoder(nn.Module):
             return positions.expand(self.rope_streams, *positions.shape)
         return positions
 
-    def init_state(self, batch_size: int, *, device=None, dtype=None) -> DecoderState:
-        """The state before any token."""
+    def init_state(self, batch_size: int, *, device=None, dtype=None, capacity: int | None = None) -> DecoderState:
+        """The state before any token; with `capacity`, growing layer states (full attention) are
+        preallocated for that many tokens per row (see DecoderState.with_capacity)."""
         check_count("batch_size", batch_size, minimum=1, owner="Decoder.init_state")
         device = self.embed.weight.device if device is None else device
         dtype = self.embed.weight.dtype if dtype is None else dtype
         layers = [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.layers]
-        return DecoderState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+        state = DecoderState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return state if capacity is None else state.with_capacity(capacity)
 
     def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> DecoderState:
         """A state saved with `state.save(path, model.spec)`."""
@@ -258,15 +275,14 @@ class Decoder(nn.Module):
         if documents is not None:
             return self._forward_packed(embeds, documents, positions, valid, state)
         batch, length = embeds.shape[:2]
-        if valid is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         if state is None:
             state = self.init_state(batch, device=embeds.device, dtype=activation_dtype(embeds))
         elif state.batch_size != batch or len(state.layers) != len(self.layers):
             raise ValueError(f"Decoder: input has batch {batch}, the state has {state.batch_size} rows and "
                              f"{len(state.layers)} layers (the model has {len(self.layers)})")
-        if positions is None:
-            positions = state.seen[:, None] + valid.cumsum(1) - 1
+        if positions is None:  # valid None: every token is real, which the mixers then know without a mask
+            steps = torch.arange(length, device=embeds.device) if valid is None else valid.cumsum(1) - 1
+            positions = state.seen[:, None] + steps
         positions = self.text_positions(positions)
         x, new_layers = embeds, []
         for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
@@ -275,7 +291,8 @@ class Decoder(nn.Module):
             except (ValueError, TypeError) as error:
                 raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
             new_layers.append(layer_state)
-        return self.logits(self.norm(x)), DecoderState(new_layers, state.seen + valid.sum(1))
+        seen = state.seen + (length if valid is None else valid.sum(1))
+        return self.logits(self.norm(x)), DecoderState(new_layers, seen)
 
     def _forward_packed(self, embeds, documents, positions, valid, state) -> tuple[torch.Tensor, None]:
         """Logits of packed rows, each document alone (see forward)."""

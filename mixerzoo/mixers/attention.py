@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +137,53 @@ def _append(cache: torch.Tensor, block: torch.Tensor, buffer: _Buffer | None) ->
     return buffer.tensor[:, :, : length + n], buffer
 
 
+class _HostCounted:
+    """Host metadata of an attention cache: `host_seen`, the tokens every row has seen when the host
+    knows them equal (an int), or None when it does not; read once with a sync (the state came from
+    load, select, concat or a user) and then carried from step to step, so steps never read it back.
+    For a KVCache, host_seen = n also means k and v hold exactly n slots."""
+
+    @property
+    def host_seen(self) -> int | None:
+        """Tokens seen by every row, when all rows have seen the same number (else None)."""
+        if "_host_seen" not in self.__dict__:
+            equal = bool((self.seen == self.seen[:1]).all()) if self.seen.numel() else True
+            n = int(self.seen[0]) if equal and self.seen.numel() else 0
+            self.__dict__["_host_seen"] = n if equal and (self.k.shape[2] == n or self.window_cache) else None
+        return self.__dict__["_host_seen"]
+
+    def counted(self, host_seen: int | None) -> Self:
+        """This state, marked with `host_seen` (what the step that made it knows)."""
+        self.__dict__["_host_seen"] = host_seen
+        return self
+
+    def clone(self) -> Self:
+        """An independent copy (a fork), with the host's count."""
+        copy = super().clone()
+        return copy.counted(self.__dict__["_host_seen"]) if "_host_seen" in self.__dict__ else copy
+
+    def to(self, device=None, dtype=None) -> Self:
+        """Moved and cast (see MixerState.to), with the host's count."""
+        moved = super().to(device=device, dtype=dtype)
+        return moved.counted(self.__dict__["_host_seen"]) if "_host_seen" in self.__dict__ else moved
+
+
 @dataclasses.dataclass
-class KVCache(MixerState):
+class KVCache(_HostCounted, MixerState):
     """Full-attention state: keys and values of every valid token seen, row-compact.
 
     `k` and `v` are prefix views of buffers with spare capacity (see `_append`): a decode step
     writes one slot past the end instead of copying the cache. `nbytes`, `save` and every
     comparison see the used length only; `reserved_nbytes` counts the buffers. A state made
     any other way (clone, select, concat, load, to) has no spare capacity until it grows.
+    Rows with pads may leave the length above max(seen); slots past a row's count are zero.
+    `with_capacity(n)` gives the same cache as a StaticKVCache of n slots (graphs, compile).
     """
 
-    k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D], L = max(seen)
+    k: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D], L >= max(seen)
     v: torch.Tensor = dataclasses.field(metadata={"variable_dims": (2,)})  # [B, Hkv, L, D]
     seen: torch.Tensor  # [B] int64: valid tokens seen; row b's keys are k[b, :, :seen[b]], the rest zero
+    window_cache: ClassVar[bool] = False
 
     def append(self, block_k: torch.Tensor, block_v: torch.Tensor, seen: torch.Tensor) -> Self:
         """This cache followed by block_k, block_v [B, Hkv, n, D], with token counts `seen`; self is unchanged."""
@@ -174,7 +208,7 @@ class KVCache(MixerState):
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
         """The given rows, with the cache trimmed to their longest history."""
-        picked = super().select(rows)
+        picked = MixerState.select(self, rows)
         length = int(picked.seen.max()) if picked.seen.numel() else 0
         return dataclasses.replace(picked, k=picked.k[:, :, :length], v=picked.v[:, :, :length])
 
@@ -188,20 +222,78 @@ class KVCache(MixerState):
 
         return super().concat([dataclasses.replace(s, k=pad(s.k), v=pad(s.v)) for s in states])
 
+    def with_capacity(self, capacity: int) -> "StaticKVCache":
+        """This cache preallocated to `capacity` tokens per row (a StaticKVCache; one host sync to check
+        that every row fits)."""
+        longest = int(self.seen.max()) if self.seen.numel() else 0
+        if capacity < max(longest, 1):
+            raise ValueError(f"KVCache.with_capacity: capacity {capacity} is below the {longest} tokens a row holds")
+        b, h, length, d = self.k.shape
+        keep = min(length, capacity)
+        k, v = (t.new_zeros(b, h, capacity + 1, d) for t in (self.k, self.v))  # + the pads' slot
+        k[:, :, :keep], v[:, :, :keep] = self.k[:, :, :keep], self.v[:, :, :keep]
+        return StaticKVCache(k=k, v=v, seen=self.seen.clone())
+
 
 @dataclasses.dataclass
-class RingKVCache(MixerState):
+class StaticKVCache(MixerState):
+    """Full-attention state in a preallocated buffer of fixed capacity C, written in place.
+
+    Row b's keys are k[b, :, :seen[b]]; slot C takes the writes of pads and is never read. Every
+    shape is fixed, so a decode step is one static program (a CUDA graph, torch.compile without
+    recompiles) that attends over all C slots with a length mask. Unlike every other state, a step
+    writes into this one's buffers (copying C slots per token would cost more than the step):
+    `clone()` it to keep a fork. Made by `KVCache.with_capacity` or `Attention.init_state(capacity=)`;
+    a full cache is an error (raised on the device under CUDA).
+    """
+
+    k: torch.Tensor  # [B, Hkv, C + 1, D]
+    v: torch.Tensor  # [B, Hkv, C + 1, D]
+    seen: torch.Tensor  # [B] int64
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row can hold."""
+        return self.k.shape[2] - 1
+
+    def dynamic(self) -> KVCache:
+        """The same cache as a growing KVCache of the longest row's length (one host sync)."""
+        length = int(self.seen.max()) if self.seen.numel() else 0
+        return KVCache(k=self.k[:, :, :length].clone(), v=self.v[:, :, :length].clone(), seen=self.seen.clone())
+
+    def with_capacity(self, capacity: int) -> "StaticKVCache":
+        """This cache with `capacity` slots per row."""
+        return self.dynamic().with_capacity(capacity)
+
+    def save(self, path, config) -> None:
+        """Saved as the KVCache it holds (what `Mixer.load_state` reads)."""
+        self.dynamic().save(path, config)
+
+    def check_compatible(self, expected: MixerState, *, owner: str) -> None:
+        """Compatible with the mixer whose (growing) KVCache is `expected`."""
+        KVCache(k=self.k, v=self.v, seen=self.seen).check_compatible(expected, owner=owner)
+
+
+@dataclasses.dataclass
+class RingKVCache(_HostCounted, MixerState):
     """Sliding-window state: a ring of the last W keys and values per row."""
 
     k: torch.Tensor  # [B, Hkv, W, D]; token n (counting valid tokens from 0) lives in slot n % W
     v: torch.Tensor  # [B, Hkv, W, D]
     seen: torch.Tensor  # [B] int64: valid tokens seen
+    window_cache: ClassVar[bool] = True
+
+    def contiguous(self) -> Self:
+        """The state with contiguous tensors, with the host's count."""
+        made = super().contiguous()
+        return made if made is self or "_host_seen" not in self.__dict__ else made.counted(self.host_seen)
 
 
 class Attention(Mixer):
     """Softmax attention mixer (full or sliding window) with GQA, RoPE / M-RoPE and optional q/k norm."""
 
     config_class = AttentionConfig
+    dense_valid = True
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
@@ -219,40 +311,55 @@ class Attention(Mixer):
         """KVCache for full attention, RingKVCache for a sliding window."""
         return KVCache if self.config.window is None else RingKVCache
 
-    def init_state(self, batch_size, *, device=None, dtype=None):
-        """Empty cache (full) or an empty ring of `window` slots (sliding), in the activation dtype."""
+    def init_state(self, batch_size, *, device=None, dtype=None, capacity: int | None = None):
+        """Empty cache (full; a StaticKVCache of `capacity` slots when given) or an empty ring of
+        `window` slots (sliding), in the activation dtype."""
         c = self.config
         device = self.o_proj.weight.device if device is None else device
         dtype = self.o_proj.weight.dtype if dtype is None else dtype
         slots = 0 if c.window is None else c.window
         kv = torch.zeros(batch_size, c.kv_heads, slots, c.dim, device=device, dtype=dtype)
         seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return self.state_class(k=kv, v=kv.clone(), seen=seen)
+        state = self.state_class(k=kv, v=kv.clone(), seen=seen).counted(0)
+        return state if capacity is None or c.window is not None else state.with_capacity(capacity)
 
     def _forward(self, x, state, positions, valid):
         c = self.config
         batch, length, _ = x.shape
-        q, k, v = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x).split(
-            [c.n_heads * c.dim, c.kv_heads * c.dim, c.kv_heads * c.dim], dim=-1
-        )
-        q, k, v = q.unflatten(-1, (c.n_heads, c.dim)), k.unflatten(-1, (c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
-        if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row
-        if c.rope.kind != "none":
-            angles = rotary_angles(self._positions(positions, index), c.dim, theta=c.rope.theta, sections=c.rope.sections)
-            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-
-        decode = c.backend != "reference" and length == 1
-        if decode and c.window is not None:
-            o, state = self._decode_ring(q, k, v, state, valid[:, 0])
-        elif decode and bool(valid.all()) and bool((state.seen == state.seen[0]).all()):
-            o, state = self._decode_full(q, k, v, state)
+        qkv = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
+        qk, v = qkv.split([(c.n_heads + c.kv_heads) * c.dim, c.kv_heads * c.dim], dim=-1)
+        qk, v = qk.unflatten(-1, (c.n_heads + c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
+        host_seen = None if isinstance(state, StaticKVCache) else state.host_seen
+        if valid is None and host_seen is not None:  # every position known on the host
+            index = torch.arange(host_seen, host_seen + length, device=x.device).expand(batch, length)
+        elif valid is None:
+            index = state.seen[:, None] + torch.arange(length, device=x.device)
         else:
+            index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row
+        if c.qk_norm:
+            q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        if c.rope.kind != "none":  # q and k rotated together: one set of cos / sin per layer
+            angles = rotary_angles(self._positions(positions, index), c.dim, theta=c.rope.theta, sections=c.rope.sections)
+            qk = apply_rotary(qk, angles)
+        q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
+
+        if isinstance(state, StaticKVCache):
+            o, state = self._attend_static(q, k, v, state, valid, index)
+        elif c.backend == "reference" or (valid is not None or host_seen is None) and length > 1:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             o = self._attend_rowwise(q, k, v, state, valid)
             state = self._write(state, k, v, valid, index)
+        elif c.window is not None and length == 1:
+            o, state = self._decode_ring(q, k, v, state, valid)
+        elif c.window is not None:
+            o, state = self._chunk_ring(q, k, v, state, host_seen)
+        elif length == 1 and valid is not None or host_seen is None:
+            o, state = self._decode_full_masked(q, k, v, state, valid)
+        else:
+            o, state = self._chunk_full(q, k, v, state, host_seen)
         y = self.o_proj(o.reshape(batch, length, c.n_heads * c.dim))
-        return y * valid[..., None], state
+        return (y if valid is None else y * valid[..., None]), state
 
     def _positions(self, positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
         """Rotary positions: given ones checked for shape, else the token numbers."""
@@ -295,9 +402,12 @@ class Attention(Mixer):
         return o
 
     def _write(self, state, k, v, valid, index):
-        """The state after storing the chunk's valid keys and values (the input state is untouched)."""
+        """The state after storing the chunk's valid keys and values (the input state is untouched);
+        reads the counts back (host syncs), so the host knows them again afterwards."""
         c = self.config
         seen = state.seen + valid.sum(1)
+        counts = seen.tolist()
+        host_seen = counts[0] if counts and all(n == counts[0] for n in counts) else None
         rows, cols = valid.nonzero(as_tuple=True)
         if c.window is not None:
             keep = valid & (index >= seen[:, None] - c.window)  # only the last W tokens reach the ring
@@ -305,25 +415,95 @@ class Attention(Mixer):
             slots = index[rows, cols] % c.window
             new_k, new_v = state.k.clone(), state.v.clone()
             new_k[rows, :, slots], new_v[rows, :, slots] = k[rows, cols], v[rows, cols]
-            return dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
+            return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
         length = state.k.shape[2]
         slots = index[rows, cols] - length  # [N]: slot relative to the current end; < 0 inside a shorter row
-        grow = max(int(seen.max()) - length, 0)
+        grow = max(max(counts, default=0) - length, 0)
         shape = (k.shape[0], c.kv_heads, grow, c.dim)
+        if host_seen is not None and host_seen != length + grow:
+            host_seen = None  # the cache is longer than every row (pads grew it before)
         if bool((slots >= 0).all()):  # appends only: a block past the end, written in place where free
             block_k, block_v = k.new_zeros(shape), v.new_zeros(shape)
             block_k[rows, :, slots], block_v[rows, :, slots] = k[rows, cols], v[rows, cols]
-            return state.append(block_k, block_v, seen)
+            return state.append(block_k, block_v, seen).counted(host_seen)
         # a shorter row writes below the end, inside the input state's view: copy first
         new_k = torch.cat([state.k, k.new_zeros(shape)], dim=2)
         new_v = torch.cat([state.v, v.new_zeros(shape)], dim=2)
         new_k[rows, :, slots + length], new_v[rows, :, slots + length] = k[rows, cols], v[rows, cols]
-        return dataclasses.replace(state, k=new_k, v=new_v, seen=seen)
+        return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
 
-    def _decode_full(self, q, k, v, state):
-        """One token per row, every row valid with the same history: append past the end, then attend."""
-        state = state.append(k.transpose(1, 2), v.transpose(1, 2), state.seen + 1)
-        return _decode_attention(q, state.k, state.v), state
+    def _chunk_full(self, q, k, v, state, host_seen: int):
+        """T tokens in every row after host_seen in every row: append in place past the end, attend causally."""
+        length = q.shape[1]
+        state = state.append(k.transpose(1, 2), v.transpose(1, 2), state.seen + length).counted(host_seen + length)
+        if length == 1:
+            return _decode_attention(q, state.k, state.v), state
+        o = attention(q, state.k.transpose(1, 2), state.v.transpose(1, 2), backend=self.config.backend)
+        return o, state
+
+    def _decode_full_masked(self, q, k, v, state, valid):
+        """One token per row, rows of any lengths (or pads): a copy one slot longer, each valid row's key
+        written at its own count, attended with a length mask. No host sync."""
+        batch, _, heads, dim = k.shape
+        seen = state.seen if valid is None else state.seen + valid[:, 0]
+        slot = state.seen[:, None, None, None].expand(batch, heads, 1, dim)
+        new = []
+        for cache, token in ((state.k, k), (state.v, v)):
+            token = token.transpose(1, 2)  # [B, Hkv, 1, D]
+            if valid is not None:
+                token = token * valid[:, None, None, :1]  # a pad writes zero past its row's end
+            new.append(F.pad(cache, (0, 0, 0, 1)).scatter(2, slot, token))
+        filled = torch.arange(new[0].shape[2], device=q.device) < seen[:, None]  # [B, L + 1]
+        if valid is not None:
+            filled = filled | ~valid  # a pad row attends to finite slots; its output is zeroed
+        o = _decode_attention(q, new[0], new[1], filled[:, None, None, :])
+        return o, dataclasses.replace(state, k=new[0], v=new[1], seen=seen).counted(None)
+
+    def _chunk_ring(self, q, k, v, state, host_seen: int):
+        """T tokens in every row after host_seen in every row: the ring's tokens in time order, then the
+        chunk, attended with the window; the last W of them become the new ring. Shapes and slots are
+        host ints, so there is no sync."""
+        window, length = self.config.window, q.shape[1]
+        if host_seen < window:  # slots 0 .. n - 1 hold tokens 0 .. n - 1
+            past_k, past_v = state.k[:, :, :host_seen], state.v[:, :, :host_seen]
+        else:  # oldest first
+            shift = -(host_seen % window)
+            past_k, past_v = state.k.roll(shift, dims=2), state.v.roll(shift, dims=2)
+        keys = torch.cat([past_k, k.transpose(1, 2)], dim=2)  # [B, Hkv, n_past + T, D]
+        values = torch.cat([past_v, v.transpose(1, 2)], dim=2)
+        o = attention(q, keys.transpose(1, 2), values.transpose(1, 2), window=window, backend=self.config.backend)
+        total = host_seen + length
+        if total < window:
+            pad = (0, 0, 0, window - total)
+            ring_k, ring_v = F.pad(keys, pad), F.pad(values, pad)
+        else:  # tokens total - W .. total - 1; token m lives in slot m % W
+            ring_k = keys[:, :, -window:].roll(total % window, dims=2)
+            ring_v = values[:, :, -window:].roll(total % window, dims=2)
+        seen = state.seen + length
+        return o, dataclasses.replace(state, k=ring_k, v=ring_v, seen=seen).counted(total)
+
+    def _attend_static(self, q, k, v, state: StaticKVCache, valid, index):
+        """Any chunk into a static cache: valid tokens written in place at their counts (pads into the
+        spare slot), then every query attends over all slots with a causal length mask."""
+        batch, length, heads, dim = k.shape
+        capacity = state.capacity
+        seen = state.seen + (length if valid is None else valid.sum(1))
+        if not torch.compiler.is_compiling():  # raised on the device under CUDA (no host sync)
+            torch._assert_async((seen <= capacity).all(), f"Attention: the static KV cache of {capacity} slots is full")
+        slots = index if valid is None else torch.where(valid, index, capacity)  # [B, T]
+        slots = slots[:, None, :, None].expand(batch, heads, length, dim)
+        state.k.scatter_(2, slots, k.transpose(1, 2))
+        state.v.scatter_(2, slots, v.transpose(1, 2))
+        visible = torch.arange(capacity + 1, device=q.device) <= index[..., None]  # [B, T, C + 1]
+        if valid is not None:
+            visible = visible | ~valid[..., None]  # a pad attends to finite slots; its output is zeroed
+        if length == 1:
+            o = _decode_attention(q, state.k, state.v, visible[:, None])
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), state.k, state.v, attn_mask=visible[:, None], enable_gqa=True
+            ).transpose(1, 2)
+        return o, dataclasses.replace(state, seen=seen)
 
     def _decode_ring(self, q, k, v, state, valid):
         """One token per row: write it into its ring slot (a pad row writes back the slot's own value),
@@ -331,16 +511,23 @@ class Attention(Mixer):
         window = self.config.window
         rows = torch.arange(q.shape[0], device=q.device)
         slots = state.seen % window  # [B]
-        keep = valid[:, None, None]
         new_k, new_v = state.k.clone(), state.v.clone()
-        new_k[rows, :, slots] = torch.where(keep, k[:, 0], state.k[rows, :, slots])
-        new_v[rows, :, slots] = torch.where(keep, v[:, 0], state.v[rows, :, slots])
-        seen = state.seen + valid
-        # Slot s holds a token of the window iff it has been written; a pad row sees its
-        # (finite) slots and its output is zeroed by the caller.
-        filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid[:, None]  # [B, W]
-        return _decode_attention(q, new_k, new_v, filled[:, None, None, :]), dataclasses.replace(
-            state, k=new_k, v=new_v, seen=seen
+        if valid is None:
+            new_k[rows, :, slots], new_v[rows, :, slots] = k[:, 0], v[:, 0]
+            seen = state.seen + 1
+            filled = torch.arange(window, device=q.device) < seen[:, None]  # [B, W]
+        else:
+            keep = valid[:, 0, None, None]
+            new_k[rows, :, slots] = torch.where(keep, k[:, 0], state.k[rows, :, slots])
+            new_v[rows, :, slots] = torch.where(keep, v[:, 0], state.v[rows, :, slots])
+            seen = state.seen + valid[:, 0]
+            # Slot s holds a token of the window iff it has been written; a pad row sees its
+            # (finite) slots and its output is zeroed by the caller.
+            filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid
+        host_seen = state.__dict__.get("_host_seen") if valid is None else None
+        o = _decode_attention(q, new_k, new_v, filled[:, None, None, :])
+        return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
+            None if host_seen is None else host_seen + 1
         )
 
 

@@ -158,6 +158,12 @@ class MixerState:
 
         return dataclasses.replace(self, **{k: move(k, t) for k, t in self.tensors().items()})
 
+    def with_capacity(self, capacity: int) -> "MixerState":
+        """This state with every tensor that grows with the tokens preallocated for `capacity` tokens
+        per row, so that no shape changes from step to step (CUDA graphs, torch.compile). A state of
+        constant size is returned as it is."""
+        return self
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
         """The sub-batch of the given rows (in that order): a fork of some streams."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
@@ -313,13 +319,17 @@ class Mixer(nn.Module):
     """Base of every token mixer: `y, state = mixer(x, state, positions=..., valid=...)`.
 
     Subclasses set `config_class` and `state_class`, implement `init_state` and
-    `_forward` (which receives checked inputs, a state and a bool `valid`); `forward_packed`
+    `_forward` (which receives checked inputs, a state and a bool `valid`, or None for all
+    valid when the subclass sets `dense_valid`); `forward_packed`
     runs packed documents through `_forward_packed`, which works for any mixer by default.
     """
 
     config_class: ClassVar[type[MixerConfig]]
     state_class: ClassVar[type[MixerState]]
     residual_projection: ClassVar[str] = "o_proj"  # the Linear whose output joins the residual stream
+    # True: `_forward` takes valid=None for "every token is real", which the host then knows without
+    # reading a mask (no sync, no masking ops); False: it always gets a [B, T] bool tensor.
+    dense_valid: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -361,9 +371,11 @@ class Mixer(nn.Module):
             raise ValueError(f"{name}: x must hold at least one token, got T = {length}")
         check_input_dtype(self, x, name)
         if valid is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+            if not self.dense_valid:
+                valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
         elif valid.shape != (batch, length) or valid.dtype != torch.bool:
             raise ValueError(f"{name}: valid must be a bool tensor [{batch}, {length}], got {valid.dtype} {list(valid.shape)}")
+        compiling = torch.compiler.is_compiling()
         if state is None:
             state = self.init_state(batch, device=x.device, dtype=activation_dtype(x))
         else:
@@ -371,12 +383,14 @@ class Mixer(nn.Module):
                 raise ValueError(f"{name}: x has batch {batch} but the state has {state.batch_size} rows")
             if state.device != x.device:
                 raise ValueError(f"{name}: x is on {x.device} but the state is on {state.device}")
-            made_for = state.__dict__.get("_made_for", (None, None))
-            if made_for[0] is not self.config or made_for[1] != x.dtype:  # validated once per state
+            # validated once per state (a compiled step continues states its eager warm-up checked)
+            made_for = None if compiling else state.__dict__.get("_made_for", (None, None))
+            if made_for is not None and (made_for[0] is not self.config or made_for[1] != x.dtype):
                 state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
         y, state = self._forward(x, state, positions, valid)
         state = state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
-        state.__dict__["_made_for"] = (self.config, x.dtype)  # this mixer built it: no check to continue it
+        if not compiling:
+            state.__dict__["_made_for"] = (self.config, x.dtype)  # this mixer built it: no check to continue it
         return y, state
 
     def forward_packed(

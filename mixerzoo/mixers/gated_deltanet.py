@@ -96,6 +96,7 @@ class GatedDeltaNet(Mixer):
 
     config_class = GatedDeltaNetConfig
     state_class = GatedDeltaNetState
+    dense_valid = True
 
     def __init__(self, config: GatedDeltaNetConfig):
         super().__init__(config)
@@ -154,14 +155,19 @@ class GatedDeltaNet(Mixer):
             q, k, v, g, beta, initial_state=state.recurrent, backend=c.backend, chunk_size=c.chunk_size
         )
         o = self.o_norm(o) * F.silu(gate.unflatten(-1, (c.value_heads, c.value_dim)))
-        y = self.o_proj(o.reshape(batch, length, -1)) * valid[..., None]
+        y = self.o_proj(o.reshape(batch, length, -1))
+        y = y if valid is None else y * valid[..., None]
         return y, GatedDeltaNetState(conv=conv, recurrent=recurrent.to(state.recurrent.dtype))
 
-    def _gates(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gates(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Log decay g and write strength beta [B, T, HV] from the a and b projections; both zero
-        at pads, so a pad neither decays nor writes and the state passes through it exactly."""
-        beta = torch.sigmoid(b) * (2.0 if self.config.allow_neg_eigval else 1.0)
+        at pads (valid False), so a pad neither decays nor writes and the state passes through it exactly."""
+        beta = torch.sigmoid(b)
+        if self.config.allow_neg_eigval:
+            beta = 2.0 * beta
         g = -self.A_log.exp() * F.softplus(a + self.dt_bias)
+        if valid is None:
+            return g, beta
         return g * valid[..., None], beta * valid[..., None]
 
     @torch.no_grad()

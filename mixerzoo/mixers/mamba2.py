@@ -129,6 +129,7 @@ class Mamba2(Mixer):
     config_class = Mamba2Config
     state_class = Mamba2State
     residual_projection = "out_proj"
+    dense_valid = True
 
     def __init__(self, config: Mamba2Config):
         super().__init__(config)
@@ -168,9 +169,11 @@ class Mamba2(Mixer):
 
         compute = state.ssm.dtype
         dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute)).clamp(*c.dt_limit)  # [B, T, H]
-        dt = dt.masked_fill(~valid[..., None], 0.0)  # a pad neither decays nor writes the state
+        if valid is not None:
+            dt = dt.masked_fill(~valid[..., None], 0.0)  # a pad neither decays nor writes the state
         A = -self.A_log.to(compute).exp()  # [H]
         y, ssm = ssd(xs, dt, A, B, C, state.ssm, backend=c.backend, chunk_size=c.chunk_size)  # [B, T, H, P]
         y = y + xs * self.D[:, None].to(y.dtype)
         y = self.norm(y.reshape(batch, length, c.d_inner), z)
-        return self.out_proj(y) * valid[..., None], Mamba2State(conv=conv, ssm=ssm)
+        y = self.out_proj(y)
+        return (y if valid is None else y * valid[..., None]), Mamba2State(conv=conv, ssm=ssm)

@@ -19,13 +19,13 @@ def causal_conv1d(
 
     x [B, T, C]; weight [C, W] (tap W - 1 multiplies the current token); tail [B, W - 1, C]
     holds the last W - 1 valid inputs before this chunk (zeros at the stream start).
-    Invalid tokens (valid [B, T] False) are skipped: they neither enter the window nor
+    valid None: every token is real. Invalid tokens (valid [B, T] False) are skipped: they neither enter the window nor
     move it, and their output is zero. No activation is applied.
     """
     _check_inputs(x, weight, tail, valid, bias)
-    if valid is None:
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     name = choose_backend("causal_conv1d", backend, x, supported=("torch", "reference"))
+    if valid is None and name == "reference":
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     return _BACKENDS[name](x, weight, tail, valid, bias)
 
 
@@ -61,6 +61,8 @@ def _step(x, weight, tail, valid, bias):
     y = (window * weight.t()).sum(1, keepdim=True)  # [B, 1, C]
     if bias is not None:
         y = y + bias
+    if valid is None:
+        return y, window[:, 1:]
     keep = valid[:, :, None]  # [B, 1, 1]
     return y * keep, torch.where(keep, window[:, 1:], tail)
 
@@ -71,6 +73,10 @@ def _torch(x, weight, tail, valid, bias):
     if x.shape[1] == 1:
         return _step(x, weight, tail, valid, bias)
     taps = weight.shape[1]
+    if valid is None:  # every token real: a plain causal conv after the tail
+        packed = torch.cat([tail, x], dim=1)  # [B, W - 1 + T, C]
+        y = sum(packed[:, j : j + x.shape[1]] * weight[:, j] for j in range(taps))
+        return (y if bias is None else y + bias), packed[:, packed.shape[1] - taps + 1 :]
     order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices  # [B, T]: valid first
     packed = torch.cat([tail, x.gather(1, order[..., None].expand_as(x))], dim=1)  # [B, W - 1 + T, C]
     length = x.shape[1]

@@ -20,6 +20,7 @@ from mixerzoo.mixers.base import (
     activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, fused_linear,
 )
 from mixerzoo.mixers.packing import PackedLayout
+from mixerzoo.ops import shared_rotary
 
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
 
@@ -285,12 +286,13 @@ class Decoder(nn.Module):
             positions = state.seen[:, None] + steps
         positions = self.text_positions(positions)
         x, new_layers = embeds, []
-        for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
-            try:
-                x, layer_state = block(x, layer_state, positions=positions, valid=valid)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
-            new_layers.append(layer_state)
+        with shared_rotary():  # the layers' rotary tables made once
+            for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
+                try:
+                    x, layer_state = block(x, layer_state, positions=positions, valid=valid)
+                except (ValueError, TypeError) as error:
+                    raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
+                new_layers.append(layer_state)
         seen = state.seen + (length if valid is None else valid.sum(1))
         return self.logits(self.norm(x)), DecoderState(new_layers, seen)
 
@@ -305,11 +307,12 @@ class Decoder(nn.Module):
             raise ValueError("Decoder: valid must equal documents >= 0 when documents are given")
         positions = self.text_positions(packing.positions if positions is None else positions)
         x = embeds
-        for i, block in enumerate(self.layers):
-            try:
-                x, _ = block(x, None, positions=positions, documents=packing)
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
+        with shared_rotary():
+            for i, block in enumerate(self.layers):
+                try:
+                    x, _ = block(x, None, positions=positions, documents=packing)
+                except (ValueError, TypeError) as error:
+                    raise type(error)(f"layer {i} ({block.mixer.config.type}): {error}") from error
         return self.logits(self.norm(x)), None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from typing import ClassVar, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, fused_linear
-from mixerzoo.ops import apply_rotary, attention, rotary_angles
+from mixerzoo.ops import attention, rotary_tables, rotate
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
 
@@ -330,26 +330,21 @@ class Attention(Mixer):
         qk, v = qkv.split([(c.n_heads + c.kv_heads) * c.dim, c.kv_heads * c.dim], dim=-1)
         qk, v = qk.unflatten(-1, (c.n_heads + c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
         host_seen = None if isinstance(state, StaticKVCache) else state.host_seen
-        if valid is None and host_seen is not None:  # every position known on the host
-            index = torch.arange(host_seen, host_seen + length, device=x.device).expand(batch, length)
-        elif valid is None:
-            index = state.seen[:, None] + torch.arange(length, device=x.device)
-        else:
-            index = state.seen[:, None] + valid.cumsum(1) - 1  # [B, T]: each valid token's number in its row
+        index = self._index(state, valid, host_seen, batch, length, x.device)  # [B, T] (made when read)
         if c.qk_norm:
             q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
-        if c.rope.kind != "none":  # q and k rotated together: one set of cos / sin per layer
-            angles = rotary_angles(self._positions(positions, index), c.dim, theta=c.rope.theta, sections=c.rope.sections)
-            qk = apply_rotary(qk, angles)
+        if c.rope.kind != "none":  # q and k rotated together
+            position = self._positions(positions, index, batch, length)
+            qk = rotate(qk, *rotary_tables(position, c.dim, theta=c.rope.theta, sections=c.rope.sections, dtype=qk.dtype))
         q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
 
         if isinstance(state, StaticKVCache):
-            o, state = self._attend_static(q, k, v, state, valid, index)
+            o, state = self._attend_static(q, k, v, state, valid, index())
         elif c.backend == "reference" or (valid is not None or host_seen is None) and length > 1:
             valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             o = self._attend_rowwise(q, k, v, state, valid)
-            state = self._write(state, k, v, valid, index)
+            state = self._write(state, k, v, valid, index())
         elif c.window is not None and length == 1:
             o, state = self._decode_ring(q, k, v, state, valid)
         elif c.window is not None:
@@ -361,12 +356,29 @@ class Attention(Mixer):
         y = self.o_proj(o.reshape(batch, length, c.n_heads * c.dim))
         return (y if valid is None else y * valid[..., None]), state
 
-    def _positions(self, positions: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _index(state, valid, host_seen: int | None, batch: int, length: int, device) -> Callable[[], torch.Tensor]:
+        """A function giving each token's number in its row [B, T] (valid tokens counted), made on first call."""
+        made: list[torch.Tensor] = []
+
+        def index() -> torch.Tensor:
+            if not made:
+                if valid is None and host_seen is not None:  # known on the host
+                    made.append(torch.arange(host_seen, host_seen + length, device=device).expand(batch, length))
+                elif valid is None:
+                    made.append(state.seen[:, None] + torch.arange(length, device=device))
+                else:
+                    made.append(state.seen[:, None] + valid.cumsum(1) - 1)
+            return made[0]
+
+        return index
+
+    def _positions(self, positions: torch.Tensor | None, index: Callable[[], torch.Tensor], batch: int, length: int):
         """Rotary positions: given ones checked for shape, else the token numbers."""
         streams = len(self.config.rope.sections or ())
+        want = (streams, batch, length) if streams else (batch, length)
         if positions is None:
-            return index.expand(streams, *index.shape) if streams else index
-        want = (streams, *index.shape) if streams else tuple(index.shape)
+            return index().expand(want)
         if tuple(positions.shape) != want:
             raise ValueError(f"Attention: positions must have shape {list(want)}, got {list(positions.shape)}")
         return positions

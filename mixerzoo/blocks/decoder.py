@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -162,6 +163,11 @@ def _without_backends(spec: LayoutSpec) -> list[dict]:
     ]
 
 
+def _sharing_rotary():
+    """shared_rotary() eagerly; a compiled forward leaves common subexpressions to the compiler."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else shared_rotary()
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
     """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size).
 
@@ -286,7 +292,7 @@ class Decoder(nn.Module):
             positions = state.seen[:, None] + steps
         positions = self.text_positions(positions)
         x, new_layers = embeds, []
-        with shared_rotary():  # the layers' rotary tables made once
+        with _sharing_rotary():  # the layers' rotary tables made once
             for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
                 try:
                     x, layer_state = block(x, layer_state, positions=positions, valid=valid)
@@ -307,7 +313,7 @@ class Decoder(nn.Module):
             raise ValueError("Decoder: valid must equal documents >= 0 when documents are given")
         positions = self.text_positions(packing.positions if positions is None else positions)
         x = embeds
-        with shared_rotary():
+        with _sharing_rotary():
             for i, block in enumerate(self.layers):
                 try:
                     x, _ = block(x, None, positions=positions, documents=packing)

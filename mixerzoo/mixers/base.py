@@ -239,6 +239,11 @@ def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim
     the parameters. It is not a parameter or buffer: state_dict never sees it. Inference tensors
     (a model built under torch.inference_mode) have no version counter, so theirs is made per call.
     """
+    if torch.compiler.is_compiling():  # a compiled step reads the copy its eager warm-up made (weights fixed)
+        cache = getattr(owner, "_cat_cache", None)
+        if cache is not None and name in cache and not (torch.is_grad_enabled() and tensors[0].requires_grad):
+            return cache[name][1]
+        return torch.cat(list(tensors), dim)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or any(t.is_inference() for t in tensors):
         return torch.cat(list(tensors), dim)
     key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (dim,)

@@ -99,3 +99,20 @@ def test_compile_is_refused_for_what_it_cannot_run():
 
     with pytest.raises(ValueError, match="compile=True takes a Decoder"):
         next(continue_stream(object(), torch.zeros(1, 4), None, max_new_tokens=1, compile=True))
+
+
+def test_tokens_per_frame_is_what_a_frame_of_that_shape_adds():
+    """A 480 x 640 frame adds 6 x 9 = 54 visual tokens at the default 224 px budget (aspect kept), a
+    square one 64; the session reports what the last frame added."""
+    import numpy as np
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    torch.manual_seed(0)
+    session = StreamSession(VLM(vlm_recipe("infinitevl", size="tiny")).eval())
+    assert session.tokens_per_frame == 64 == session.tokens_for(224, 224)
+    assert session.tokens_for(480, 640) == 54
+    before = session.state.decoder.seen.clone()
+    session.push_frames([np.zeros((480, 640, 3), dtype=np.uint8)])
+    assert session.tokens_per_frame == 54
+    assert int(session.state.decoder.seen[0] - before[0]) == 54 + 2  # vision start and end tokens

@@ -18,7 +18,7 @@ from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
 from mixerzoo.mixers.base import (
-    activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, fused_linear,
+    activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, device_check, fused_linear,
 )
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import shared_rotary
@@ -181,11 +181,10 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> Non
         raise ValueError(f"{owner}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
     if not input_ids.numel() or torch.compiler.is_compiling():
         return
-    message = f"{owner}: token ids must be in [0, {vocab_size})"
     try:
-        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
-    except RuntimeError as error:  # raised here on the CPU only
-        raise ValueError(f"{message}, got {int(input_ids.min())}..{int(input_ids.max())}") from error
+        device_check(((input_ids >= 0) & (input_ids < vocab_size)).all(), f"{owner}: token ids must be in [0, {vocab_size})")
+    except ValueError as error:  # raised here on the CPU only: name the ids
+        raise ValueError(f"{error}, got {int(input_ids.min())}..{int(input_ids.max())}") from None
 
 
 class Decoder(nn.Module):

@@ -270,6 +270,18 @@ def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: to
     return F.linear(x, weight, bias)
 
 
+def device_check(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the bool tensor `condition` is True, without a host sync: on a
+    CPU it raises at once, on CUDA the device stops with the message at the next sync
+    (`torch._assert_async`). Skipped inside a compiled program (its caller checked the inputs)."""
+    if torch.compiler.is_compiling():
+        return
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError as error:  # raised here on the CPU only
+        raise ValueError(message) from error
+
+
 def activation_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype activations computed from `x` will have: autocast's dtype when autocast is on for
     x's device, else x's own (a fresh state's caches must hold what the projections produce)."""

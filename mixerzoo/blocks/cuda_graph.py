@@ -2,9 +2,9 @@
 
 The graph reads a static token buffer, runs the model, and writes the new state back into
 static state buffers and the logits into a static logits buffer, all on the device: no
-host sync per token (the sliding-window ring index lives in the state, on the device).
-Only models whose layer states have a fixed size qualify (sliding window, Gated DeltaNet,
-Mamba2): a full-attention KV cache grows with every token, which a graph cannot hold.
+host sync per token (every count a step needs lives in the state, on the device). Every
+shape must be fixed: sliding-window, Gated DeltaNet and Mamba2 states are; a full-attention
+KV cache is preallocated for `capacity` tokens (a StaticKVCache, written in place).
 """
 
 from __future__ import annotations
@@ -16,20 +16,24 @@ import torch
 from mixerzoo.blocks.decoder import Decoder, DecoderState
 
 
-def check_constant_state(model: Decoder) -> None:
-    """Raise ValueError naming the first layer whose state grows with the tokens seen (full attention)."""
-    for i, (block, state) in enumerate(zip(model.layers, model.init_state(1, device="meta").layers)):
-        growing = [f.name for f in dataclasses.fields(state) if f.metadata.get("variable_dims")]
+def check_fixed_shapes(model: Decoder, state: DecoderState) -> None:
+    """Raise ValueError naming the first layer whose state grows with the tokens seen (a full-attention
+    KVCache not yet given a capacity)."""
+    for i, (block, layer) in enumerate(zip(model.layers, state.layers)):
+        growing = [f.name for f in dataclasses.fields(layer) if f.metadata.get("variable_dims")]
         if growing:
             raise ValueError(
                 f"GraphDecoder: layer {i} ({block.mixer.config.type}) keeps a state that grows with every token "
-                f"(fields {growing}), which a CUDA graph cannot hold; decode this model eagerly (Decoder.__call__ "
-                "or mixerzoo.blocks.generate), or use constant-state layers (sliding window, Gated DeltaNet, Mamba2)"
+                f"(fields {growing}), which a CUDA graph cannot hold; pass capacity=N (the most tokens a row will "
+                "hold) to preallocate it, or decode this model eagerly"
             )
 
 
 class GraphDecoder:
     """T = 1 decode of `model` from a copy of `state`, one CUDA graph replay per token.
+
+    `capacity` preallocates full-attention caches for that many tokens per row (required when the
+    model has full-attention layers; a step past it is an error raised on the device).
 
     `step(tokens)` feeds one token per row and returns the next-token logits; `generate`
     decodes greedily. The state is held in static buffers (`self.state`), advanced in place.
@@ -37,14 +41,15 @@ class GraphDecoder:
     CPU tests compare it with the model's own decode.
     """
 
-    def __init__(self, model: Decoder, state: DecoderState, *, capture: bool | None = None, warmup: int = 2):
-        check_constant_state(model)
-        self.model = model
+    def __init__(self, model: Decoder, state: DecoderState, *, capacity: int | None = None,
+                 capture: bool | None = None, warmup: int = 2):
+        self.model, self.capacity = model, capacity
         device = state.seen.device
         if model.embed.weight.device != device:
             raise ValueError(f"GraphDecoder: the model is on {model.embed.weight.device}, the state on {device}")
         with torch.inference_mode():
-            self.state = state.clone()  # the static buffers
+            self.state = state.clone() if capacity is None else state.clone().with_capacity(capacity)  # static buffers
+            check_fixed_shapes(model, self.state)
             self._buffers = self.state.flat_tensors()
             self.tokens = torch.zeros(state.batch_size, 1, dtype=torch.long, device=device)
             self.logits = torch.zeros(state.batch_size, model.spec.vocab_size, dtype=model.embed.weight.dtype,
@@ -57,7 +62,8 @@ class GraphDecoder:
         """One token per row from the static buffers back into them (what the graph captures)."""
         logits, new = self.model(embeds=self.model.embed(self.tokens), state=self.state)
         for name, tensor in new.flat_tensors().items():
-            self._buffers[name].copy_(tensor)
+            if tensor is not self._buffers[name]:  # a static KV cache was written in place
+                self._buffers[name].copy_(tensor)
         self.logits.copy_(logits[:, 0])
 
     @torch.inference_mode()
@@ -81,6 +87,8 @@ class GraphDecoder:
     @torch.inference_mode()
     def reset(self, state: DecoderState) -> None:
         """Continue from `state` (same model, batch and shapes) without capturing again."""
+        if self.capacity is not None:
+            state = state.with_capacity(self.capacity)
         tensors = state.flat_tensors()
         if tensors.keys() != self._buffers.keys():
             raise ValueError("GraphDecoder.reset: the state's layers differ from the captured model's")

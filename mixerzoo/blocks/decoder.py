@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.errors import open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
 from mixerzoo.mixers.base import (
-    activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, fused_linear,
+    activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, device_check, fused_linear,
 )
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import shared_rotary
@@ -162,6 +163,11 @@ def _without_backends(spec: LayoutSpec) -> list[dict]:
     ]
 
 
+def _sharing_rotary():
+    """shared_rotary() eagerly; a compiled forward leaves common subexpressions to the compiler."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else shared_rotary()
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> None:
     """Raise ValueError naming `owner` unless input_ids is an integer [B, T] tensor of ids in [0, vocab_size).
 
@@ -175,11 +181,10 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, owner: str) -> Non
         raise ValueError(f"{owner}: input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
     if not input_ids.numel() or torch.compiler.is_compiling():
         return
-    message = f"{owner}: token ids must be in [0, {vocab_size})"
     try:
-        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(), message)
-    except RuntimeError as error:  # raised here on the CPU only
-        raise ValueError(f"{message}, got {int(input_ids.min())}..{int(input_ids.max())}") from error
+        device_check(((input_ids >= 0) & (input_ids < vocab_size)).all(), f"{owner}: token ids must be in [0, {vocab_size})")
+    except ValueError as error:  # raised here on the CPU only: name the ids
+        raise ValueError(f"{error}, got {int(input_ids.min())}..{int(input_ids.max())}") from None
 
 
 class Decoder(nn.Module):
@@ -286,7 +291,7 @@ class Decoder(nn.Module):
             positions = state.seen[:, None] + steps
         positions = self.text_positions(positions)
         x, new_layers = embeds, []
-        with shared_rotary():  # the layers' rotary tables made once
+        with _sharing_rotary():  # the layers' rotary tables made once
             for i, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
                 try:
                     x, layer_state = block(x, layer_state, positions=positions, valid=valid)
@@ -307,7 +312,7 @@ class Decoder(nn.Module):
             raise ValueError("Decoder: valid must equal documents >= 0 when documents are given")
         positions = self.text_positions(packing.positions if positions is None else positions)
         x = embeds
-        with shared_rotary():
+        with _sharing_rotary():
             for i, block in enumerate(self.layers):
                 try:
                     x, _ = block(x, None, positions=positions, documents=packing)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import weakref
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -85,11 +86,23 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Prefill the prompts, then yield the next token of every row [B] per step (see `continue_stream`).
 
-    sampling: stop_tokens, temperature, top_k, top_p, generator.
+    sampling: stop_tokens, temperature, top_k, top_p, generator, compile.
     """
     check_count("max_new_tokens", max_new_tokens, minimum=1, owner="generate")
     logits, state = prefill(model, input_ids, state, valid=valid, chunk_size=chunk_size)
     yield from continue_stream(model, logits, state, max_new_tokens=max_new_tokens, **sampling)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Decoder, Callable]" = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model: Decoder) -> Callable:
+    """`model`'s forward as one compiled program (torch.compile, fullgraph, static shapes), made once per
+    model and reused: for T = 1 steps over a state of fixed shapes (`DecoderState.with_capacity`), it
+    compiles on the first call (and once more for the first call with a `valid` mask) and never again."""
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False)
+    return _COMPILED[model]
 
 
 @torch.inference_mode()
@@ -104,6 +117,7 @@ def continue_stream(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """From next-token logits [B, vocab] and the state that produced them, yield the next token
     of every row [B] at each step, STOPPED (-1) for rows that are done.
@@ -111,17 +125,32 @@ def continue_stream(
     `model(tokens [B, 1], state, valid=...)` must return (logits [B, 1, vocab], state): a
     Decoder or a VLM. A row stops after emitting one of `stop_tokens`; its later steps are
     pads (no-ops on its state). Ends after max_new_tokens steps or when every row has stopped.
+    Without stop tokens a step never waits for the device; with them the loop reads one count
+    per step to know which rows still run. compile=True (a Decoder) runs each step as one
+    compiled program (`compiled_step`) over a state with full-attention caches preallocated
+    for max_new_tokens more tokens; the first step compiles (tens of seconds on a CPU).
     """
     check_count("max_new_tokens", max_new_tokens, minimum=1, owner="generate")
+    step = model
+    if compile:
+        if not isinstance(model, Decoder):
+            raise ValueError(f"continue_stream: compile=True takes a Decoder, got a {type(model).__name__}")
+        longest = int(state.seen.max())  # once, before the loop
+        state, step = state.with_capacity(longest + max_new_tokens), compiled_step(model)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)
     running = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    batch = logits.shape[0]
     for _ in range(max_new_tokens):
         token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        yield torch.where(running, token, STOPPED)
-        running &= ~torch.isin(token, stops)
-        if not running.any():
-            return
-        step_logits, state = model(token[:, None], state, valid=running[:, None])
+        yield torch.where(running, token, STOPPED) if stop_tokens else token
+        valid = None  # every row runs
+        if stop_tokens:
+            running &= ~torch.isin(token, stops)
+            still = int(running.sum())  # the loop's one read per step
+            if still == 0:
+                return
+            valid = None if still == batch else running[:, None]
+        step_logits, state = step(token[:, None], state, valid=valid)
         logits = step_logits[:, 0].float()
 
 

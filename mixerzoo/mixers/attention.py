@@ -153,8 +153,10 @@ class _HostCounted:
         return self.__dict__["_host_seen"]
 
     def counted(self, host_seen: int | None) -> Self:
-        """This state, marked with `host_seen` (what the step that made it knows)."""
-        self.__dict__["_host_seen"] = host_seen
+        """This state, marked with `host_seen` (what the step that made it knows); a compiled step
+        leaves it unmarked (its shapes never depend on host counts)."""
+        if not torch.compiler.is_compiling():
+            self.__dict__["_host_seen"] = host_seen
         return self
 
     def clone(self) -> Self:
@@ -329,7 +331,8 @@ class Attention(Mixer):
         qkv = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
         qk, v = qkv.split([(c.n_heads + c.kv_heads) * c.dim, c.kv_heads * c.dim], dim=-1)
         qk, v = qk.unflatten(-1, (c.n_heads + c.kv_heads, c.dim)), v.unflatten(-1, (c.kv_heads, c.dim))
-        host_seen = None if isinstance(state, StaticKVCache) else state.host_seen
+        # a compiled step must not specialise on a count that changes every step
+        host_seen = None if isinstance(state, StaticKVCache) or torch.compiler.is_compiling() else state.host_seen
         index = self._index(state, valid, host_seen, batch, length, x.device)  # [B, T] (made when read)
         if c.qk_norm:
             q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
@@ -536,7 +539,7 @@ class Attention(Mixer):
             # Slot s holds a token of the window iff it has been written; a pad row sees its
             # (finite) slots and its output is zeroed by the caller.
             filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid
-        host_seen = state.__dict__.get("_host_seen") if valid is None else None
+        host_seen = None if valid is None or torch.compiler.is_compiling() else state.__dict__.get("_host_seen")
         o = _decode_attention(q, new_k, new_v, filled[:, None, None, :])
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
             None if host_seen is None else host_seen + 1

@@ -239,6 +239,11 @@ def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim
     the parameters. It is not a parameter or buffer: state_dict never sees it. Inference tensors
     (a model built under torch.inference_mode) have no version counter, so theirs is made per call.
     """
+    if torch.compiler.is_compiling():  # a compiled step reads the copy its eager warm-up made (weights fixed)
+        cache = getattr(owner, "_cat_cache", None)
+        if cache is not None and name in cache and not (torch.is_grad_enabled() and tensors[0].requires_grad):
+            return cache[name][1]
+        return torch.cat(list(tensors), dim)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors) or any(t.is_inference() for t in tensors):
         return torch.cat(list(tensors), dim)
     key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) + (dim,)
@@ -263,6 +268,18 @@ def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: to
         raise ValueError(f"fused_linear {name}: either every layer has a bias or none")
     bias = cached_cat(owner, f"{name}.bias", [layer.bias for layer in layers]) if all(has_bias) else None
     return F.linear(x, weight, bias)
+
+
+def device_check(condition: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the bool tensor `condition` is True, without a host sync: on a
+    CPU it raises at once, on CUDA the device stops with the message at the next sync
+    (`torch._assert_async`). Skipped inside a compiled program (its caller checked the inputs)."""
+    if torch.compiler.is_compiling():
+        return
+    try:
+        torch._assert_async(condition, message)
+    except RuntimeError as error:  # raised here on the CPU only
+        raise ValueError(message) from error
 
 
 def activation_dtype(x: torch.Tensor) -> torch.dtype:

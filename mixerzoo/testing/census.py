@@ -9,7 +9,7 @@ it waits for a device value are not. `HostCensus` is a dispatch mode that record
 
 A sync is an op whose result the host must read before it can go on: `.item()` / `bool()` /
 `int()` of a tensor (aten's `_local_scalar_dense`), ops whose output shape depends on values
-(`nonzero`, `unique`, `masked_select`, ...), `tolist()` / `numpy()`, and copies from a device to
+(`nonzero`, `unique`, `masked_select`, indexing with a boolean mask, ...), `tolist()` / `numpy()`, and copies from a device to
 the CPU. On a CUDA device each one stalls the launch queue; a CUDA graph and a
 `torch.compile(fullgraph=True)` cannot hold any of them.
 """
@@ -29,11 +29,17 @@ _VALUE_DEPENDENT = {
     "bincount", "masked_select", "equal", "is_nonzero", "histc",
 }
 _PACKAGE = Path(__file__).resolve().parents[1]
+_TORCH = Path(torch.__file__).resolve().parent
+_INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 def _is_sync(func, args, kwargs, out) -> bool:
     name = func._schema.name.split("::")[-1]
     if name in _VALUE_DEPENDENT:
+        return True
+    if name in _INDEXING and any(  # a boolean mask as an index: nonzero inside
+        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
+    ):
         return True
     if name == "repeat_interleave" and "output_size" not in kwargs and any(isinstance(a, torch.Tensor) for a in args):
         return True
@@ -44,13 +50,13 @@ def _is_sync(func, args, kwargs, out) -> bool:
 
 
 def _call_site() -> str:
-    """file:line of the innermost frame inside mixerzoo (outside this module), else the outermost caller."""
-    frames = traceback.extract_stack()[:-3]
-    for frame in reversed(frames):
+    """file:line (function) of the innermost caller outside torch and this module."""
+    for frame in reversed(traceback.extract_stack()):
         path = Path(frame.filename).resolve()
-        if _PACKAGE in path.parents and path.name != "census.py":
-            return f"{path.relative_to(_PACKAGE.parent)}:{frame.lineno} ({frame.name})"
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        if _TORCH not in path.parents and path != Path(__file__).resolve():
+            shown = path.relative_to(_PACKAGE.parent) if _PACKAGE in path.parents else path
+            return f"{shown}:{frame.lineno} ({frame.name})"
+    return "?"
 
 
 class HostCensus(TorchDispatchMode):

@@ -5,7 +5,8 @@ checks, for the mixer the config names:
 
 1. reference equality   the configured backend equals backend="reference" on the same weights
 2. chunk invariance     any split of a sequence, and T = 1 steps, equal one call
-3. padding invariance   pads anywhere are no-ops; a padded batch equals each row run alone
+3. padding invariance   pads anywhere are no-ops; a padded batch equals each row run alone, and so
+                        does its continuation without pads (rows of different lengths then)
 4. fork independence    state.clone() branches never affect each other
 5. round trip           a state saved and loaded continues bit-exactly
 6. bounded memory       state.nbytes equals config.state_nbytes(n_tokens, batch_size)
@@ -197,10 +198,12 @@ def check_padding_invariance(config: MixerConfig, setting: Setting, data: st.Dat
     total = max(lengths) + data.draw(st.integers(1, 8), label="pads")
     valid = torch.stack([_pad_pattern(data, n, total - n) for n in lengths]).to(setting.device)  # [B, total]
     x = tokens(total)  # pads hold random garbage, which must not leak
+    after = tokens(data.draw(_lengths(config), label="continuation"))  # then every row real (valid=None)
     with torch.no_grad():
         y, state = _run_chunks(mixer, x, None, _splits(data, total), valid)
         if not torch.equal(y[~valid], torch.zeros_like(y[~valid])):
             raise AssertionError("padding invariance: outputs at pad positions are not zero")
+        y_after, _ = _run_chunks(mixer, after, state, _splits(data, after.shape[1]))
         for row, n in enumerate(lengths):
             alone_state = mixer.init_state(1, dtype=setting.dtype)
             if n:
@@ -208,6 +211,9 @@ def check_padding_invariance(config: MixerConfig, setting: Setting, data: st.Dat
                 assert_close(y[row, valid[row]], y_alone[0], f"padding invariance: outputs of row {row}", setting.tol)
             assert_states_close(state.select([row]), alone_state, f"padding invariance: state of row {row}",
                                 setting.tol)
+            y_alone_after, _ = _run_chunks(mixer, after[row : row + 1], alone_state, [(0, after.shape[1])])
+            assert_close(y_after[row], y_alone_after[0], f"padding invariance: row {row} continued without pads",
+                         setting.tol)
 
 
 def check_fork_independence(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:

@@ -22,7 +22,7 @@ from typing_extensions import Self
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
 from mixerzoo.blocks.decoder import check_token_ids
 from mixerzoo.errors import open_safetensors
-from mixerzoo.mixers.base import atomic_save_safetensors
+from mixerzoo.mixers.base import atomic_save_safetensors, device_check
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
 from mixerzoo.vlm.processor import ProcessorConfig
@@ -149,22 +149,18 @@ class VLM(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings [B, T, d_model] with image / video pad tokens replaced by vision features."""
         embeds = self.decoder.embed(input_ids)
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
         p = self.spec.processor
         for kind, pad_id, pixels, grid in (
             ("image", p.image_pad_id, pixel_values, image_grid_thw),
             ("video", p.video_pad_id, pixel_values_videos, video_grid_thw),
         ):
-            slots = (input_ids == pad_id) & valid
-            n_slots = int(slots.sum())
-            if pixels is None:
-                if n_slots:
-                    raise ValueError(f"VLM: {n_slots} {kind} pad tokens but no {kind} pixels were given")
+            slots = input_ids == pad_id if valid is None else (input_ids == pad_id) & valid
+            if pixels is None:  # checked on the device: a decode step never waits for it
+                device_check(~slots.any(), f"VLM: {kind} pad tokens but no {kind} pixels were given")
                 continue
             features = self.visual(pixels.to(embeds.dtype), grid)  # [N_tokens, d_model]
-            if features.shape[0] != n_slots:
-                raise ValueError(f"VLM: {n_slots} {kind} pad tokens but the {kind} pixels give {features.shape[0]} features")
+            device_check(slots.sum() == features.shape[0],
+                         f"VLM: the {kind} pad tokens are not as many as the {features.shape[0]} features its pixels give")
             embeds = embeds.masked_scatter(slots[..., None], features.to(embeds.dtype))
         return embeds
 
@@ -198,8 +194,6 @@ class VLM(nn.Module):
             if valid is not None and not torch.equal(valid, packing.tokens):
                 raise ValueError("VLM: valid must equal documents >= 0 when documents are given")
             valid = packing.tokens
-        elif valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
         embeds = self.embed(
             input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw, valid=valid,
@@ -225,7 +219,7 @@ class VLM(nn.Module):
             end = start + step
             chunk_logits, decoder_state = self.decoder(
                 embeds=embeds[:, start:end], state=decoder_state,
-                positions=positions[:, :, start:end], valid=valid[:, start:end],
+                positions=positions[:, :, start:end], valid=None if valid is None else valid[:, start:end],
             )
             logits.append(chunk_logits)
         return torch.cat(logits, dim=1), VLMState(decoder_state, rope)
@@ -262,9 +256,9 @@ def generate_vlm(model: VLM, input_ids: torch.Tensor, *, max_new_tokens: int, st
     media_keys = {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
     media = {k: v for k, v in media_and_sampling.items() if k in media_keys}
     sampling = {k: v for k, v in media_and_sampling.items() if k not in media_keys}
+    logits, state = model(input_ids, state, valid=valid, chunk_size=chunk_size, **media)
     if valid is None:
         valid = torch.ones_like(input_ids, dtype=torch.bool)
-    logits, state = model(input_ids, state, valid=valid, chunk_size=chunk_size, **media)
     last = valid.shape[1] - 1 - valid.flip(1).to(torch.int8).argmax(1)  # each row's last valid token
     first = logits[torch.arange(input_ids.shape[0]), last].float()
     tokens = list(continue_stream(model, first, state, max_new_tokens=max_new_tokens, **sampling))

@@ -12,7 +12,7 @@ import torch
 
 from mixerzoo.blocks import STOPPED, continue_stream
 from mixerzoo.vlm.model import VLM, VLMState
-from mixerzoo.vlm.processor import expand_vision_tokens, process_video
+from mixerzoo.vlm.processor import expand_vision_tokens, process_video, smart_resize
 
 
 @dataclass
@@ -21,6 +21,7 @@ class StreamStats:
 
     frame_seconds: list[float] = field(default_factory=list)
     state_nbytes: list[int] = field(default_factory=list)
+    frame_tokens: list[int] = field(default_factory=list)  # visual tokens each frame added
 
     @property
     def frames(self) -> int:
@@ -29,7 +30,8 @@ class StreamStats:
 
     @property
     def fps(self) -> float:
-        """Frames per second of prefill over all frames pushed."""
+        """Frames per second of prefill (processing and the model) over all frames pushed; a caller
+        that also decodes the video reports frames / wall time instead (the `stream` command does)."""
         total = sum(self.frame_seconds)
         return self.frames / total if total else 0.0
 
@@ -37,9 +39,10 @@ class StreamStats:
 class StreamSession:
     """A video stream held in one VLM state of batch 1.
 
-    Each pushed frame becomes its own video block (resized to frame_size x frame_size,
-    so (frame_size / 28)^2 visual tokens: 64 at the default 224) whose temporal M-RoPE
-    positions continue from the stream; `ask` answers on a fork and leaves the stream untouched.
+    Each pushed frame becomes its own video block, resized (aspect kept, Qwen's smart_resize) to at
+    most frame_size x frame_size pixels: a square frame gives (frame_size / 28)^2 visual tokens (64 at
+    the default 224), a 480 x 640 one 6 x 9 = 54 (`tokens_for`). Its temporal M-RoPE positions continue
+    from the stream; `ask` answers on a fork and leaves the stream untouched.
     """
 
     def __init__(self, model: VLM, *, frame_size: int = 224, fps: float = 2.0):
@@ -55,11 +58,19 @@ class StreamSession:
         self.state: VLMState = model.init_state(1, device=self.device)
         self.stats = StreamStats()
 
+    def tokens_for(self, height: int, width: int) -> int:
+        """Visual tokens a height x width frame adds."""
+        p = self.processor
+        h, w = smart_resize(height, width, p.factor, min_pixels=p.video_min_pixels, max_pixels=p.video_max_pixels)
+        return (h // p.factor) * (w // p.factor)
+
     @property
     def tokens_per_frame(self) -> int:
-        """Visual tokens each frame adds (at frame_size x frame_size)."""
-        side = int(self.processor.video_max_pixels**0.5) // (self.processor.patch_size * self.processor.merge_size)
-        return side * side
+        """Visual tokens the last pushed frame added (before any frame: a square frame_size frame's)."""
+        if self.stats.frame_tokens:
+            return self.stats.frame_tokens[-1]
+        side = int(self.processor.video_max_pixels**0.5)
+        return self.tokens_for(side, side)
 
     @torch.inference_mode()
     def push_frames(self, frames: np.ndarray | Sequence[np.ndarray]) -> None:
@@ -76,6 +87,7 @@ class StreamSession:
                 torch.cuda.synchronize(self.device)
             self.stats.frame_seconds.append(time.perf_counter() - start)
             self.stats.state_nbytes.append(self.state.nbytes)
+            self.stats.frame_tokens.append(len(ids[0]) - 2)  # between vision_start and vision_end
 
     @torch.inference_mode()
     def ask(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 32, stop_tokens: Sequence[int] = ()) -> list[int]:

@@ -89,28 +89,37 @@ class _Segments:
     groups: tuple[tuple[int, int], ...]  # (number of segments, length) of each run, in `order`
 
 
-def _segments(segment_id: torch.Tensor) -> _Segments:
-    """Segments from a segment id per patch row ([N] long); rows keep their order inside a segment."""
-    count = torch.bincount(segment_id)  # [S] rows per id
+def _segments(segment_id: torch.Tensor, sizes: list[int]) -> _Segments:
+    """Segments from a segment id per patch row ([N] long) and each id's row count (`sizes`, known on
+    the host from the grid, so nothing is read back from the device); rows keep their order inside a segment."""
+    count = torch.tensor(sizes, dtype=torch.long).to(segment_id.device, non_blocking=True)  # [S] rows per id
     length = count[segment_id]  # [N] length of each row's segment
-    order = torch.argsort(length * count.numel() + segment_id, stable=True)
+    order = torch.argsort(length * len(sizes) + segment_id, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    lengths, rows = torch.unique_consecutive(length[order], return_counts=True)
-    groups = tuple((r // n, n) for n, r in zip(lengths.tolist(), rows.tolist()))
+    runs: dict[int, int] = {}
+    for size in sizes:  # equal lengths are adjacent in `order`, shortest first
+        runs[size] = runs.get(size, 0) + 1
+    groups = tuple((runs[n], n) for n in sorted(runs))
     return _Segments(order=order, inverse=inverse, groups=groups)
 
 
 def _patch_layout(
     grid_thw: torch.Tensor, merge: int, window: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Per patch row, in input order: (row, column) in its frame, and the global ids of its frame and
-    of its attention window; four [N] long tensors."""
+    of its attention window (four [N] long tensors); then the rows of each frame and of each window."""
     rows, cols, frames, windows = [], [], [], []
+    frame_sizes: list[int] = []
+    window_sizes: list[int] = []
     frame_base = window_base = 0
-    for t, h, w in grid_thw.tolist():
+    for t, h, w in grid_thw.tolist():  # the grid is host metadata (the processor makes it on the CPU)
         hm, wm = h // merge, w // merge  # merged tokens a side
         n_win_h, n_win_w = -(-hm // window), -(-wm // window)
+        frame_sizes += [h * w] * t
+        sides_h = [min(window, hm - i * window) for i in range(n_win_h)]
+        sides_w = [min(window, wm - j * window) for j in range(n_win_w)]
+        window_sizes += [a * b * merge * merge for a in sides_h for b in sides_w] * t
         shape = (t, hm, wm, merge, merge)  # input order: frame, merged row, merged column, inner row, inner column
         f = torch.arange(t, device=device).view(t, 1, 1, 1, 1)
         bh = torch.arange(hm, device=device).view(1, hm, 1, 1, 1)
@@ -124,7 +133,7 @@ def _patch_layout(
         windows.append(win.expand(shape).flatten())
         frame_base += t
         window_base += t * n_win_h * n_win_w
-    return torch.cat(rows), torch.cat(cols), torch.cat(frames), torch.cat(windows)
+    return torch.cat(rows), torch.cat(cols), torch.cat(frames), torch.cat(windows), frame_sizes, window_sizes
 
 
 class PatchEmbed(nn.Module):
@@ -217,14 +226,14 @@ class VisionTower(nn.Module):
         sum of t * h * w = N) -> [N / merge^2, out_hidden_size], merged tokens in input order."""
         c = self.config
         self._check_inputs(pixel_values, grid_thw)
-        rows, cols, frames, windows = _patch_layout(
+        rows, cols, frames, windows, frame_sizes, window_sizes = _patch_layout(
             grid_thw, c.spatial_merge_size, c.window_merged, pixel_values.device
         )
         # Rows drive the first half of the rotary frequencies, columns the second (each: 1-D RoPE of head_dim // 2).
         angles = torch.cat(
             [rotary_angles(pos[None], c.head_dim // 2, theta=c.rope_theta) for pos in (rows, cols)], dim=-1
         )  # [1, N, head_dim // 2]
-        full, windowed = _segments(frames), _segments(windows)
+        full, windowed = _segments(frames, frame_sizes), _segments(windows, window_sizes)
         x = self.patch_embed(pixel_values)  # [N, hidden]
         for i, block in enumerate(self.blocks):
             x = block(x, angles, full if i in c.fullatt_block_indexes else windowed)

@@ -1,0 +1,118 @@
+"""The step as one static program: no host sync in a decode step of any recipe (counted with our own
+dispatch mode), a compiled decode equal to eager without recompiles, and the census itself."""
+
+import pytest
+import torch
+
+from mixerzoo.blocks import Decoder, compiled_step, generate, prefill
+from mixerzoo.registry import list_recipes, recipe
+from mixerzoo.registry.recipes import layout
+from mixerzoo.testing.census import HostCensus
+
+
+def test_census_counts_reads_of_device_values_and_nothing_else():
+    x = torch.randn(4, 3)
+    with HostCensus() as quiet:
+        (x * 2 + 1).softmax(-1)
+    assert quiet.syncs == 0 and quiet.calls == 3  # mul, add, softmax
+    with HostCensus() as census:
+        bool((x > 0).any())
+        x.sum().item()
+        x[x > 0]  # a boolean index: nonzero inside
+        x.tolist()
+    assert census.syncs == 4, census.report()
+    assert all("test_static_step.py" in site for site in census.sync_sites), census.report()
+
+
+def _decode_census(model: Decoder, batch: int, valid=None) -> HostCensus:
+    prompt = torch.randint(model.spec.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(0))
+    token = torch.randint(model.spec.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        _, state = model(prompt)
+        _, state = model(token, state)
+        with HostCensus() as census:
+            model(token, state, valid=valid)
+    return census
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_a_decode_step_of_every_recipe_makes_no_host_sync(name):
+    """All rows running (valid None), a row paused (a mask), and a static cache: zero syncs each."""
+    torch.manual_seed(0)
+    model = Decoder(recipe(name, "tiny")).eval()
+    assert _decode_census(model, 1).syncs == 0, _decode_census(model, 1).report()
+    paused = torch.tensor([[True], [False]])
+    census = _decode_census(model, 2, valid=paused)
+    assert census.syncs == 0, census.report()
+    with torch.inference_mode():
+        _, state = model(torch.randint(model.spec.vocab_size, (2, 5)))
+        state = state.with_capacity(16)
+        with HostCensus() as census:
+            model(torch.randint(model.spec.vocab_size, (2, 1)), state, valid=paused)
+    assert census.syncs == 0, census.report()
+
+
+def test_decode_after_padded_prompts_agrees_with_each_row_alone_and_stays_sync_free():
+    """Rows of different lengths decode through the masked path (no sync) to what each row gives alone."""
+    torch.manual_seed(0)
+    model = Decoder(layout("tiny", pattern="FS")).eval()
+    prompts = torch.randint(256, (2, 7), generator=torch.Generator().manual_seed(2))
+    valid = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
+    with torch.inference_mode():
+        _, state = model(prompts, valid=valid)
+        token = torch.tensor([[5], [9]])
+        with HostCensus() as census:
+            logits, _ = model(token, state)
+        assert census.syncs == 0, census.report()
+        for row, length in ((0, 7), (1, 3)):
+            _, alone = model(prompts[row : row + 1, :length])
+            want, _ = model(token[row : row + 1], alone)
+            torch.testing.assert_close(logits[row], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_equals_eager_in_one_graph_without_recompiles():
+    """Every mixer kind in one 4-layer model (full attention through its static cache, a window, GDN,
+    Mamba2), compiled whole: greedy tokens equal eager and logits within float32 rounding; one graph
+    for the all-running steps, whatever the context (a recompile would add a graph)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = Decoder(layout("tiny", pattern="FSGM")).eval()
+    prompt = torch.randint(256, (2, 11), generator=torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = generate(model, prompt, max_new_tokens=20, compile=True)
+    eager = generate(model, prompt, max_new_tokens=20)
+    assert torch.equal(compiled, eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    with torch.inference_mode():  # one step compiled and eager from the same static state (the capacity generate used)
+        logits, state = prefill(model, prompt)
+        token = logits.argmax(-1)[:, None]
+        want, _ = model(token, state.with_capacity(11 + 20))
+        got, _ = compiled_step(model)(token, state.with_capacity(11 + 20))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_compile_is_refused_for_what_it_cannot_run():
+    from mixerzoo.blocks import continue_stream
+
+    with pytest.raises(ValueError, match="compile=True takes a Decoder"):
+        next(continue_stream(object(), torch.zeros(1, 4), None, max_new_tokens=1, compile=True))
+
+
+def test_tokens_per_frame_is_what_a_frame_of_that_shape_adds():
+    """A 480 x 640 frame adds 6 x 9 = 54 visual tokens at the default 224 px budget (aspect kept), a
+    square one 64; the session reports what the last frame added."""
+    import numpy as np
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    torch.manual_seed(0)
+    session = StreamSession(VLM(vlm_recipe("infinitevl", size="tiny")).eval())
+    assert session.tokens_per_frame == 64 == session.tokens_for(224, 224)
+    assert session.tokens_for(480, 640) == 54
+    before = session.state.decoder.seen.clone()
+    session.push_frames([np.zeros((480, 640, 3), dtype=np.uint8)])
+    assert session.tokens_per_frame == 54
+    assert int(session.state.decoder.seen[0] - before[0]) == 54 + 2  # vision start and end tokens

@@ -60,6 +60,8 @@ class PadLeakAttention(Attention):
     config_class = PadLeakConfig
 
     def _forward(self, x, state, positions, valid):
+        if valid is None:  # every token real (dense_valid): nothing to leak
+            return super()._forward(x, state, positions, valid)
         y, state = super()._forward(x, state, positions, torch.ones_like(valid))
         return y * valid[..., None], state
 

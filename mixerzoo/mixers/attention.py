@@ -539,7 +539,7 @@ class Attention(Mixer):
             # Slot s holds a token of the window iff it has been written; a pad row sees its
             # (finite) slots and its output is zeroed by the caller.
             filled = (torch.arange(window, device=q.device) < seen[:, None]) | ~valid
-        host_seen = None if valid is None or torch.compiler.is_compiling() else state.__dict__.get("_host_seen")
+        host_seen = None if valid is not None or torch.compiler.is_compiling() else state.__dict__.get("_host_seen")
         o = _decode_attention(q, new_k, new_v, filled[:, None, None, :])
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
             None if host_seen is None else host_seen + 1

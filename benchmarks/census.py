@@ -47,7 +47,7 @@ def narrow(spec: LayoutSpec, *, d_model: int = 128, head_dim: int = 16, vocab_si
     return LayoutSpec.model_validate(data)
 
 
-def decode_census(model, prompt_step, decode_step) -> HostCensus:
+def decode_census(prompt_step, decode_step) -> HostCensus:
     """The census of one decode step after a PROMPT-token prefill (`prompt_step()` returns the cache)."""
     cache = prompt_step()
     decode_step(cache)  # the first step may build lazy caches; count the second
@@ -65,7 +65,7 @@ def ours(spec: LayoutSpec) -> HostCensus:
     prompt = torch.randint(spec.vocab_size, (1, PROMPT))
     token = torch.randint(spec.vocab_size, (1, 1))
     with torch.inference_mode():
-        return decode_census(model, lambda: model(prompt)[1], lambda state: model(token, state)[1])
+        return decode_census(lambda: model(prompt)[1], lambda state: model(token, state)[1])
 
 
 def hf(twin, vocab_size: int) -> HostCensus:
@@ -80,7 +80,7 @@ def hf(twin, vocab_size: int) -> HostCensus:
         return twin(input_ids=token, past_key_values=cache, use_cache=True).past_key_values
 
     with torch.inference_mode(), hf_torch_paths():
-        return decode_census(twin, prefill, step)
+        return decode_census(prefill, step)
 
 
 def frame_census(recipe_name: str = "infinitevl", size: int = 224) -> HostCensus:

@@ -88,7 +88,7 @@ def test_a_full_static_cache_is_an_error():
     logits, state = prefill(model, torch.randint(0, 256, (1, 5)))
     graph = GraphDecoder(model, state, capacity=6, capture=False)
     graph.step(torch.tensor([1]))
-    with pytest.raises(RuntimeError, match="static KV cache of 6 slots is full"):
+    with pytest.raises(ValueError, match="static KV cache of 6 slots is full"):
         graph.step(torch.tensor([1]))
 
 

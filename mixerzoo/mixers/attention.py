@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, fused_linear
+from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, device_check, fused_linear
 from mixerzoo.ops import attention, rotary_tables, rotate
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
@@ -152,6 +152,10 @@ class _HostCounted:
             self.__dict__["_host_seen"] = n if equal and (self.k.shape[2] == n or self.window_cache) else None
         return self.__dict__["_host_seen"]
 
+    def _carry_count(self, made: Self) -> Self:
+        """`made` (a copy of this state) marked with this state's host count, when it has one."""
+        return made.counted(self.__dict__["_host_seen"]) if "_host_seen" in self.__dict__ else made
+
     def counted(self, host_seen: int | None) -> Self:
         """This state, marked with `host_seen` (what the step that made it knows); a compiled step
         leaves it unmarked (its shapes never depend on host counts)."""
@@ -161,13 +165,11 @@ class _HostCounted:
 
     def clone(self) -> Self:
         """An independent copy (a fork), with the host's count."""
-        copy = super().clone()
-        return copy.counted(self.__dict__["_host_seen"]) if "_host_seen" in self.__dict__ else copy
+        return self._carry_count(super().clone())
 
     def to(self, device=None, dtype=None) -> Self:
         """Moved and cast (see MixerState.to), with the host's count."""
-        moved = super().to(device=device, dtype=dtype)
-        return moved.counted(self.__dict__["_host_seen"]) if "_host_seen" in self.__dict__ else moved
+        return self._carry_count(super().to(device=device, dtype=dtype))
 
 
 @dataclasses.dataclass
@@ -210,7 +212,7 @@ class KVCache(_HostCounted, MixerState):
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
         """The given rows, with the cache trimmed to their longest history."""
-        picked = MixerState.select(self, rows)
+        picked = super().select(rows)
         length = int(picked.seen.max()) if picked.seen.numel() else 0
         return dataclasses.replace(picked, k=picked.k[:, :, :length], v=picked.v[:, :, :length])
 
@@ -288,7 +290,7 @@ class RingKVCache(_HostCounted, MixerState):
     def contiguous(self) -> Self:
         """The state with contiguous tensors, with the host's count."""
         made = super().contiguous()
-        return made if made is self or "_host_seen" not in self.__dict__ else made.counted(self.host_seen)
+        return made if made is self else self._carry_count(made)
 
 
 class Attention(Mixer):
@@ -503,8 +505,7 @@ class Attention(Mixer):
         batch, length, heads, dim = k.shape
         capacity = state.capacity
         seen = state.seen + (length if valid is None else valid.sum(1))
-        if not torch.compiler.is_compiling():  # raised on the device under CUDA (no host sync)
-            torch._assert_async((seen <= capacity).all(), f"Attention: the static KV cache of {capacity} slots is full")
+        device_check((seen <= capacity).all(), f"Attention: the static KV cache of {capacity} slots is full")
         slots = index if valid is None else torch.where(valid, index, capacity)  # [B, T]
         slots = slots[:, None, :, None].expand(batch, heads, length, dim)
         state.k.scatter_(2, slots, k.transpose(1, 2))

@@ -267,17 +267,20 @@ def test_from_tensors_errors():
 
 def test_errors():
     one_image = torch.tensor([_ids([1], "image", [2], image_grid=[[1, 2, 2]])])
-    with pytest.raises(ValueError, match="image block #1 starts .* only 0 image_grid_thw"):
+    with pytest.raises(ValueError, match="image pad tokens start a block but no image_grid_thw"):
         mrope_positions(one_image)
     two_images = torch.tensor([_ids("image", "image", image_grid=[[1, 2, 2], [1, 2, 2]])])
-    with pytest.raises(ValueError, match="image block #2 starts .* only 1 image_grid_thw"):
+    with pytest.raises(ValueError, match="1 image_grid_thw row.* fill another number of blocks"):
         mrope_positions(two_images, image_grid_thw=[[1, 2, 2]])
-    with pytest.raises(ValueError, match="image_grid_thw has 2 row.*only 1 image block"):
+    with pytest.raises(ValueError, match="2 image_grid_thw row.* fill another number of blocks"):
         mrope_positions(one_image, image_grid_thw=[[1, 2, 2], [1, 2, 2]])
-    with pytest.raises(ValueError, match="cut short after 1 by token id"):
+    with pytest.raises(ValueError, match="block is cut short by another token"):
         mrope_positions(one_image, image_grid_thw=[[1, 4, 2]])  # grid says 2 pads, the prompt has 1
+    _, cut = mrope_positions(one_image[:, :3], image_grid_thw=[[1, 4, 2]])  # a block of 2 pads, 1 seen
+    with pytest.raises(ValueError, match="block the last chunk cut is cut short"):
+        mrope_positions(torch.tensor([[7, IMG]]), state=cut)
     mixed = torch.tensor([[1, IMG, VID, 2]])
-    with pytest.raises(ValueError, match=f"cut short after 1 by token id {VID}"):
+    with pytest.raises(ValueError, match="block is cut short by another token"):
         mrope_positions(mixed, image_grid_thw=[[1, 4, 2]], video_grid_thw=[[1, 2, 2]])
     with pytest.raises(ValueError, match="second_per_grid_ts has 2 values for 1"):
         mrope_positions(torch.tensor([[VID]]), video_grid_thw=[[1, 2, 2]], second_per_grid_ts=[1.0, 2.0])

@@ -219,7 +219,7 @@ def test_patch_count_mismatch_names_both_numbers():
         (torch.zeros(96, PATCH_DIM - 1), [[1, 8, 12]], r"pixel_values must be \[N, 1176\]"),
         (torch.zeros(96, PATCH_DIM), [[1, 8]], r"grid_thw must be an integer \[n, 3\]"),
         (torch.zeros(96, PATCH_DIM), [[1.0, 8.0, 12.0]], r"grid_thw must be an integer \[n, 3\]"),
-        (torch.zeros(96, PATCH_DIM), [[0, 8, 12]], r"entries must be >= 1"),
+        (torch.zeros(96, PATCH_DIM), [[0, 8, 12]], r"rows must be 3 positive ints"),
         (torch.zeros(63, PATCH_DIM), [[1, 7, 9]], r"multiples of spatial_merge_size 2"),
     ],
 )

@@ -346,6 +346,8 @@ class Attention(Mixer):
 
         if isinstance(state, StaticKVCache):
             o, state = self._attend_static(q, k, v, state, valid, index())
+        elif c.window is not None and length > 1 and torch.compiler.is_compiling():
+            o, state = self._chunk_ring_masked(q, k, v, state, valid, index())
         elif c.backend == "reference" or (valid is not None or host_seen is None) and length > 1:
             valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             o = self._attend_rowwise(q, k, v, state, valid)
@@ -498,6 +500,31 @@ class Attention(Mixer):
             ring_v = values[:, :, -window:].roll(total % window, dims=2)
         seen = state.seen + length
         return o, dataclasses.replace(state, k=ring_k, v=ring_v, seen=seen).counted(total)
+
+    def _chunk_ring_masked(self, q, k, v, state, valid, index):
+        """A chunk into a ring whose counts the host does not know (a compiled step): the ring's W slots
+        and the chunk attended with a mask of token numbers, then the newest W written to their slots.
+        Every shape is fixed; no host sync."""
+        window = self.config.window
+        batch, length, heads, dim = k.shape
+        keep = torch.ones(batch, length, dtype=torch.bool, device=q.device) if valid is None else valid
+        seen = state.seen + keep.sum(1)  # [B]
+        before = state.seen[:, None] - 1
+        held = before - (before - torch.arange(window, device=q.device)) % window  # [B, W]: slot's token (< 0: none)
+        numbers = torch.cat([held, torch.where(keep, index, -1)], dim=1)[:, None, :]  # [B, 1, W + T]
+        query = index[..., None]  # [B, T, 1]
+        visible = (numbers >= 0) & (numbers <= query) & (numbers > query - window)  # [B, T, W + T]
+        visible = visible | ~keep[..., None]  # a pad attends to finite slots; its output is zeroed
+        keys = torch.cat([state.k, k.transpose(1, 2)], dim=2)  # [B, Hkv, W + T, D]
+        values = torch.cat([state.v, v.transpose(1, 2)], dim=2)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=visible[:, None], enable_gqa=True
+        ).transpose(1, 2)
+        newest = keep & (index >= seen[:, None] - window)  # [B, T]: chunk tokens the new ring keeps
+        slots = torch.where(newest, index % window, window)[:, None, :, None].expand(batch, heads, length, dim)
+        ring_k, ring_v = (F.pad(ring, (0, 0, 0, 1)).scatter(2, slots, new.transpose(1, 2))[:, :, :window]
+                          for ring, new in ((state.k, k), (state.v, v)))  # slot W takes the rest
+        return o, dataclasses.replace(state, k=ring_k, v=ring_v, seen=seen).counted(None)
 
     def _attend_static(self, q, k, v, state: StaticKVCache, valid, index):
         """Any chunk into a static cache: valid tokens written in place at their counts (pads into the

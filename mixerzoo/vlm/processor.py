@@ -295,8 +295,8 @@ def expand_vision_tokens(
     the next row of its grid, in order), vision_end. Every grid row must be used.
     """
     grids = {
-        "image": _grid_rows(image_grid_thw, "image_grid_thw"),
-        "video": _grid_rows(video_grid_thw, "video_grid_thw"),
+        "image": grid_rows(image_grid_thw, "image_grid_thw"),
+        "video": grid_rows(video_grid_thw, "video_grid_thw"),
     }
     wanted = {kind: sum(1 for part in parts if isinstance(part, str) and part == kind) for kind in grids}
     for kind, rows in grids.items():
@@ -328,14 +328,21 @@ def expand_vision_tokens(
     return ids
 
 
-def _grid_rows(grid: torch.Tensor | Sequence[Sequence[int]] | None, name: str) -> list[tuple[int, int, int]]:
-    """Grid rows as int triples, each positive; none for None."""
+def grid_rows(grid: torch.Tensor | Sequence[Sequence[int]] | None, name: str) -> list[tuple[int, int, int]]:
+    """Grid rows as int triples (t, h, w), each positive; none for None. A grid is host metadata: a
+    list of triples is used as is, a tensor is read once."""
     if grid is None:
         return []
-    if isinstance(grid, (torch.Tensor, np.ndarray)) and grid.ndim != 2:
-        raise ValueError(f"{name} must be [n, 3], got shape {list(grid.shape)}")
-    rows = [tuple(int(v) for v in row) for row in (grid.tolist() if hasattr(grid, "tolist") else grid)]
+    if isinstance(grid, (torch.Tensor, np.ndarray)):
+        if len(grid.reshape(-1)) == 0:
+            return []
+        if grid.ndim != 2 or grid.shape[1] != 3:
+            raise ValueError(f"{name} must be [n, 3] (t, h, w), got shape {list(grid.shape)}")
+        grid = grid.tolist()
+    if any(not isinstance(row, (Sequence, np.ndarray, torch.Tensor)) or len(row) != 3 for row in grid):
+        raise ValueError(f"{name} must be [n, 3] (t, h, w), got {grid}")
+    rows = [tuple(int(v) for v in row) for row in grid]
     for row in rows:
-        if len(row) != 3 or min(row) <= 0:
+        if min(row) <= 0:
             raise ValueError(f"{name} rows must be 3 positive ints (t, h, w), got {list(row)}")
     return rows

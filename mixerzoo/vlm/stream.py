@@ -58,11 +58,16 @@ class StreamSession:
         self.state: VLMState = model.init_state(1, device=self.device)
         self.stats = StreamStats()
 
-    def tokens_for(self, height: int, width: int) -> int:
-        """Visual tokens a height x width frame adds."""
+    def grid_for(self, height: int, width: int) -> tuple[int, int, int]:
+        """The video grid (t, h, w in patches) of one height x width frame, as host ints."""
         p = self.processor
         h, w = smart_resize(height, width, p.factor, min_pixels=p.video_min_pixels, max_pixels=p.video_max_pixels)
-        return (h // p.factor) * (w // p.factor)
+        return 1, h // p.patch_size, w // p.patch_size
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """Visual tokens a height x width frame adds."""
+        t, h, w = self.grid_for(height, width)
+        return t * h * w // self.processor.merge_size**2
 
     @property
     def tokens_per_frame(self) -> int:
@@ -78,16 +83,19 @@ class StreamSession:
         frame's time counts until its work on the device is done."""
         for frame in frames:
             start = time.perf_counter()
-            pixels, grid, seconds = process_video(np.asarray(frame)[None], self.processor, fps=self.fps)
-            ids = torch.tensor([expand_vision_tokens(["video"], video_grid_thw=grid, config=self.processor)],
-                               device=self.device)
-            _, self.state = self.model(ids, self.state, pixel_values_videos=pixels.to(self.device),
-                                       video_grid_thw=grid, second_per_grid_ts=[seconds])
+            frame = np.asarray(frame)
+            pixels, _, seconds = process_video(frame[None], self.processor, fps=self.fps)
+            grid = [self.grid_for(*frame.shape[:2])]  # host ints: the step never reads a grid back
+            ids = expand_vision_tokens(["video"], video_grid_thw=grid, config=self.processor)
+            ids = torch.tensor([ids]).to(self.device, non_blocking=True)
+            pixels = pixels.to(self.device, non_blocking=True)
+            _, self.state = self.model(ids, self.state, pixel_values_videos=pixels, video_grid_thw=grid,
+                                       second_per_grid_ts=[seconds])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.stats.frame_seconds.append(time.perf_counter() - start)
             self.stats.state_nbytes.append(self.state.nbytes)
-            self.stats.frame_tokens.append(len(ids[0]) - 2)  # between vision_start and vision_end
+            self.stats.frame_tokens.append(ids.shape[1] - 2)  # between vision_start and vision_end
 
     @torch.inference_mode()
     def ask(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 32, stop_tokens: Sequence[int] = ()) -> list[int]:

@@ -13,6 +13,7 @@ Parameter names equal Hugging Face's Qwen2.5-VL vision module, so its state_dict
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -21,6 +22,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks import MLPSpec, SwiGLU
 from mixerzoo.ops import Backend, apply_rotary, attention, rotary_angles
+from mixerzoo.vlm.processor import grid_rows
 
 
 class VisionConfig(BaseModel):
@@ -105,7 +107,7 @@ def _segments(segment_id: torch.Tensor, sizes: list[int]) -> _Segments:
 
 
 def _patch_layout(
-    grid_thw: torch.Tensor, merge: int, window: int, device: torch.device
+    grid: list[tuple[int, int, int]], merge: int, window: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
     """Per patch row, in input order: (row, column) in its frame, and the global ids of its frame and
     of its attention window (four [N] long tensors); then the rows of each frame and of each window."""
@@ -113,7 +115,7 @@ def _patch_layout(
     frame_sizes: list[int] = []
     window_sizes: list[int] = []
     frame_base = window_base = 0
-    for t, h, w in grid_thw.tolist():  # the grid is host metadata (the processor makes it on the CPU)
+    for t, h, w in grid:
         hm, wm = h // merge, w // merge  # merged tokens a side
         n_win_h, n_win_w = -(-hm // window), -(-wm // window)
         frame_sizes += [h * w] * t
@@ -221,13 +223,13 @@ class VisionTower(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N, C * tp * p * p]; grid_thw [n, 3] long (t, h, w in patches per image or video,
-        sum of t * h * w = N) -> [N / merge^2, out_hidden_size], merged tokens in input order."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """pixel_values [N, C * tp * p * p]; grid_thw [n, 3] (t, h, w in patches per image or video,
+        sum of t * h * w = N; a long tensor or host ints) -> [N / merge^2, out_hidden_size], merged tokens in input order."""
         c = self.config
-        self._check_inputs(pixel_values, grid_thw)
+        grid = self._check_inputs(pixel_values, grid_thw)
         rows, cols, frames, windows, frame_sizes, window_sizes = _patch_layout(
-            grid_thw, c.spatial_merge_size, c.window_merged, pixel_values.device
+            grid, c.spatial_merge_size, c.window_merged, pixel_values.device
         )
         # Rows drive the first half of the rotary frequencies, columns the second (each: 1-D RoPE of head_dim // 2).
         angles = torch.cat(
@@ -239,29 +241,30 @@ class VisionTower(nn.Module):
             x = block(x, angles, full if i in c.fullatt_block_indexes else windowed)
         return self.merger(x)
 
-    def _check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
+    def _check_inputs(self, pixel_values: torch.Tensor, grid_thw) -> list[tuple[int, int, int]]:
+        """The grid's rows (host ints), once pixel_values and grid_thw are known to fit each other."""
         c = self.config
         if pixel_values.dim() != 2 or pixel_values.shape[1] != c.patch_dim:
             raise ValueError(
                 f"pixel_values must be [N, {c.patch_dim}] (in_channels * temporal_patch_size * patch_size^2 = "
                 f"{c.in_channels} * {c.temporal_patch_size} * {c.patch_size}^2), got shape {list(pixel_values.shape)}"
             )
-        if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.is_floating_point() or grid_thw.is_complex():
+        is_tensor = isinstance(grid_thw, torch.Tensor)
+        if is_tensor and (grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.is_floating_point()
+                          or grid_thw.is_complex()):
             raise ValueError(
                 f"grid_thw must be an integer [n, 3] tensor of (t, h, w), got {grid_thw.dtype} {list(grid_thw.shape)}"
             )
-        if grid_thw.numel() == 0:
+        rows = grid_rows(grid_thw, "grid_thw")  # one read of a tensor grid; a list is used as is
+        if not rows:
             raise ValueError("grid_thw is empty: need at least one image or video")
-        if bool((grid_thw < 1).any()):
-            raise ValueError(f"grid_thw entries must be >= 1, got {grid_thw.tolist()}")
         m = c.spatial_merge_size
-        if bool((grid_thw[:, 1:] % m).any()):
-            raise ValueError(
-                f"grid_thw heights and widths must be multiples of spatial_merge_size {m}, got {grid_thw.tolist()}"
-            )
-        expected = int(grid_thw.prod(dim=1).sum())
+        if any(h % m or w % m for _, h, w in rows):
+            raise ValueError(f"grid_thw heights and widths must be multiples of spatial_merge_size {m}, got {rows}")
+        expected = sum(t * h * w for t, h, w in rows)
         if expected != pixel_values.shape[0]:
             raise ValueError(
                 f"grid_thw describes {expected} patches (sum of t * h * w) "
                 f"but pixel_values has {pixel_values.shape[0]} rows"
             )
+        return rows

@@ -1,8 +1,12 @@
 """The step as one static program: no host sync in a decode step of any recipe (counted with our own
 dispatch mode), a compiled decode equal to eager without recompiles, and the census itself."""
 
+import unittest.mock
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mixerzoo.blocks import Decoder, compiled_step, generate, prefill
 from mixerzoo.registry import list_recipes, recipe
@@ -116,3 +120,38 @@ def test_tokens_per_frame_is_what_a_frame_of_that_shape_adds():
     session.push_frames([np.zeros((480, 640, 3), dtype=np.uint8)])
     assert session.tokens_per_frame == 54
     assert int(session.state.decoder.seen[0] - before[0]) == 54 + 2  # vision start and end tokens
+
+
+masks = st.lists(st.booleans(), min_size=2, max_size=2)  # one flag per row
+
+
+@given(
+    window=st.integers(1, 6),
+    kv_heads=st.sampled_from([1, 2]),
+    before=st.lists(masks, max_size=12),
+    chunk=st.lists(masks, min_size=2, max_size=9),
+    seed=st.integers(0, 2**16),
+)
+def test_the_ring_chunk_a_compiled_step_runs_equals_the_eager_one(window, kv_heads, before, chunk, seed):
+    """A sliding-window chunk after a history the host does not know (what a compiled frame step runs:
+    the ring and the chunk under one mask of token numbers) gives the eager outputs and ring, every
+    element, whatever the window, the rows' histories and their pads. float64: exact up to rounding."""
+    from mixerzoo.registry import build_mixer
+
+    gen = torch.Generator().manual_seed(seed)
+    mixer = build_mixer({"type": "attention", "d_model": 16, "n_heads": 2, "n_kv_heads": kv_heads,
+                         "window": window}).double()
+    state = mixer.init_state(2, dtype=torch.float64)
+    if before:
+        _, state = mixer(torch.randn(2, len(before), 16, generator=gen, dtype=torch.float64), state,
+                         valid=torch.tensor(before).T)
+    valid = torch.tensor(chunk).T  # [2, T]; all-valid chunks go without a mask
+    valid = None if valid.all() else valid
+    x = torch.randn(2, len(chunk), 16, generator=gen, dtype=torch.float64)
+    want, want_state = mixer(x, state, valid=valid)
+    with unittest.mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+        got, got_state = mixer(x, state, valid=valid)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name in ("k", "v", "seen"):
+        torch.testing.assert_close(getattr(got_state, name), getattr(want_state, name), rtol=0, atol=0)

@@ -108,11 +108,12 @@ def peak_rss_mib() -> float:
 
 
 def stream(video: str, recipe_name: str, size: str, frame_size: int, fps: float, checkpoint: str | None,
-           threads: int | None = None) -> None:
+           threads: int | None = None, compile: bool = False) -> None:
     """Stream a video file through a VLM session, decoding and prefilling one frame at a time
     (memory stays flat with the video's length), with a progress bar; then print frames,
     per-frame prefill latency, FPS over the wall time (what the progress bar shows), state bytes, peak
-    resident memory and the thread count."""
+    resident memory and the thread count. compile=True runs each frame as one compiled program (the
+    first frame compiles it; full-attention caches are sized for the whole video)."""
     from tqdm import tqdm
 
     from mixerzoo.vlm import VLM, StreamSession, VideoFrames, load_vlm, vlm_recipe
@@ -121,7 +122,10 @@ def stream(video: str, recipe_name: str, size: str, frame_size: int, fps: float,
     frames = VideoFrames(video, fps=fps)
     model = load_vlm(checkpoint) if checkpoint else VLM(vlm_recipe(recipe_name, size)).eval()
     count = use_threads(threads, sum(p.numel() for p in model.parameters()))
-    session = StreamSession(model, frame_size=frame_size, fps=frames.fps)
+    factor = model.spec.processor.patch_size * model.spec.processor.merge_size
+    most = (frame_size // factor) ** 2 + 2  # tokens a frame adds at most (start and end included)
+    capacity = frames.frames * most if compile and frames.frames else None
+    session = StreamSession(model, frame_size=frame_size, fps=frames.fps, compile=compile, capacity=capacity)
     start = time.perf_counter()
     for frame in tqdm(frames, total=frames.frames, desc=f"{recipe_name}/{size}", unit="frame"):
         session.push_frames([frame])
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="frames are resized to this square (224: 64 visual tokens per frame)")
     stream_parser.add_argument("--fps", type=positive_float, default=2.0, help="frames sampled per second of video")
     stream_parser.add_argument("--checkpoint", help="a VLM saved with mixerzoo.vlm.save_vlm (default: random weights)")
+    stream_parser.add_argument("--compile", action="store_true",
+                               help="run each frame as one compiled program (torch.compile; the first frame compiles)")
     ablate_parser = commands.add_parser("ablate", parents=[common],
                                         help="run an ablation experiment YAML (resumable), print its table(s)")
     ablate_parser.add_argument("experiment", help="experiment YAML (see experiments/efficiency.yaml); several "
@@ -265,7 +271,8 @@ def run(args: argparse.Namespace) -> None:
         use_threads(args.threads, 0)
         recipes(args.size)
     elif args.command == "stream":
-        stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint, args.threads)
+        stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint, args.threads,
+               args.compile)
     elif args.command in STAGES:
         train_stage(args.command, args.config, args.threads)
     elif args.command == "ablate":

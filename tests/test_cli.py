@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+import unittest.mock
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixerzoo import cli
 from mixerzoo.blocks import parameter_count
@@ -32,11 +34,11 @@ def test_demo_reports_matching_state_bytes_and_exact_round_trip(capsys):
         assert cells[3] == "True" and cells[4] == "True", row  # fork == replay, bit-exact save/load
 
 
-def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys):
+def _clip(path: Path) -> Path:
+    """A 1 s, 10 fps, 96 x 64 video file."""
     import numpy as np
 
     av = pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
-    path = tmp_path / "clip.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
@@ -46,6 +48,11 @@ def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys):
+    path = _clip(tmp_path / "clip.mp4")
     main(["stream", str(path), "--recipe", "infinitevl", "--size", "tiny", "--frame-size", "56", "--fps", "10"])
     row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| infinitevl/tiny")][0]
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -53,6 +60,25 @@ def test_stream_command_reports_constant_state_for_a_video_file(tmp_path, capsys
     assert int(cells[1]) >= 8 and cells[2] == "2"
     assert cells[6] == cells[7], "infinitevl's state must not grow"
     assert float(cells[8]) > 0 and cells[9] == "1"  # peak resident MiB; one thread for a tiny model by default
+
+
+def test_stream_command_compiles_every_frame_into_one_graph(tmp_path, capsys):
+    """--compile: all frames through one captured program (aot_eager here: the capture is what is tested;
+    inductor's C++ build takes minutes on a CPU), reporting what the eager stream reports."""
+    import functools
+
+    import torch._dynamo
+
+    path = _clip(tmp_path / "clip.mp4")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generate_module = sys.modules["mixerzoo.blocks.generate"]
+    with unittest.mock.patch.object(generate_module.torch, "compile", functools.partial(torch.compile, backend="aot_eager")):
+        main(["stream", str(path), "--size", "tiny", "--frame-size", "56", "--fps", "10", "--compile"])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| infinitevl/tiny")][0]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[1]) >= 8 and cells[2] == "2" and cells[6] == cells[7]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 # ---------------------------------------------------------------- user errors: one line, non-zero exit

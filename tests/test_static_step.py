@@ -101,7 +101,7 @@ def test_compiled_decode_equals_eager_in_one_graph_without_recompiles():
 def test_compile_is_refused_for_what_it_cannot_run():
     from mixerzoo.blocks import continue_stream
 
-    with pytest.raises(ValueError, match="compile=True takes a Decoder"):
+    with pytest.raises(ValueError, match="compile=True takes a Decoder or a VLM"):
         next(continue_stream(object(), torch.zeros(1, 4), None, max_new_tokens=1, compile=True))
 
 
@@ -155,3 +155,71 @@ def test_the_ring_chunk_a_compiled_step_runs_equals_the_eager_one(window, kv_hea
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for name in ("k", "v", "seen"):
         torch.testing.assert_close(getattr(got_state, name), getattr(want_state, name), rtol=0, atol=0)
+
+
+def test_a_stream_frame_and_a_vlm_decode_step_make_no_host_sync():
+    """Frames after the first (and each answer's decode steps) read nothing back: grids stay host ints and
+    M-RoPE positions are computed on the device."""
+    import numpy as np
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    torch.manual_seed(0)
+    model = VLM(vlm_recipe("infinitevl", size="tiny")).eval()
+    session = StreamSession(model, frame_size=56)
+    frame = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    session.push_frames([frame])
+    with HostCensus() as census:
+        session.push_frames([frame])
+    assert census.syncs == 0, census.report()
+    with torch.inference_mode():
+        logits, state = model(torch.tensor([[5, 6, 7]]), session.state.clone())
+        with HostCensus() as census:
+            model(logits[:, -1:].argmax(-1), state)
+    assert census.syncs == 0, census.report()
+
+
+def test_a_compiled_stream_runs_each_frame_size_and_each_decode_step_as_one_graph():
+    """StreamSession(compile=True): frames of one size share one graph (the state's layout never changes
+    it), the answers' decode steps another, and states and answers equal eager ones. The capture is
+    what this tests: the program runs through aot_eager here (inductor's C++ build takes minutes on
+    a CPU; its numerics are the decode test's)."""
+    import functools
+    import sys
+
+    import numpy as np
+    import torch._dynamo
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    generate_module = sys.modules["mixerzoo.blocks.generate"]
+    torch.manual_seed(0)
+    model = VLM(vlm_recipe("infinitevl", size="tiny")).eval()
+    frames = [np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(3)]
+    eager = StreamSession(model, frame_size=56)
+    eager.push_frames(frames)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    capture_only = functools.partial(torch.compile, backend="aot_eager")
+    with unittest.mock.patch.object(generate_module.torch, "compile", capture_only):
+        compiled = StreamSession(model, frame_size=56, compile=True)
+        compiled.push_frames(frames)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        assert compiled.ask([5, 6, 7], max_new_tokens=4) == eager.ask([5, 6, 7], max_new_tokens=4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    for got, want in zip(compiled.state.decoder.flat_tensors().values(), eager.state.decoder.flat_tensors().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(compiled.state.rope.next_pos, eager.state.rope.next_pos)
+
+
+def test_a_compiled_stream_with_full_attention_needs_and_keeps_a_capacity():
+    import numpy as np
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    model = VLM(vlm_recipe("transformer", size="tiny")).eval()
+    with pytest.raises(ValueError, match="needs capacity="):
+        StreamSession(model, frame_size=56, compile=True)
+    session = StreamSession(model, frame_size=56, compile=True, capacity=5)  # checked before anything compiles
+    with pytest.raises(ValueError, match="frame 1 would take the stream to 6 tokens, past its capacity of 5"):
+        session.push_frames([np.zeros((56, 56, 3), dtype=np.uint8)])  # 2 x 2 visual tokens + start and end

@@ -93,15 +93,21 @@ def stream(
     yield from continue_stream(model, logits, state, max_new_tokens=max_new_tokens, **sampling)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[Decoder, Callable]" = weakref.WeakKeyDictionary()
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(model: Decoder) -> Callable:
-    """`model`'s forward as one compiled program (torch.compile, fullgraph, static shapes), made once per
-    model and reused: for T = 1 steps over a state of fixed shapes (`DecoderState.with_capacity`), it
-    compiles on the first call (and once more for the first call with a `valid` mask) and never again."""
+def compiled_step(model: torch.nn.Module) -> Callable:
+    """`model`'s forward (a Decoder's or a VLM's) as one compiled program (torch.compile, fullgraph, static
+    shapes), made once per model and reused: over a state of fixed shapes (`with_capacity`) it compiles
+    once per kind of step (a T = 1 decode step, the same with a `valid` mask, a stream frame of one size)
+    and never again."""
     if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model, fullgraph=True, dynamic=False)
+        program = torch.compile(model, fullgraph=True, dynamic=False)
+
+        def step(tokens: torch.Tensor, state, **kwargs):
+            return program(tokens, state.contiguous(), **kwargs)  # one layout, so one set of guards
+
+        _COMPILED[model] = step
     return _COMPILED[model]
 
 
@@ -126,15 +132,16 @@ def continue_stream(
     Decoder or a VLM. A row stops after emitting one of `stop_tokens`; its later steps are
     pads (no-ops on its state). Ends after max_new_tokens steps or when every row has stopped.
     Without stop tokens a step never waits for the device; with them the loop reads one count
-    per step to know which rows still run. compile=True (a Decoder) runs each step as one
+    per step to know which rows still run. compile=True (a Decoder or a VLM) runs each step as one
     compiled program (`compiled_step`) over a state with full-attention caches preallocated
     for max_new_tokens more tokens; the first step compiles (tens of seconds on a CPU).
     """
     check_count("max_new_tokens", max_new_tokens, minimum=1, owner="generate")
     step = model
     if compile:
-        if not isinstance(model, Decoder):
-            raise ValueError(f"continue_stream: compile=True takes a Decoder, got a {type(model).__name__}")
+        if not isinstance(model, torch.nn.Module) or not hasattr(state, "with_capacity"):
+            raise ValueError(f"continue_stream: compile=True takes a Decoder or a VLM with its state, got a "
+                             f"{type(model).__name__}")
         longest = int(state.seen.max())  # once, before the loop
         state, step = state.with_capacity(longest + max_new_tokens), compiled_step(model)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=logits.device)

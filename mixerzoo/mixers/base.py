@@ -143,10 +143,14 @@ class MixerState:
         return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
 
     def contiguous(self) -> Self:
-        """The state with every tensor contiguous (the canonical layout that save / load reproduces)."""
-        if all(t.is_contiguous() for t in self.tensors().values()):
+        """The state with every tensor contiguous, size-1 dimensions' strides included (the canonical
+        layout that save / load reproduces, and that a compiled step's stride guards see every step)."""
+        if all(_canonical(t) for t in self.tensors().values()):
             return self
-        return dataclasses.replace(self, **{k: t.contiguous() for k, t in self.tensors().items()})
+        return dataclasses.replace(
+            self, **{k: t if _canonical(t) else t.clone(memory_format=torch.contiguous_format)
+                     for k, t in self.tensors().items()}
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
         """The state on `device`, with floating tensors (except float32-pinned ones) in `dtype`."""
@@ -268,6 +272,16 @@ def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: to
         raise ValueError(f"fused_linear {name}: either every layer has a bias or none")
     bias = cached_cat(owner, f"{name}.bias", [layer.bias for layer in layers]) if all(has_bias) else None
     return F.linear(x, weight, bias)
+
+
+def _canonical(t: torch.Tensor) -> bool:
+    """Whether t has the strides of a fresh contiguous tensor of its shape."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
+        if stride != expected:
+            return False
+        expected *= max(size, 1)  # as torch lays out empty dimensions
+    return True
 
 
 def device_check(condition: torch.Tensor, message: str) -> None:

@@ -17,11 +17,12 @@ the CPU. On a CUDA device each one stalls the launch queue; a CUDA graph and a
 from __future__ import annotations
 
 import collections
+import importlib
 import traceback
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 # Ops whose output (a Python scalar, or a shape) depends on tensor values.
 _VALUE_DEPENDENT = {
@@ -89,6 +90,15 @@ class HostCensus(TorchDispatchMode):
         return out
 
     def __enter__(self):
+        attention_ops = importlib.import_module("mixerzoo.ops.attention")  # the module, not the function
+        made = attention_ops.causal_lower_right
+        self._patched["causal_lower_right"] = made
+
+        def bias(*size, _made=made):  # a tensor subclass of two ints: made outside the mode, which cannot wrap it
+            with _disable_current_modes():
+                return _made(*size)
+
+        attention_ops.causal_lower_right = bias
         for name in ("tolist", "numpy"):
             original = getattr(torch.Tensor, name)
             self._patched[name] = original
@@ -101,8 +111,9 @@ class HostCensus(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *exc):
+        attention_ops = importlib.import_module("mixerzoo.ops.attention")
         for name, original in self._patched.items():
-            setattr(torch.Tensor, name, original)
+            setattr(attention_ops if name == "causal_lower_right" else torch.Tensor, name, original)
         self._patched.clear()
         return super().__exit__(*exc)
 

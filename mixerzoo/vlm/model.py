@@ -70,6 +70,11 @@ class VLMState:
         return self.decoder.batch_size
 
     @property
+    def seen(self) -> torch.Tensor:
+        """[B] valid tokens each row has seen."""
+        return self.decoder.seen
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every tensor the state holds."""
         return self.decoder.nbytes + sum(t.numel() * t.element_size() for t in self.rope.tensors().values())
@@ -81,6 +86,14 @@ class VLMState:
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
         """The sub-batch of `rows`."""
         return VLMState(self.decoder.select(rows), self.rope.select(rows))
+
+    def contiguous(self) -> Self:
+        """The decoder state in its canonical layout (see DecoderState.contiguous)."""
+        return VLMState(self.decoder.contiguous(), self.rope)
+
+    def with_capacity(self, capacity: int) -> Self:
+        """Full-attention caches preallocated for `capacity` tokens per row (see DecoderState.with_capacity)."""
+        return VLMState(self.decoder.with_capacity(capacity), self.rope)
 
     @classmethod
     def concat(cls, states: Sequence[Self]) -> Self:
@@ -128,9 +141,9 @@ class VLM(nn.Module):
         self.visual = VisionTower(spec.vision)
         self.decoder = Decoder(spec.decoder)
 
-    def init_state(self, batch_size: int, *, device=None, dtype=None) -> VLMState:
-        """The state before any token."""
-        decoder = self.decoder.init_state(batch_size, device=device, dtype=dtype)
+    def init_state(self, batch_size: int, *, device=None, dtype=None, capacity: int | None = None) -> VLMState:
+        """The state before any token (full-attention caches preallocated for `capacity` tokens if given)."""
+        decoder = self.decoder.init_state(batch_size, device=device, dtype=dtype, capacity=capacity)
         return VLMState(decoder, MRopeState.init(batch_size, device=decoder.seen.device))
 
     def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> VLMState:

@@ -99,6 +99,24 @@ def frame_census(recipe_name: str = "infinitevl", size: int = 224) -> HostCensus
     return census
 
 
+def vlm_decode_census(recipe_name: str = "infinitevl") -> HostCensus:
+    """The census of a T = 1 decode step of the tiny `recipe_name` VLM (M-RoPE positions) after a frame."""
+    import numpy as np
+
+    from mixerzoo.vlm import VLM, StreamSession, vlm_recipe
+
+    torch.manual_seed(0)
+    model = VLM(vlm_recipe(recipe_name, size="tiny")).eval()
+    session = StreamSession(model)
+    session.push_frames([np.zeros((224, 224, 3), dtype=np.uint8)])
+    token = torch.tensor([[5]])
+    with torch.inference_mode():
+        _, state = model(token, session.state)
+        with HostCensus() as census:
+            model(token, state)
+    return census
+
+
 def rows() -> list[tuple[str, HostCensus]]:
     """(label, census) for every row of the table."""
     out = []
@@ -116,6 +134,7 @@ def rows() -> list[tuple[str, HostCensus]]:
     except ImportError as error:
         print(f"transformers rows left out: {error}")
     out.append(("stream frame, tiny infinitevl VLM, 224 px", frame_census()))
+    out.append(("decode step, tiny infinitevl VLM (M-RoPE)", vlm_decode_census()))
     return out
 
 

@@ -223,3 +223,18 @@ def test_a_compiled_stream_with_full_attention_needs_and_keeps_a_capacity():
     session = StreamSession(model, frame_size=56, compile=True, capacity=5)  # checked before anything compiles
     with pytest.raises(ValueError, match="frame 1 would take the stream to 6 tokens, past its capacity of 5"):
         session.push_frames([np.zeros((56, 56, 3), dtype=np.uint8)])  # 2 x 2 visual tokens + start and end
+
+
+def test_canonical_state_restrides_views_without_copying_and_copies_the_rest():
+    """What a compiled step's guards see: fresh strides always; a tensor whose size-1 dimensions alone
+    differ stays a view of the same memory, a non-contiguous one is copied; values never change."""
+    from mixerzoo.mixers.gated_deltanet import GatedDeltaNetState
+
+    tail = torch.randn(1, 5, 8)[:, 2:]  # [1, 3, 8], stride (40, 8, 1): contiguous but not fresh
+    matrix = torch.randn(2, 4, 4).transpose(1, 2)  # not contiguous
+    state = GatedDeltaNetState(conv=tail, recurrent=matrix)
+    made = state.canonical()
+    assert made.conv.stride() == (24, 8, 1) and made.conv.data_ptr() == tail.data_ptr()
+    assert made.recurrent.is_contiguous() and made.recurrent.data_ptr() != matrix.data_ptr()
+    assert torch.equal(made.conv, tail) and torch.equal(made.recurrent, matrix)
+    assert made.canonical() is made

@@ -98,10 +98,9 @@ class DecoderState:
         check_count("capacity", capacity, minimum=1, owner="DecoderState.with_capacity")
         return DecoderState([s.with_capacity(capacity) for s in self.layers], self.seen)
 
-    def contiguous(self) -> Self:
-        """Every layer state in its canonical (contiguous) layout: what a compiled step takes, so its
-        guards see the same strides at every step."""
-        return DecoderState([s.contiguous() for s in self.layers], self.seen)
+    def canonical(self) -> Self:
+        """Every layer state in its canonical layout (see MixerState.canonical)."""
+        return DecoderState([s.canonical() for s in self.layers], self.seen)
 
     def to(self, device=None, dtype=None) -> Self:
         """Moved to `device`, activation tensors in `dtype` (recurrent states stay float32)."""

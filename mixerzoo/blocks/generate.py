@@ -105,7 +105,7 @@ def compiled_step(model: torch.nn.Module) -> Callable:
         program = torch.compile(model, fullgraph=True, dynamic=False)
 
         def step(tokens: torch.Tensor, state, **kwargs):
-            return program(tokens, state.contiguous(), **kwargs)  # one layout, so one set of guards
+            return program(tokens, state.canonical(), **kwargs)  # one layout, so one set of guards
 
         _COMPILED[model] = step
     return _COMPILED[model]

@@ -143,14 +143,24 @@ class MixerState:
         return dataclasses.replace(self, **{k: t.clone() for k, t in self.tensors().items()})
 
     def contiguous(self) -> Self:
-        """The state with every tensor contiguous, size-1 dimensions' strides included (the canonical
-        layout that save / load reproduces, and that a compiled step's stride guards see every step)."""
-        if all(_canonical(t) for t in self.tensors().values()):
+        """The state with every tensor contiguous (the canonical layout that save / load reproduces)."""
+        if all(t.is_contiguous() for t in self.tensors().values()):
             return self
-        return dataclasses.replace(
-            self, **{k: t if _canonical(t) else t.clone(memory_format=torch.contiguous_format)
-                     for k, t in self.tensors().items()}
-        )
+        return dataclasses.replace(self, **{k: t.contiguous() for k, t in self.tensors().items()})
+
+    def canonical(self) -> Self:
+        """The state contiguous with the strides of fresh tensors, size-1 dimensions' included (a view
+        where only those differ): what a compiled step takes, so its stride guards hold at every step."""
+        def fresh(t: torch.Tensor) -> torch.Tensor:
+            if t.stride() == _fresh_strides(t.shape):
+                return t
+            if t.is_contiguous():  # only size-1 dimensions differ: the same elements, restrided
+                return t.as_strided(t.shape, _fresh_strides(t.shape))
+            return t.clone(memory_format=torch.contiguous_format)
+
+        if all(t.stride() == _fresh_strides(t.shape) for t in self.tensors().values()):
+            return self
+        return dataclasses.replace(self, **{k: fresh(t) for k, t in self.tensors().items()})
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
         """The state on `device`, with floating tensors (except float32-pinned ones) in `dtype`."""
@@ -274,14 +284,13 @@ def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: to
     return F.linear(x, weight, bias)
 
 
-def _canonical(t: torch.Tensor) -> bool:
-    """Whether t has the strides of a fresh contiguous tensor of its shape."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape), reversed(t.stride())):
-        if stride != expected:
-            return False
-        expected *= max(size, 1)  # as torch lays out empty dimensions
-    return True
+def _fresh_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a fresh contiguous tensor of `shape`."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)  # as torch lays out empty dimensions
+    return tuple(reversed(strides))
 
 
 def device_check(condition: torch.Tensor, message: str) -> None:

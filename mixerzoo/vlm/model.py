@@ -87,9 +87,9 @@ class VLMState:
         """The sub-batch of `rows`."""
         return VLMState(self.decoder.select(rows), self.rope.select(rows))
 
-    def contiguous(self) -> Self:
-        """The decoder state in its canonical layout (see DecoderState.contiguous)."""
-        return VLMState(self.decoder.contiguous(), self.rope)
+    def canonical(self) -> Self:
+        """The decoder state in its canonical layout (see MixerState.canonical)."""
+        return VLMState(self.decoder.canonical(), self.rope)
 
     def with_capacity(self, capacity: int) -> Self:
         """Full-attention caches preallocated for `capacity` tokens per row (see DecoderState.with_capacity)."""

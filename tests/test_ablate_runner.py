@@ -262,3 +262,60 @@ def test_recall_plots_draw_chance_and_fit_the_y_axis_to_the_points(monkeypatch):
     ax = _captured_figure(monkeypatch, visual_study.plot_accuracy_vs_distance, visual, visual_study).axes[0]
     assert "chance (0.1)" in [t.get_text() for t in ax.get_legend().get_texts()] and ax.get_ylim()[1] < 0.35
     assert "recall against distance" in ax.get_title() and "(tokens, log scale)" in ax.get_xlabel()
+
+
+HYBRID_YAML = """d_model: 64
+vocab_size: 256
+n_layers: 4
+pattern: SGMG
+legend:
+  S: {type: attention, window: 8, n_heads: 4, head_dim: 16}
+  G: {type: gated_deltanet, n_heads: 4, head_dim: 16}
+  M: {type: mamba2, d_state: 16}
+mlp: {type: swiglu, hidden: 128}
+"""
+
+
+def test_a_composed_layout_is_ablated_from_a_yaml_path_or_inline(tmp_path):
+    """recipe: a registered name, a layout YAML (relative to the experiment file) or an inline layout;
+    each run records its layout's name and hash, overrides apply, the dry run lists its cost."""
+    from mixerzoo.blocks import LayoutSpec
+
+    (tmp_path / "layouts").mkdir()
+    (tmp_path / "layouts" / "sgmg.yaml").write_text(HYBRID_YAML)
+    inline = {"name": "gg", **yaml.safe_load(HYBRID_YAML), "pattern": "GG", "n_layers": 2}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(dict(name="mine", study="mqar", fixed={
+        "seq_len": 16, "n_pairs": 2, "batch_size": 4, "eval_examples": 8, "steps": 2},
+        sweep={"recipe": ["gdn", "layouts/sgmg.yaml", inline], "n_layers": [2]})))
+    experiment = load_experiments(path)[0]
+    runs = expand(experiment)
+    assert [r.recipe for r in runs] == ["gdn", "sgmg", "gg"] and runs[0].layout is None
+    sgmg = LayoutSpec.from_yaml(HYBRID_YAML)
+    assert runs[1].layout == sgmg.model_dump(mode="json") and runs[1].size == "custom"
+    spec = build_spec(runs[1])  # n_layers 2 cuts SGMG to SG, as for a recipe
+    assert [layer.mixer.type for layer in spec.layers] == ["attention", "gated_deltanet"]
+    assert len({r.layout_hash() for r in runs}) == 3 and runs[1].layout_hash() != runs[2].layout_hash()
+    text = dry_run(path, tmp_path / "results")
+    assert f"| 2 | sgmg (layout {runs[1].layout_hash()}) n_layers=2 | to run |" in text, text
+    out = run_experiment(experiment, tmp_path / "results", progress=False)
+    rows = read_rows(out / "runs.jsonl")
+    assert [(r["recipe"], r["layout_hash"]) for r in rows] == [(r.recipe, r.layout_hash()) for r in runs]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("missing.yaml", "layout file 'missing.yaml' not found"),
+    ({"name": "bad", "d_model": 64, "vocab_size": 256, "n_layers": 2, "pattern": "G",
+      "legend": {"G": {"type": "gated_deltanet", "n_head": 4}}}, r"layout 'bad'.*layer 0.*mixer.n_head: Extra inputs"),
+])
+def test_a_bad_composed_layout_names_what_is_wrong(tmp_path, recipe, message):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(dict(name="x", study="test-counting", sweep={"recipe": [recipe]})))
+    with pytest.raises(ValueError, match=message):
+        load_experiments(path)
+
+
+def test_a_composed_layout_takes_no_size():
+    with pytest.raises(ValidationError, match="a composed layout has its own sizes"):
+        _experiment(sweep={"recipe": [{"d_model": 64}], "size": ["small"]})

@@ -13,7 +13,10 @@ plot: frontier                  # optional: a registered plot (default: the stud
 ```
 
 Sweep keys are RunConfig fields (recipe, size, seed, window, ratio, settings: a list of
-dicts) or `settings.<key>`; `recipe` is required. `sweep` may also be a list of such grids:
+dicts) or `settings.<key>`; `recipe` is required. A recipe is a registered name, a layout
+YAML path (relative to the experiment file; the run is named after the file's stem) or an
+inline layout mapping (a LayoutSpec, with an optional `name`); a composed layout has its own
+sizes (no `size`), while n_layers, d_model, ratio and window apply to it as to a recipe. `sweep` may also be a list of such grids:
 the runs are the grids' runs in order (a run may appear only once). `run_experiment`
 appends each finished run's rows to `<out>/<name>/runs.jsonl` (each row: the study's
 columns plus the run's fields, its settings as `settings.<key>` columns, and `run_key`),
@@ -94,7 +97,7 @@ class ExperimentConfig(BaseModel):
                 if not values:
                     raise ValueError(f"{where}.{key}: needs at least one value")
             if "recipe" not in grid:
-                raise ValueError(f"{where}.recipe: required (a list of recipe names)")
+                raise ValueError(f"{where}.recipe: required (a list of recipe names, layout YAML paths or layouts)")
         return sweep
 
     @model_validator(mode="after")
@@ -103,8 +106,14 @@ class ExperimentConfig(BaseModel):
 
         for where, grid in _named_grids(self.sweep):
             for recipe in grid["recipe"]:
-                if recipe not in list_recipes():
-                    raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}; registered: {list_recipes()}")
+                if isinstance(recipe, str) and recipe not in list_recipes():
+                    raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}; registered: {list_recipes()} "
+                                     f"(or a layout YAML path, or an inline layout)")
+                if not isinstance(recipe, (str, dict)):
+                    raise ValueError(f"{where}.recipe: {recipe!r} is neither a recipe name nor a layout")
+                if isinstance(recipe, dict) and "size" in grid:
+                    raise ValueError(f"{where}.size: a composed layout has its own sizes; sweep n_layers / d_model "
+                                     f"instead")
         seen = set()
         for number, run in enumerate(expand(self), 1):  # every run must validate, settings included
             if run.key() in seen:
@@ -120,15 +129,42 @@ class ExperimentConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "ExperimentConfig":
-        """The experiment in YAML file `path` (yaml.safe_load)."""
-        return cls.model_validate(read_yaml(path))
+        """The experiment in YAML file `path` (yaml.safe_load), layout paths read relative to it."""
+        return cls.model_validate(with_layouts(read_yaml(path), Path(path).parent))
+
+
+def with_layouts(data: Any, base: Path) -> Any:
+    """An experiment mapping whose sweep's layout YAML paths (recipe entries ending in .yaml / .yml,
+    relative to `base`) are replaced by the layouts they hold, named after the file's stem."""
+    if not isinstance(data, dict) or not isinstance(data.get("sweep"), (dict, list)):
+        return data
+    grids = data["sweep"] if isinstance(data["sweep"], list) else [data["sweep"]]
+    resolved = []
+    for grid in grids:
+        if isinstance(grid, dict) and isinstance(grid.get("recipe"), list):
+            grid = {**grid, "recipe": [_read_layout(r, base) for r in grid["recipe"]]}
+        resolved.append(grid)
+    return {**data, "sweep": resolved if isinstance(data["sweep"], list) else resolved[0]}
+
+
+def _read_layout(recipe: Any, base: Path) -> Any:
+    if not (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
+        return recipe
+    path = base / recipe
+    if not path.is_file():
+        raise ValueError(f"sweep.recipe: layout file {recipe!r} not found (looked at {path})")
+    layout = read_yaml(path)
+    if not isinstance(layout, dict):
+        raise ValueError(f"{path}: a layout YAML must be a mapping of LayoutSpec fields")
+    return {"name": path.stem, **layout}
 
 
 def _describe_run(run: RunConfig) -> str:
     """recipe/size and the run's other set fields, for messages and the dry-run listing."""
     extra = [f"{f}={getattr(run, f)}" for f in ("seed", "window", "ratio", "n_layers", "d_model")
              if getattr(run, f) not in (None, 0)]
-    return " ".join([f"{run.recipe}/{run.size}", *extra])
+    name = f"{run.recipe}/{run.size}" if run.layout is None else f"{run.recipe} (layout {run.layout_hash()})"
+    return " ".join([name, *extra])
 
 
 def _named_grids(sweep: dict[str, list[Any]] | list[dict[str, list[Any]]]) -> list[tuple[str, dict[str, list[Any]]]]:
@@ -155,6 +191,8 @@ def expand(experiment: ExperimentConfig) -> list[RunConfig]:
                     settings[key.removeprefix("settings.")] = value
                 else:
                     fields[key] = value
+            if isinstance(fields["recipe"], dict):
+                fields.update(_composed(fields["recipe"], where))
             settings["scale"] = experiment.scale
             try:
                 runs.append(RunConfig(study=experiment.study, settings=settings, **fields))
@@ -164,9 +202,24 @@ def expand(experiment: ExperimentConfig) -> list[RunConfig]:
     return runs
 
 
+def _composed(layout: dict[str, Any], where: str) -> dict[str, Any]:
+    """The run fields of an inline layout: its name (given, else 'layout-<hash>') and its validated spec."""
+    from mixerzoo.blocks import LayoutSpec
+
+    fields = {k: v for k, v in layout.items() if k != "name"}
+    try:
+        spec = LayoutSpec.model_validate(fields)
+    except ValidationError as error:
+        raise ValueError(f"{where}.recipe (layout {layout.get('name', '')!r}): {describe_validation_error(error)}") from None
+    data = spec.model_dump(mode="json")
+    run = RunConfig(study="-", recipe="-", layout=data)
+    return {"recipe": str(layout.get("name") or f"layout-{run.layout_hash()}"), "layout": data, "size": "custom"}
+
+
 def run_row_fields(run: RunConfig) -> Row:
     """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
-    row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "size": run.size, "seed": run.seed,
+    row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "layout_hash": run.layout_hash(),
+                "size": run.size, "seed": run.seed,
                 "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers, "d_model": run.d_model}
     for key, value in sorted(run.settings.items()):
         row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)
@@ -389,7 +442,7 @@ def load_experiments(path: str | os.PathLike, *, scale: float | None = None) -> 
         if scale is not None and isinstance(data, dict):
             data = {**data, "scale": scale}
         try:
-            experiments.append(ExperimentConfig.model_validate(data))
+            experiments.append(ExperimentConfig.model_validate(with_layouts(data, Path(path).parent)))
         except ValidationError as error:
             raise ValueError(f"{where}: {describe_validation_error(error)}") from None
         if experiments[-1].name in [e.name for e in experiments[:-1]]:

@@ -101,7 +101,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     study: str
-    recipe: str
+    recipe: str = Field(description="a registered recipe, or the name of the composed `layout`")
+    layout: dict[str, Any] | None = Field(None, description="a composed LayoutSpec (from a layout YAML or an "
+                                                            "inline mapping); the run uses it instead of a recipe")
     size: str = "tiny"
     seed: int = 0
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
@@ -110,6 +112,12 @@ class RunConfig(BaseModel):
     n_layers: int | None = Field(None, ge=1, description="depth: the recipe's layer list repeated or cut to this many")
     d_model: int | None = Field(None, ge=1, description="width: head counts and MLP width scaled with it, head sizes kept")
     settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
+
+    def layout_hash(self) -> str | None:
+        """A short hash of the composed layout's canonical JSON (None for a registered recipe)."""
+        if self.layout is None:
+            return None
+        return hashlib.sha256(json.dumps(self.layout, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
     def key(self) -> str:
         """A stable short hash of the run's canonical JSON: identifies the run for resuming."""
@@ -238,7 +246,7 @@ def get_plot(study: str, plot: str | None = None) -> PlotHook | None:
 
 
 def build_spec(run: RunConfig) -> LayoutSpec:
-    """The spec of `run.recipe` at `run.size`, with the run's overrides applied.
+    """The spec of `run.recipe` at `run.size` (or the run's composed `layout`), with the run's overrides applied.
 
     `n_layers` repeats or cuts the recipe's layer list to that depth (infinitevl's SGGG at 2
     layers is SG). `d_model` scales the width: every head count (n_heads, n_kv_heads) and the
@@ -251,7 +259,7 @@ def build_spec(run: RunConfig) -> LayoutSpec:
     the window of every sliding-window attention layer (full-attention layers stay full;
     a spec without sliding-window layers is unchanged).
     """
-    spec = recipe(run.recipe, run.size)
+    spec = LayoutSpec.model_validate(run.layout) if run.layout is not None else recipe(run.recipe, run.size)
     if run.n_layers is not None:
         spec = _with_depth(spec, run.n_layers)
     if run.d_model is not None:

@@ -88,6 +88,9 @@ class VisualRecallSettings(VLMTaskSettings):
 
 def vlm_spec(run: RunConfig) -> VLMSpec:
     """The VLM of `run.recipe` at `run.size` whose decoder is `build_spec(run)` (overrides applied) with M-RoPE."""
+    if run.layout is not None:
+        raise ValueError(f"{run.recipe}: the visual studies build a registered recipe's VLM (its vision tower "
+                         f"fits the recipe's sizes); a composed layout is not supported there yet")
     base = vlm_recipe(run.recipe, run.size)
     return VLMSpec(decoder=with_mrope(build_spec(run)), vision=base.vision, processor=base.processor)
 

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--d-model", type=positive_int, default=128)
     recipes_parser = commands.add_parser("recipes", parents=[common], help="every recipe with its costs, without building it")
     recipes_parser.add_argument("--size", choices=SIZES, default="paper")
+    commands.add_parser("mixers", parents=[common],
+                        help="the config reference: every mixer type's fields (plugins included), layouts, experiments, "
+                             "training configs")
     stream_parser = commands.add_parser("stream", parents=[common], help="stream a video file through a VLM session")
     stream_parser.add_argument("video")
     stream_parser.add_argument("--recipe", default="infinitevl")
@@ -270,6 +273,10 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "recipes":
         use_threads(args.threads, 0)
         recipes(args.size)
+    elif args.command == "mixers":
+        from mixerzoo.registry.reference import config_reference
+
+        print(config_reference(), end="")
     elif args.command == "stream":
         stream(args.video, args.recipe, args.size, args.frame_size, args.fps, args.checkpoint, args.threads,
                args.compile)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 
 
@@ -66,6 +66,35 @@ def open_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> Iterato
         yield f
 
 
+class StrictModel(BaseModel):
+    """Base of every config model: frozen, and a key it does not take is an error that names the key,
+    the nearest one it takes and all of them, at whatever depth of a nested config it appears."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        cls.check_keys(data)
+        return data
+
+    @classmethod
+    def check_keys(cls, data: Any) -> None:
+        """Raise ValueError for the first key of the mapping `data` this model does not take (a subclass's
+        own before-validator calls it first: those run before this one)."""
+        if isinstance(data, dict):
+            known = cls.known_keys()
+            for key in data:
+                if key not in known:
+                    raise ValueError(f"unknown key {key!r}{close_matches(str(key), known)}; "
+                                     f"{cls.__name__} takes {sorted(known)}")
+
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """The keys this model takes (field names and their aliases)."""
+        return set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+
+
 def close_matches(word: str, known: list[str] | set[str]) -> str:
     """' (did you mean 'x'?)' for the nearest known word, or '' when none is near."""
     import difflib
@@ -74,4 +103,4 @@ def close_matches(word: str, known: list[str] | set[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-__all__ = ["close_matches", "describe", "describe_validation_error", "open_safetensors", "read_yaml"]
+__all__ = ["StrictModel", "close_matches", "describe", "describe_validation_error", "open_safetensors", "read_yaml"]

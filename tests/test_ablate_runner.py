@@ -175,7 +175,7 @@ def _two_experiment_yaml(tmp_path: Path, second_settings: dict) -> Path:
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"stepz": 3}, r"document 2: run 1 \(gdn/tiny\): settings.stepz: Extra inputs are not permitted"),
+    ({"stepz": 3}, r"document 2: run 1 \(gdn/tiny\): settings: unknown key .stepz. \(did you mean .steps.\?\)"),
     ({"lr": "fast"}, r"document 2: run 1 \(gdn/tiny\): settings.lr: Input should be a valid number"),
 ])
 def test_every_runs_settings_are_validated_before_the_first_run(tmp_path, settings, message):

@@ -7,15 +7,7 @@ standard long-context curve: a model that uses distant context keeps lowering it
 later positions; a sliding window flattens once the position passes its window. Settings
 (unknown keys are an error):
 
-    seq_len: 256           tokens per window
-    steps: 300             training steps, multiplied by the experiment's `scale`
-    lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
-    warmup_steps: 30
-    weight_decay: 0.1      on matrices only (mixerzoo.optim)
-    batch_size: 16         windows per step
-    eval_windows: 256      held-out windows
-    buckets: 8             position buckets of equal width for the per-position columns
-    scale: 1.0             set by the runner
+    (the fields of `LMSettings`, each with its meaning: `mixerzoo mixers`, docs/CONFIG.md)
 
 Row columns: val_loss (nats per byte over every position), loss_pos_<a>_<b> (mean loss at
 positions a..b-1, one column per bucket), train_tokens, final_loss, swa_window, state_bytes,
@@ -45,14 +37,14 @@ EVAL_BATCH = 32
 class LMSettings(StudySettings):
     """The `lm` study's settings (unknown keys are an error)."""
 
-    seq_len: int = Field(256, gt=1)
-    steps: int = Field(300, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(30, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    batch_size: int = Field(16, gt=0)
-    eval_windows: int = Field(256, gt=0)
-    buckets: int = Field(8, gt=0)
+    seq_len: int = Field(256, gt=1, description="tokens per window")
+    steps: int = Field(300, gt=0, description="training steps, multiplied by the experiment's `scale`")
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
+    warmup_steps: int = Field(30, ge=0, description="linear warmup steps (capped below the step count)")
+    weight_decay: float = Field(0.1, ge=0, description="on matrices only (mixerzoo.optim)")
+    batch_size: int = Field(16, gt=0, description="windows per step")
+    eval_windows: int = Field(256, gt=0, description="held-out windows")
+    buckets: int = Field(8, gt=0, description="position buckets of equal width for the per-position columns")
 
 
 @torch.no_grad()

@@ -3,17 +3,7 @@
 One run trains a fresh model (seeded by the run's seed) on fresh MQAR batches and
 evaluates it on examples from a different seed. Settings (unknown keys are an error):
 
-    seq_len, n_pairs       the MQAR shape (required)
-    vocab_size: null       the task's vocabulary (keys [1, V/2), values [V/2, V)), which the model then
-                           has too (zoology's models are sized to the task); default the spec's
-    steps: 300             training steps, multiplied by the experiment's `scale`
-    lr: 3e-3               AdamW peak learning rate (warmup, then cosine decay to 0)
-    warmup_steps: 0        linear warmup steps (capped below the step count)
-    weight_decay: 0.1      on matrices only (mixerzoo.optim), as zoology
-    batch_size: 32         training examples per step
-    eval_examples: 512     held-out examples
-    power_a: 0.01          query-placement power law
-    scale: 1.0             set by the runner
+    (the fields of `MQARSettings`, each with its meaning: `mixerzoo mixers`, docs/CONFIG.md)
 
 The vocabulary is the spec's (256 at tiny). The run's `n_layers` / `d_model` overrides give
 zoology's 2-layer models and width sweeps. Row columns: seq_len, n_pairs, swa_window (the
@@ -42,16 +32,18 @@ EVAL_SEED_OFFSET = 2**32  # evaluation data seed = run seed + this: never a trai
 class MQARSettings(StudySettings):
     """The `mqar` study's settings (a run's `settings`), validated: a misspelt key is an error."""
 
-    seq_len: int = Field(gt=0)
-    n_pairs: int = Field(gt=0)
-    vocab_size: int | None = Field(None, gt=0)
-    steps: int = Field(300, gt=0)
-    lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    batch_size: int = Field(32, gt=0)
-    eval_examples: int = Field(512, gt=0)
-    power_a: float = Field(0.01, gt=0, le=1)
+    seq_len: int = Field(gt=0, description="tokens per example (the MQAR shape)")
+    n_pairs: int = Field(gt=0, description="key-value pairs per example, each queried once")
+    vocab_size: int | None = Field(None, gt=0,
+        description="the task's vocabulary (keys [1, V/2), values [V/2, V)), which the model then has too (zoology's "
+                    "models are sized to the task); default the spec's")
+    steps: int = Field(300, gt=0, description="training steps, multiplied by the experiment's `scale`")
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps (capped below the step count)")
+    weight_decay: float = Field(0.1, ge=0, description="on matrices only (mixerzoo.optim), as zoology")
+    batch_size: int = Field(32, gt=0, description="training examples per step")
+    eval_examples: int = Field(512, gt=0, description="held-out examples")
+    power_a: float = Field(0.01, gt=0, le=1, description="query-placement power law")
 
 
 def swa_window(spec: LayoutSpec) -> int | None:

@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 from typing_extensions import Self
 
@@ -49,20 +49,18 @@ from mixerzoo.ablate.studies import (
 )
 from mixerzoo.ablate.summary import over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
-from mixerzoo.errors import describe_validation_error, read_yaml
+from mixerzoo.errors import StrictModel, describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
 _RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "settings")
 _SCALARS = (str, int, float, bool, type(None))
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(StrictModel):
     """An ablation experiment: a study run over the cartesian product of `sweep`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="results directory name")
-    study: str
+    study: str = Field(description="a registered study (mixerzoo.ablate.studies.list_studies)")
     sweep: dict[str, list[Any]] | list[dict[str, list[Any]]] = Field(
         description="a grid (key -> values, cartesian product) or a list of grids whose runs are concatenated")
     fixed: dict[str, Any] = Field(default_factory=dict, description="merged into every run's settings")
@@ -123,7 +121,8 @@ class ExperimentConfig(BaseModel):
             try:
                 study_settings(run)
             except ValidationError as error:
-                problems = "; ".join(f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                problems = "; ".join(".".join(["settings", *map(str, e["loc"])]) + ": " + e["msg"].removeprefix("Value error, ")
+                                     for e in error.errors())
                 raise ValueError(f"run {number} ({_describe_run(run)}): {problems}") from None
         return self
 

@@ -6,9 +6,7 @@ One run builds the VLM of the run's recipe (overrides applied to its decoder, as
 question at the end) and evaluates answer accuracy on examples from another seed. Sweep
 `settings.gap_frames` to sweep the distance. Settings (unknown keys are an error):
 
-    gap_frames: 8          noise slots (one visual token each at image_size 28) between the key frame and the question
-    n_keys: 1              key frames; the question asks about one of them
-    lead_frames: 1         noise slots before the first key frame
+    (the fields of `StreamMemorySettings`, each with its meaning: `mixerzoo mixers`, docs/CONFIG.md)
 
 and the training settings every VLM recall study shares (`VLMTaskSettings`, listed in
 `visual_study`): digits, image_size, tower, tower_steps, steps, lr, warmup_steps, batch_size, eval_examples, scale.
@@ -39,9 +37,10 @@ from mixerzoo.tasks.visual import StreamRecallConfig, make_stream_recall, sized_
 class StreamMemorySettings(VLMTaskSettings):
     """The `stream-memory` study's settings (a run's `settings`), validated: a misspelt key is an error."""
 
-    gap_frames: int = Field(8, ge=0)
-    n_keys: int = Field(1, ge=1, le=16)
-    lead_frames: int = Field(1, ge=0)
+    gap_frames: int = Field(8, ge=0,
+        description="noise slots (one visual token each at image_size 28) between the key frame and the question")
+    n_keys: int = Field(1, ge=1, le=16, description="key frames; the question asks about one of them")
+    lead_frames: int = Field(1, ge=0, description="noise slots before the first key frame")
 
     def tokens_per_example(self, spec) -> int:
         """Noise and key frame slots (one visual token each at 28 px, plus start / end tokens) and the question."""

@@ -47,10 +47,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from mixerzoo.blocks import Decoder, LayoutSpec, flops_per_token, parameter_count, random_state, state_nbytes
 from mixerzoo.registry import recipe
+from mixerzoo.errors import StrictModel
 
 Row = dict[str, Any]
 Study = Callable[["RunConfig", Path], list[Row]]
@@ -95,17 +96,15 @@ _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study"
                     "mixerzoo.ablate.lm_study")
 
 
-class RunConfig(BaseModel):
+class RunConfig(StrictModel):
     """One run of a study: a recipe at a size and seed, optional overrides, study settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    study: str
+    study: str = Field(description="the registered study that runs it")
     recipe: str = Field(description="a registered recipe, or the name of the composed `layout`")
     layout: dict[str, Any] | None = Field(None, description="a composed LayoutSpec (from a layout YAML or an "
                                                             "inline mapping); the run uses it instead of a recipe")
-    size: str = "tiny"
-    seed: int = 0
+    size: str = Field("tiny", description="recipe size: tiny, small or paper (custom for a composed layout)")
+    seed: int = Field(0, description="seed of the weights, the data and the evaluation")
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
     ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
                               description="'A:G' attention : Gated DeltaNet layer ratio, if set")
@@ -125,13 +124,11 @@ class RunConfig(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class StudySettings(BaseModel):
+class StudySettings(StrictModel):
     """Base of every study's settings (a run's `settings`): unknown keys are an error, and
     `scale` (set by the runner from the experiment) multiplies training steps."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    scale: float = Field(1.0, gt=0)
+    scale: float = Field(1.0, gt=0, description="multiplies training steps (set by the runner from the experiment)")
 
     def tokens_per_example(self, spec: LayoutSpec) -> int | None:
         """Tokens in one training / evaluation example: the `seq_len` setting if there is one."""
@@ -174,6 +171,12 @@ def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook |
         return study
 
     return decorate
+
+
+def settings_class(name: str) -> type[StudySettings]:
+    """The settings model of study `name`."""
+    get_study(name)
+    return _SETTINGS[name]
 
 
 def study_settings(run: "RunConfig") -> StudySettings:

@@ -5,23 +5,7 @@ as `build_spec` applies them), trains it on fresh visual-recall batches
 (`mixerzoo.tasks.visual.make_visual_recall`) and evaluates answer accuracy on examples from
 another seed. Settings (unknown keys are an error):
 
-    n_images: 4            images per example, each queried once
-    filler: 32             filler text tokens between the last image and the first query
-    digits: 1              digits per image (answer tokens per query)
-    image_size: 28         image side in pixels (28: one visual token per image)
-    digit_source: font     "font" (rendered glyphs) or "scans" (real handwritten digits, scikit-learn's
-                           load_digits; held-out examples use scans never trained on)
-    tower: pretrained      "pretrained": load a vision tower pretrained to read the task's digits
-                           (`mixerzoo.tasks.tower`, cached per seed in <out>/.towers, shared by every recipe
-                           of that seed) and freeze it, so the run measures the decoder's memory;
-                           "scratch": train the tower with the decoder (as before issue 12)
-    tower_steps: 300       pretraining steps of that tower (batch 64, not scaled)
-    steps: 60              training steps, multiplied by the experiment's `scale`
-    lr: 2e-3               AdamW peak learning rate (cosine decay to 0)
-    warmup_steps: 30       linear warmup first (without it the tower stalls at the digit prior)
-    batch_size: 32         training examples per step
-    eval_examples: 128     held-out examples
-    scale: 1.0             set by the runner
+    (the fields of `VisualRecallSettings`, each with its meaning: `mixerzoo mixers`, docs/CONFIG.md)
 
 Row columns: accuracy (per answer token; chance is 0.1), final_loss, initial_loss, steps,
 distance and distance_max (tokens from an image's last visual token to its query's arrow,
@@ -62,23 +46,30 @@ DIGIT_CHANCE = 0.1  # guessing one of ten digits
 class VLMTaskSettings(StudySettings):
     """Training and evaluation settings shared by the VLM recall studies (unknown keys are an error)."""
 
-    digits: int = Field(1, ge=1, le=4)
-    image_size: int = Field(28, gt=0)
-    digit_source: Literal["font", "scans"] = "font"
-    tower: Literal["pretrained", "scratch"] = "pretrained"
-    tower_steps: int = Field(300, gt=0)
-    steps: int = Field(60, gt=0)
-    lr: float = Field(2e-3, gt=0)
-    warmup_steps: int = Field(30, ge=0)
-    batch_size: int = Field(32, gt=0)
-    eval_examples: int = Field(128, gt=0)
+    digits: int = Field(1, ge=1, le=4, description="digits per image (answer tokens per query)")
+    image_size: int = Field(28, gt=0, description="image side in pixels (28: one visual token per image)")
+    digit_source: Literal["font", "scans"] = Field("font",
+        description="'font' (rendered glyphs) or 'scans' (real handwritten digits, scikit-learn's load_digits; "
+                    "held-out examples use scans never trained on)")
+    tower: Literal["pretrained", "scratch"] = Field("pretrained",
+        description="'pretrained': load a vision tower pretrained to read the task's digits (`mixerzoo.tasks.tower`, "
+                    "cached per seed in <out>/.towers, shared by every recipe of that seed) and freeze it, so the "
+                    "run measures the decoder's memory; 'scratch': train the tower with the decoder (as before issue "
+                    "12)")
+    tower_steps: int = Field(300, gt=0, description="pretraining steps of that tower (batch 64, not scaled)")
+    steps: int = Field(60, gt=0, description="training steps, multiplied by the experiment's `scale`")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (cosine decay to 0)")
+    warmup_steps: int = Field(30, ge=0,
+        description="linear warmup first (without it the tower stalls at the digit prior)")
+    batch_size: int = Field(32, gt=0, description="training examples per step")
+    eval_examples: int = Field(128, gt=0, description="held-out examples")
 
 
 class VisualRecallSettings(VLMTaskSettings):
     """The `visual-recall` study's settings (a run's `settings`), validated: a misspelt key is an error."""
 
-    n_images: int = Field(4, ge=1, le=16)
-    filler: int = Field(32, ge=0)
+    n_images: int = Field(4, ge=1, le=16, description="images per example, each queried once")
+    filler: int = Field(32, ge=0, description="filler text tokens between the last image and the first query")
 
     def tokens_per_example(self, spec) -> int:
         """Images (one visual token at 28 px, plus start / end tokens), filler, and a query of about 4 tokens per image."""

@@ -12,21 +12,20 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
-from mixerzoo.errors import close_matches, describe_validation_error
+from mixerzoo.errors import StrictModel, describe_validation_error
 from mixerzoo.mixers import MixerConfig, RopeConfig, mixer_class, mixer_config
 
 
-class MLPSpec(BaseModel):
+class MLPSpec(StrictModel):
     """The channel mixer after each token mixer: SwiGLU, or none."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    type: Literal["swiglu", "none"] = "swiglu"
+    type: Literal["swiglu", "none"] = Field("swiglu",
+        description="swiglu (gate, up, down projections) or none (no MLP)")
     hidden: int | None = Field(None, gt=0, description="SwiGLU inner width")
-    bias: bool = False
+    bias: bool = Field(False, description="bias on the MLP projections")
 
     @model_validator(mode="after")
     def _hidden_matches_type(self) -> Self:
@@ -37,13 +36,11 @@ class MLPSpec(BaseModel):
         return self
 
 
-class LayerSpec(BaseModel):
+class LayerSpec(StrictModel):
     """One decoder layer: a token mixer (any registered type) and an MLP."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mixer: SerializeAsAny[MixerConfig]
-    mlp: MLPSpec
+    mixer: SerializeAsAny[MixerConfig] = Field(description="the token mixer: a mapping with a registered `type` and that type's fields")
+    mlp: MLPSpec = Field(description="the channel mixer after it")
 
     @field_validator("mixer", mode="before")
     @classmethod
@@ -80,16 +77,19 @@ def _where(index: int, letter: str | None) -> str:
     return f"layer {index}" + (f" (pattern letter {letter!r})" if letter else "")
 
 
-class LayoutSpec(BaseModel):
+class LayoutSpec(StrictModel):
     """A decoder language model: embeddings, layers (mixer + MLP, pre-norm residual), final norm, LM head."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    d_model: int = Field(gt=0, description="width of the residual stream")
+    vocab_size: int = Field(gt=0, description="token vocabulary (embedding rows, logits)")
+    layers: list[LayerSpec] = Field(description="the layers in order (or give n_layers, pattern / ratio, legend, mlp, rope and overrides)")
+    norm_eps: float = Field(1e-6, gt=0, description="epsilon of the pre-norms and the final RMSNorm")
+    tie_embeddings: bool = Field(True, description="the LM head shares the embedding matrix")
 
-    d_model: int = Field(gt=0)
-    vocab_size: int = Field(gt=0)
-    layers: list[LayerSpec]
-    norm_eps: float = Field(1e-6, gt=0)
-    tie_embeddings: bool = True
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """The spec's fields and the shorthand that expands into `layers` (pattern, ratio, legend, ...)."""
+        return super().known_keys() | set(_SHORTHAND)
 
     @model_validator(mode="before")
     @classmethod
@@ -97,11 +97,8 @@ class LayoutSpec(BaseModel):
         """Turn pattern / ratio + legend (+ overrides) into an explicit layer list."""
         if not isinstance(data, dict):
             return data
+        cls.check_keys(data)
         data = dict(data)
-        known = set(cls.model_fields) | set(_SHORTHAND)
-        for key in data:
-            if key not in known:
-                raise ValueError(f"unknown key {key!r}{close_matches(str(key), known)}; a spec has {sorted(known)}")
         n_layers = data.get("n_layers")
         if n_layers is not None and (not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1):
             raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")

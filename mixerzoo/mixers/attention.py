@@ -15,23 +15,23 @@ from typing import Callable, ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, device_check, fused_linear
 from mixerzoo.ops import attention, rotary_tables, rotate
+from mixerzoo.errors import StrictModel
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
 
 
-class RopeConfig(BaseModel):
+class RopeConfig(StrictModel):
     """Rotary embedding: none, 1-D RoPE, or multimodal M-RoPE (3 position streams)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Literal["none", "rope", "mrope"] = "rope"
-    theta: float = Field(10000.0, gt=0)
+    kind: Literal["none", "rope", "mrope"] = Field("rope",
+        description="rotary embedding: none, rope (1-D positions) or mrope (Qwen2.5-VL temporal / height / width sections)")
+    theta: float = Field(10000.0, gt=0, description="rotary base frequency")
     sections: tuple[int, ...] | None = Field(None, description="M-RoPE: frequencies per stream (t, h, w)")
 
     @model_validator(mode="after")
@@ -46,15 +46,15 @@ class RopeConfig(BaseModel):
 class AttentionConfig(MixerConfig):
     """Multi-head softmax attention with grouped KV heads; window=None is full attention."""
 
-    type: Literal["attention"] = "attention"
+    type: Literal["attention"] = Field("attention", description="the mixer type")
     n_heads: int = Field(gt=0, description="query heads")
     n_kv_heads: int | None = Field(None, gt=0, description="key/value heads (GQA); default n_heads")
     head_dim: int | None = Field(None, gt=0, description="default d_model // n_heads")
     window: int | None = Field(None, description="sliding window in tokens (itself + window - 1 before); None = full")
-    qkv_bias: bool = False
+    qkv_bias: bool = Field(False, description="bias on the q, k and v projections (Qwen2.5 has one)")
     qk_norm: bool = Field(False, description="RMSNorm on each query and key head")
-    norm_eps: float = Field(1e-6, gt=0)
-    rope: RopeConfig = RopeConfig()
+    norm_eps: float = Field(1e-6, gt=0, description="epsilon of the q / k RMSNorm (qk_norm)")
+    rope: RopeConfig = Field(RopeConfig(), description="rotary position embedding of q and k")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Self:

@@ -21,19 +21,19 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.errors import open_safetensors
+from mixerzoo.errors import StrictModel, open_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import Backend
 
 _STATE_FORMAT = "mixerzoo.state/1"
 
 
-class MixerConfig(BaseModel):
+class MixerConfig(StrictModel):
     """Base of every mixer's config: a frozen pydantic model that rejects unknown keys.
 
     Subclasses set `type` to a Literal naming the mixer; that name is how specs and

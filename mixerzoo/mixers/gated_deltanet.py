@@ -33,15 +33,15 @@ _L2_EPS = 1e-6  # as fla's l2norm
 class GatedDeltaNetConfig(MixerConfig):
     """Gated DeltaNet: H key heads of head_dim, HV value heads of head_dim * expand_v."""
 
-    type: Literal["gated_deltanet"] = "gated_deltanet"
+    type: Literal["gated_deltanet"] = Field("gated_deltanet", description="the mixer type")
     n_heads: int = Field(gt=0, description="query / key heads")
     head_dim: int | None = Field(None, gt=0, description="key head dim; default d_model // n_heads")
     n_v_heads: int | None = Field(None, gt=0, description="value heads (a multiple of n_heads); default n_heads")
     expand_v: float = Field(2.0, gt=0, description="value head dim = head_dim * expand_v")
     conv_size: int = Field(4, ge=1, description="taps of the short causal convs on q, k, v")
-    conv_bias: bool = False
+    conv_bias: bool = Field(False, description="bias on the short causal convolution")
     allow_neg_eigval: bool = Field(False, description="beta = 2 * sigmoid(b): eigenvalues of the transition in (-1, 1]")
-    norm_eps: float = Field(1e-5, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, description="epsilon of the gated output RMSNorm")
     chunk_size: int = Field(64, gt=0, description="chunk length of the chunked op")
 
     @model_validator(mode="after")

@@ -27,7 +27,7 @@ from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, ssd
 class Mamba2Config(MixerConfig):
     """Mamba2 mixer (mamba_ssm defaults): d_inner = expand * d_model split into heads of head_dim."""
 
-    type: Literal["mamba2"] = "mamba2"
+    type: Literal["mamba2"] = Field("mamba2", description="the mixer type")
     d_state: int = Field(128, gt=0, description="N: state size per head and channel")
     d_conv: int = Field(4, gt=0, description="W: taps of the depthwise causal conv")
     expand: int = Field(2, gt=0, description="d_inner = expand * d_model")
@@ -39,7 +39,7 @@ class Mamba2Config(MixerConfig):
     dt_init_floor: float = Field(1e-4, ge=0, description="init: step sizes are at least this")
     dt_limit: tuple[float, float] = Field((0.0, math.inf), description="clamp of the step size after softplus")
     A_init_range: tuple[float, float] = Field((1.0, 16.0), description="init: -A is uniform in this range")
-    conv_bias: bool = True
+    conv_bias: bool = Field(True, description="bias on the short causal convolution")
     norm_eps: float = Field(1e-5, gt=0, description="eps of the gated RMSNorm")
 
     @model_validator(mode="after")

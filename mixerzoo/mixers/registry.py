@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Any, Mapping
 
+from mixerzoo.errors import close_matches
 from mixerzoo.mixers.base import Mixer, MixerConfig
 
 PLUGIN_GROUP = "mixerzoo.mixers"  # entry-point group through which installed packages add mixers
@@ -46,14 +47,19 @@ def mixer_class(name: str) -> type[Mixer]:
     """The Mixer class registered as `name`."""
     load_plugins()
     if name not in _MIXERS:
-        raise KeyError(f"unknown mixer type {name!r}; registered: {list_mixers()}")
+        raise KeyError(f"unknown mixer type {name!r}{close_matches(str(name), set(_MIXERS))}; registered: {list_mixers()}")
     return _MIXERS[name]
 
 
-def mixer_config(spec: Mapping[str, Any] | MixerConfig) -> MixerConfig:
-    """A validated config from a dict with a `type` key (or a config, returned as is)."""
+def mixer_config(spec: Mapping[str, Any] | MixerConfig | str) -> MixerConfig | type[MixerConfig]:
+    """A validated config from a dict with a `type` key (a config is returned as is); given a type
+    name, that mixer's config class: its schema (`.model_fields`, `.model_json_schema()`)."""
     if isinstance(spec, MixerConfig):
         return spec
+    if isinstance(spec, str):
+        return mixer_class(spec).config_class
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a mixer spec is a mapping with a 'type' key, a config or a type name, got {type(spec).__name__}")
     if "type" not in spec:
         raise ValueError(f"a mixer spec needs a 'type' (one of {list_mixers()}), got keys {sorted(spec)}")
     return mixer_class(spec["type"]).config_class.model_validate(dict(spec))

@@ -19,18 +19,17 @@ from __future__ import annotations
 from typing import Literal, Self
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from mixerzoo.blocks import Decoder
 from mixerzoo.tasks.loop import IGNORE, answer_accuracy, fit
+from mixerzoo.errors import StrictModel
 
 FILLER = 0
 
 
-class MQARConfig(BaseModel):
+class MQARConfig(StrictModel):
     """Shape of an MQAR example: vocabulary, sequence length, number of pairs, query power law."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     vocab_size: int = Field(gt=0, description="tokens 0..V-1: 0 filler, [1, V/2) keys, [V/2, V) values")
     seq_len: int = Field(gt=0, description="tokens per example, prefix and queries included")

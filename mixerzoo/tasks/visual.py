@@ -39,11 +39,12 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from typing_extensions import Self
 
 from mixerzoo.tasks.loop import IGNORE, Batch
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images, process_video
+from mixerzoo.errors import StrictModel
 
 
 
@@ -70,10 +71,8 @@ def digit_scans(split: str) -> tuple[np.ndarray, ...]:
     return tuple(per_digit)
 
 
-class _VisualTaskConfig(BaseModel):
+class _VisualTaskConfig(StrictModel):
     """What the two visual tasks share: the vocabulary's token layout and how digits are drawn."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     vocab_size: int = Field(256, gt=0, description="the model's vocabulary; every task token must be below it")
     image_size: int = Field(28, gt=0, description="side of each square image / frame in pixels (a multiple of "

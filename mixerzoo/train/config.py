@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from typing_extensions import Self
 
-from mixerzoo.errors import read_yaml
+from mixerzoo.errors import StrictModel, read_yaml
 
 Stage = Literal["distill-layers", "distill-logits", "sft", "long-sft"]
 STAGES: tuple[str, ...] = get_args(Stage)
@@ -27,11 +27,7 @@ DEFAULT_TRAIN = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSource(_Strict):
+class ModelSource(StrictModel):
     """Where a model comes from: a saved checkpoint, a fresh recipe, or a conversion of the teacher."""
 
     checkpoint: Path | None = Field(None, description="a file written by mixerzoo.train.save_model")
@@ -53,26 +49,26 @@ class ModelSource(_Strict):
         return self
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     """AdamW with linear warmup then cosine decay to `min_lr_ratio` x lr."""
 
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only)")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="the cosine decay ends at lr x this")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null: no clipping")
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """The examples: a synthetic task or a JSONL file, and how they are batched."""
 
-    source: Literal["mqar", "visual-recall", "jsonl"]
+    source: Literal["mqar", "visual-recall", "jsonl"] = Field(description="the examples: mqar or visual-recall (synthetic) or jsonl (a file)")
     path: Path | None = Field(None, description="the JSONL file (source: jsonl)")
     tokenizer: str = Field("bytes", description='"bytes" (UTF-8 bytes as ids) or a Hugging Face tokenizer path')
     task: dict = Field(default_factory=dict, description="the synthetic task's config fields")
     n_examples: int = Field(1024, gt=0, description="synthetic examples generated")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the synthetic examples")
     pack: bool = Field(False, description="pack examples into rows of max_length, states reset per document")
     max_length: int | None = Field(None, gt=0, description="row length when packing; longer examples are an error")
 
@@ -85,41 +81,41 @@ class DataConfig(_Strict):
         return self
 
 
-class LoRAConfig(_Strict):
+class LoRAConfig(StrictModel):
     """Low-rank adapters on the named Linear projections of the decoder."""
 
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1,
                                description="Linear module names (last path component) that get adapters")
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    rank: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (the update is scaled by alpha / rank)")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One stage of training: models, data, optimisation, freezing, checkpoints."""
 
-    stage: Stage
-    out_dir: Path
-    student: ModelSource
-    teacher: ModelSource | None = None
-    data: DataConfig
-    optim: OptimConfig = OptimConfig()
-    steps: int = Field(gt=0)
+    stage: Stage = Field(description="the training stage (distill-layers, distill-logits, sft, long-sft)")
+    out_dir: Path = Field(description="where checkpoints, metrics.jsonl and the final model go")
+    student: ModelSource = Field(description="the model that trains")
+    teacher: ModelSource | None = Field(None, description="the model distilled from (distill stages)")
+    data: DataConfig = Field(description="the training examples")
+    optim: OptimConfig = Field(OptimConfig(), description="the optimiser and its schedule")
+    steps: int = Field(gt=0, description="optimiser steps")
     micro_batch_size: int = Field(8, gt=0, description="examples per forward on one process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimiser step on one process")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="autocast dtype of forwards")
     train: list[str] | None = Field(None, description="parameter groups that train (others frozen); default per stage")
-    lora: LoRAConfig | None = None
+    lora: LoRAConfig | None = Field(None, description="train LoRA adapters on these projections instead of the weights")
     temperature: float = Field(2.0, gt=0, description="distill-logits: softmax temperature T (loss scaled by T^2)")
     kl_direction: Literal["student||teacher", "teacher||student"] = Field(
         "student||teacher", description="distill-logits: which KL; teacher||student is the forward KL of Hinton et al.")
     layer_mse_weight: float = Field(0.0, ge=0, description="distill-logits: weight of the optional per-layer MSE term")
-    checkpoint_every: int = Field(50, gt=0)
-    keep_checkpoints: int = Field(2, gt=0)
-    log_every: int = Field(1, gt=0)
-    seed: int = 0
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (resumable)")
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept on disk (oldest deleted)")
+    log_every: int = Field(1, gt=0, description="steps between metrics.jsonl lines")
+    seed: int = Field(0, description="seed of the data order and of anything random in training")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="auto: ddp under torchrun with several processes, else none")
-    progress: bool = True
+    progress: bool = Field(True, description="show a progress bar")
 
     @model_validator(mode="after")
     def _stage_needs(self) -> Self:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
 from mixerzoo.blocks.decoder import check_token_ids
-from mixerzoo.errors import open_safetensors
+from mixerzoo.errors import StrictModel, open_safetensors
 from mixerzoo.mixers.base import atomic_save_safetensors, device_check
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
@@ -31,10 +31,8 @@ from mixerzoo.vlm.vision import VisionConfig, VisionTower
 _STATE_FORMAT = "mixerzoo.vlm_state/1"
 
 
-class VLMSpec(BaseModel):
+class VLMSpec(StrictModel):
     """A VLM: the decoder layout, the vision tower, and the token / position conventions."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     decoder: LayoutSpec
     vision: VisionConfig

@@ -16,7 +16,9 @@ from typing import Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from mixerzoo.errors import StrictModel
 from typing_extensions import Self
 
 try:
@@ -30,10 +32,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageLike = Union["Image.Image", np.ndarray]
 
 
-class ProcessorConfig(BaseModel):
+class ProcessorConfig(StrictModel):
     """Qwen2.5-VL's preprocessing constants and special token ids (the transformers defaults)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     patch_size: int = Field(14, gt=0, description="side of a square ViT patch, in pixels")
     temporal_patch_size: int = Field(2, gt=0, description="frames per patch (an image is repeated to fill it)")

@@ -16,23 +16,22 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks import MLPSpec, SwiGLU
 from mixerzoo.ops import Backend, apply_rotary, attention, rotary_angles
 from mixerzoo.vlm.processor import grid_rows
+from mixerzoo.errors import StrictModel
 
 
-class VisionConfig(BaseModel):
+class VisionConfig(StrictModel):
     """Sizes of the vision tower; the defaults are Qwen2.5-VL-3B's (InfiniteVL's tower)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     depth: int = Field(32, gt=0, description="transformer blocks")
     hidden_size: int = Field(1280, gt=0, description="ViT width")
-    num_heads: int = Field(16, gt=0)
+    num_heads: int = Field(16, gt=0, description="attention heads per vision block")
     intermediate_size: int = Field(3420, gt=0, description="SwiGLU inner width")
     patch_size: int = Field(14, gt=0, description="patch side in pixels")
     temporal_patch_size: int = Field(2, gt=0, description="frames per patch")
@@ -40,7 +39,7 @@ class VisionConfig(BaseModel):
     window_size: int = Field(112, gt=0, description="attention window side in pixels")
     fullatt_block_indexes: tuple[int, ...] = Field((7, 15, 23, 31), description="blocks attending to whole frames")
     out_hidden_size: int = Field(2048, gt=0, description="merger output width (the LLM's d_model)")
-    in_channels: int = Field(3, gt=0)
+    in_channels: int = Field(3, gt=0, description="image channels (RGB)")
     rms_norm_eps: float = Field(1e-6, gt=0, description="eps of every RMSNorm (blocks and merger)")
     rope_theta: float = Field(10000.0, gt=0, description="base of the 2-D rotary frequencies")
     backend: Backend = Field("auto", description="backend of mixerzoo.ops.attention")

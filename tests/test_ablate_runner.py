@@ -307,7 +307,7 @@ def test_a_composed_layout_is_ablated_from_a_yaml_path_or_inline(tmp_path):
 @pytest.mark.parametrize("recipe, message", [
     ("missing.yaml", "layout file 'missing.yaml' not found"),
     ({"name": "bad", "d_model": 64, "vocab_size": 256, "n_layers": 2, "pattern": "G",
-      "legend": {"G": {"type": "gated_deltanet", "n_head": 4}}}, r"layout 'bad'.*layer 0.*mixer.n_head: Extra inputs"),
+      "legend": {"G": {"type": "gated_deltanet", "n_head": 4}}}, r"layout 'bad'.*layer 0.*mixer: unknown key 'n_head' \(did you mean 'n_heads'\?\)"),
 ])
 def test_a_bad_composed_layout_names_what_is_wrong(tmp_path, recipe, message):
     path = tmp_path / "exp.yaml"

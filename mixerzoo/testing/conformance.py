@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
 from mixerzoo.mixers import Mixer, MixerConfig, MixerState
 from mixerzoo.registry import build_mixer, mixer_config
@@ -328,6 +328,14 @@ CHECKS: dict[str, Callable[[MixerConfig, Setting, st.DataObject], None]] = {
 }
 
 
+# certify's own hypothesis settings, whatever profile is loaded: the same examples in a script, a notebook
+# and pytest (derandomized), no deadline (a first call may compile or allocate), bounded examples.
+CERTIFY_SETTINGS = hypothesis_settings(
+    derandomize=True, max_examples=12, deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
 def certify(
     config: Mapping[str, Any] | MixerConfig,
     *,
@@ -341,7 +349,9 @@ def certify(
 
     Runs in `dtype` on `device`; `tolerance` (relative) defaults to TOLERANCES[dtype], which suits
     exact float32 arithmetic: a backend with lower-precision internals (fla's kernels take float32
-    dot products in TF32) states its own. `settings` defaults to the loaded hypothesis profile.
+    dot products in TF32) states its own. `settings` defaults to `CERTIFY_SETTINGS` (derandomized, 12
+    examples per check, no deadline): the same call passes or fails the same way anywhere; pass e.g.
+    `hypothesis.settings(CERTIFY_SETTINGS, max_examples=200)` for a deeper search.
     """
     config = mixer_config(config)
     if dtype not in TOLERANCES:
@@ -360,5 +370,5 @@ def certify(
             check(config, setting, data)
 
         # one minimal failing example per check, raised as a plain AssertionError
-        prop = hypothesis_settings(settings, report_multiple_bugs=False)(prop)
+        prop = hypothesis_settings(settings or CERTIFY_SETTINGS, report_multiple_bugs=False)(prop)
         prop()

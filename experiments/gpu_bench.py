@@ -398,7 +398,7 @@ def describe(plan: Plan) -> str:
     for name in ("infinitevl", "transformer", "mamba2-swa"):
         spec = recipe(name, "paper")
         weights = parameter_count(spec) * 2 / GIB
-        states = ", ".join(f"{label(c)}: {state_nbytes(spec, c) / GIB:.2f}" for c in GPU_PLAN.contexts)
+        states = ", ".join(f"{label(c)}: {state_nbytes(spec, c, dtype=torch.bfloat16) / GIB:.2f}" for c in GPU_PLAN.contexts)
         lines.append(f"  {name}: {parameter_count(spec) / 1e9:.2f}B params = {weights:.1f} GiB; state {states}")
     return "\n".join(lines)
 

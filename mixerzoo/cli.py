@@ -10,6 +10,7 @@ shared machine only add contention, and torch's own default above that.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -91,7 +92,7 @@ def recipes(size: str) -> None:
     for name in list_recipes():
         spec = recipe(name, size)
         letters = "".join(_letter(layer.mixer) for layer in spec.layers)
-        states = [in_units(state_nbytes(spec, n), BYTE_UNITS) for n in _CONTEXTS.values()]
+        states = [in_units(state_nbytes(spec, n, dtype=torch.bfloat16), BYTE_UNITS) for n in _CONTEXTS.values()]
         flops = [in_units(flops_per_token(spec, n), FLOP_UNITS) for n in _CONTEXTS.values()]
         print(f"| {name} | {letters} | {parameter_count(spec):,} | " + " | ".join(states + flops) + " |")
 
@@ -203,6 +204,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def thread_count(text: str) -> int:
+    """argparse type: an integer from 1 to this machine's logical CPUs (more only oversubscribes, and a
+    huge count crashes torch's thread pool)."""
+    value = positive_int(text)
+    cpus = os.cpu_count() or 1
+    if value > cpus:
+        raise argparse.ArgumentTypeError(f"must be at most {cpus} (this machine's logical CPUs), got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number > 0."""
     try:
@@ -225,15 +236,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The `mixerzoo` argument parser: one subcommand per task, each with --threads and --debug."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: 1 for models under "
+    common.add_argument("--threads", type=thread_count, help="torch intra-op threads (default: 1 for models under "
                         f"{SMALL_MODEL_PARAMETERS // 10**6}M parameters, else torch's default); printed with each run")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser = _Parser(prog="mixerzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", parents=[common], help="a small demo of the recurrent-state protocol")
-    demo_parser.add_argument("--context", type=positive_int, default=4096)
-    demo_parser.add_argument("--window", type=positive_int, default=256)
-    demo_parser.add_argument("--d-model", type=positive_int, default=128)
+    demo_parser.add_argument("--context", type=positive_int, default=4096,
+                             help="tokens streamed through each mixer before the fork and decode (default 4096)")
+    demo_parser.add_argument("--window", type=positive_int, default=256,
+                             help="the sliding-window mixer's window in tokens (default 256)")
+    demo_parser.add_argument("--d-model", type=positive_int, default=128, help="width of both mixers (default 128)")
     recipes_parser = commands.add_parser("recipes", parents=[common], help="every recipe with its costs, without building it")
     recipes_parser.add_argument("--size", choices=SIZES, default="paper")
     commands.add_parser("mixers", parents=[common],
@@ -256,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=positive_float, help="override the experiment's scale")
     ablate_parser.add_argument("--jobs", type=positive_int, default=1,
-                               help="runs at once, each a process with one thread (default 1; 2 on a 2-core machine)")
+                               help="runs at once, each a process with one thread (default 1: one run using "
+                                    "--threads; set it to your core count to fill the machine with independent runs)")
     ablate_parser.add_argument("--dry-run", action="store_true",
                                help="print the expanded runs, which are done, and the estimated cost; run nothing")
     for stage in STAGES:

@@ -7,7 +7,6 @@ import unittest.mock
 from pathlib import Path
 
 import pytest
-import torch
 
 from mixerzoo import cli
 from mixerzoo.blocks import parameter_count
@@ -96,7 +95,8 @@ def _mixerzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["ablate", "bad.yaml"], {"bad.yaml": "name: x\nstudy: mqar\nsweep: {recipe: [gdn]\n"},
      "bad.yaml: not valid YAML at line 4, column 1: expected ',' or '}'"),
     (["ablate", "x.yaml"], {"x.yaml": "name: x\nstudy: mqar\nsweep: {recipe: [gnd]}\nfixed: {seq_len: 16, n_pairs: 2}\n"},
-     "x.yaml: sweep.recipe: unknown recipe 'gnd'; registered: ["),
+     "x.yaml: sweep.recipe: unknown recipe 'gnd' (did you mean 'gdn'?); registered: ["),
+    (["demo", "--threads", "100000"], {}, "--threads: must be at most"),
     (["sft", "missing.yaml"], {}, "missing.yaml: no such file"),
     (["sft", "broken.yaml"], {"broken.yaml": "out_dir: out\nstudent: {checkpoint: broken.safetensors}\n"
                                              "data: {source: mqar, task: {seq_len: 16, n_pairs: 2}}\nsteps: 1\n",
@@ -129,9 +129,10 @@ def test_debug_shows_the_error_itself(tmp_path):
 
 def test_every_command_takes_threads_and_reports_them(capsys):
     parser = build_parser()
-    for command in ("demo", "recipes", "stream", "ablate", *STAGES):
+    cpus = os.cpu_count()
+    for command in ("demo", "recipes", "mixers", "stream", "ablate", *STAGES):
         extra = {"stream": ["v.mp4"], "ablate": ["x.yaml"]}.get(command, ["c.yaml"] if command in STAGES else [])
-        assert parser.parse_args([command, *extra, "--threads", "3"]).threads == 3
+        assert parser.parse_args([command, *extra, "--threads", str(cpus)]).threads == cpus
         assert parser.parse_args([command, *extra]).threads is None  # resolved per model size
     assert default_threads(parameter_count(recipe("infinitevl", "small"))) == 1
     assert default_threads(parameter_count(recipe("infinitevl", "paper"))) == cli._TORCH_DEFAULT_THREADS

@@ -149,6 +149,7 @@ def test_config_costs_match_the_built_tiny_model(name):
     with torch.no_grad():
         _, state = model(torch.randint(0, spec.vocab_size, (2, 37)))
     assert state.nbytes == state_nbytes(spec, 37, batch_size=2, dtype=torch.float32)
+    assert state.nbytes == state_nbytes(model, 37, batch_size=2)  # a model's own dtype by default
 
 
 def test_flops_grow_with_context_only_for_unbounded_attention():

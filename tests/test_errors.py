@@ -94,7 +94,9 @@ def test_model_level_counts_token_ids_and_generate_are_checked():
     with pytest.raises(ValueError, match="Decoder.init_state: batch_size must be an integer >= 1, got 0"):
         model.init_state(0)
     with pytest.raises(ValueError, match="state_nbytes: context must be an integer >= 0, got -5"):
-        state_nbytes(spec, -5)
+        state_nbytes(model, -5)
+    with pytest.raises(ValueError, match="state_nbytes: a spec has no dtype; give dtype="):
+        state_nbytes(spec, 5)
     with pytest.raises(ValueError, match="input_ids must be an integer tensor .token ids., got torch.float32"):
         model(ids.float())
     with pytest.raises(ValueError, match="Decoder: embeds: x is torch.float64 but the parameters are torch.float32"):

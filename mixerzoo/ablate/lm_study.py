@@ -114,6 +114,6 @@ def lm_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     return [dict(
         seq_len=settings.seq_len, val_loss=float(per_position.mean()), **buckets,
         train_tokens=steps * settings.batch_size * settings.seq_len, final_loss=trained["final_loss"],
-        swa_window=swa_window(spec), state_bytes=state_nbytes(spec, settings.seq_len),
+        swa_window=swa_window(spec), state_bytes=state_nbytes(spec, settings.seq_len, dtype=torch.bfloat16),
         parameters=parameter_count(spec), train_seconds=trained["seconds"], threads=torch.get_num_threads(),
     )]

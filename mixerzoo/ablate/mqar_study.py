@@ -83,6 +83,6 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
         seq_len=task.seq_len, n_pairs=task.n_pairs, vocab_size=task.vocab_size, swa_window=swa_window(spec), accuracy=accuracy,
         within_window=within_window(task, spec, run.seed + EVAL_SEED_OFFSET, settings.eval_examples),
         final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
-        state_bytes=state_nbytes(spec, task.seq_len), parameters=parameter_count(spec),
+        state_bytes=state_nbytes(spec, task.seq_len, dtype=torch.bfloat16), parameters=parameter_count(spec),
         train_seconds=trained["seconds"], threads=torch.get_num_threads(),
     )]

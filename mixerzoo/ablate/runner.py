@@ -49,7 +49,7 @@ from mixerzoo.ablate.studies import (
 )
 from mixerzoo.ablate.summary import over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
-from mixerzoo.errors import StrictModel, describe_validation_error, read_yaml
+from mixerzoo.errors import StrictModel, close_matches, describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
 _RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "settings")
@@ -105,7 +105,8 @@ class ExperimentConfig(StrictModel):
         for where, grid in _named_grids(self.sweep):
             for recipe in grid["recipe"]:
                 if isinstance(recipe, str) and recipe not in list_recipes():
-                    raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}; registered: {list_recipes()} "
+                    raise ValueError(f"{where}.recipe: unknown recipe {recipe!r}{close_matches(recipe, list_recipes())}; "
+                                     f"registered: {list_recipes()} "
                                      f"(or a layout YAML path, or an inline layout)")
                 if not isinstance(recipe, (str, dict)):
                     raise ValueError(f"{where}.recipe: {recipe!r} is neither a recipe name nor a layout")

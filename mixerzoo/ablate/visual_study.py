@@ -167,7 +167,7 @@ def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     return [dict(
         accuracy=accuracy, final_loss=trained["final_loss"], initial_loss=trained["initial_loss"], steps=steps,
         distance=int(distances.min()), distance_max=int(distances.max()), tokens=tokens, n_images=task.n_images,
-        filler=task.filler, digit_source=task.digit_source, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens),
+        filler=task.filler, digit_source=task.digit_source, swa_window=swa_window(spec.decoder), state_bytes=state_nbytes(spec.decoder, tokens, dtype=torch.bfloat16),
         parameters=sum(p.numel() for p in model.parameters()), **tower, train_seconds=trained["seconds"],
         threads=torch.get_num_threads(),
     )]

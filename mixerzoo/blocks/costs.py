@@ -23,8 +23,18 @@ def parameter_count(spec: LayoutSpec) -> int:
     return sum(p.numel() for p in meta_model(spec).parameters())
 
 
-def state_nbytes(spec: LayoutSpec, context: int, *, batch_size: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of the model-level state after `context` tokens per row, activations in `dtype`."""
+def state_nbytes(model: LayoutSpec | nn.Module, context: int, *, batch_size: int = 1,
+                 dtype: torch.dtype | None = None) -> int:
+    """Bytes of the model-level state after `context` tokens per row, activations in `dtype`: by
+    default the model's own (a Decoder's parameter dtype); a spec has none, so it needs `dtype`."""
+    if isinstance(model, nn.Module):
+        dtype = dtype or next(model.parameters()).dtype
+        spec = model.spec
+    else:
+        spec = model
+        if dtype is None:
+            raise ValueError("state_nbytes: a spec has no dtype; give dtype= (the activations' dtype, e.g. "
+                             "torch.bfloat16) or pass the model")
     check_count("context", context, minimum=0, owner="state_nbytes")
     check_count("batch_size", batch_size, minimum=1, owner="state_nbytes")
     per_row = sum(layer.mixer.state_nbytes(context, 1, dtype=dtype) for layer in spec.layers) + _COUNTER_BYTES

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 from mixerzoo.blocks import LayoutSpec
+from mixerzoo.errors import close_matches
 
 SIZES = ("tiny", "small", "paper")
 
@@ -64,7 +65,7 @@ def register_recipe(name: str) -> Callable[[Callable[[str], LayoutSpec]], Callab
 def recipe(name: str, size: str = "tiny") -> LayoutSpec:
     """The spec of recipe `name` at `size`."""
     if name not in _RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; registered: {list_recipes()}")
+        raise KeyError(f"unknown recipe {name!r}{close_matches(str(name), list_recipes())}; registered: {list_recipes()}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; sizes: {SIZES}")
     return _RECIPES[name](size)

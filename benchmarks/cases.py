@@ -11,7 +11,7 @@ rule) and fla's naive pure-torch references. transformers routes Qwen3-Next's ga
 fla's Triton kernels whenever fla is installed, and those do not run on a CPU; the suite calls
 transformers' own torch functions (`__wrapped__`), which is what transformers runs without fla.
 
-Scales: "full" is what the README reports; "tiny" runs every case in seconds (the smoke test).
+Scales: "full" is what docs/PERFORMANCE.md reports; "tiny" runs every case in seconds (the smoke test).
 """
 
 from __future__ import annotations
@@ -284,7 +284,7 @@ def decode_vs_context(scale: str):
     return fns, lambda: None
 
 
-# The contexts of decode_vs_context per scale (README: 1K and 64K).
+# The contexts of decode_vs_context per scale (docs/PERFORMANCE.md: 1K and 64K).
 CONTEXTS = {"full": {"short": 1024, "long": 65536}, "tiny": {"short": 16, "long": 128}}
 RECIPES_VS_CONTEXT = ("transformer", "infinitevl", "gdn", "swa")
 

@@ -1,4 +1,4 @@
-"""The README's tables from pytest-benchmark JSON files, one file per round of the suite.
+"""docs/PERFORMANCE.md's tables from pytest-benchmark JSON files, one file per round of the suite.
 
     python benchmarks/report.py round1.json round2.json [--out results/bench/report.md]
 

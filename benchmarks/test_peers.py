@@ -1,7 +1,7 @@
 """Every group of cases.py as pytest-benchmark tests, contenders of a group back to back.
 
     pytest benchmarks/ --benchmark-only --benchmark-json=results/bench.json
-    python benchmarks/report.py results/bench.json [more.json ...]     # the README's ratio tables
+    python benchmarks/report.py results/bench.json [more.json ...]     # docs/PERFORMANCE.md's ratio tables
 
 Each group is set up once (its agreement check runs before any timing). `test_case` times each
 contender alone (the group's fixed number of calls, benchmark.pedantic, so advancing decode states
@@ -44,7 +44,7 @@ def _cases(groups: tuple[Group, ...]):
 
 @pytest.mark.parametrize("group, contender", _cases(GROUPS + (CONTEXT_GROUP,)))
 def test_case(benchmark, group: Group, contender: str):
-    """One contender of one group: group = the README row, name = the contender."""
+    """One contender of one group: group = the docs/PERFORMANCE.md row, name = the contender."""
     reason = peer_missing(contender)
     if reason:
         print(f"skipped: {reason}")

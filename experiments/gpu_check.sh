@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One GPU run of the CUDA path, sized for about 8 minutes on an H100 (README "GPU").
+# One GPU run of the CUDA path, sized for about 8 minutes on an H100 (docs/PERFORMANCE.md, "GPU").
 #
 #   bash experiments/gpu_check.sh             # on the GPU machine, from the repository root
 #   bash experiments/gpu_check.sh --dry-run   # anywhere: collect the CUDA tests, run gpu_bench.py --dry-run
 #
 # On the GPU machine it first installs the wheels in .whl/ (pydantic and fla, fetched with the
-# `pip download` line in the README's GPU section) into /tmp/site, then runs, each step time-boxed and logging to
+# `pip download` line in docs/PERFORMANCE.md, "GPU") into /tmp/site, then runs, each step time-boxed and logging to
 # $OUT (default results/gpu_check) as it goes, so a cut-off run still returns what finished:
 #   1. pytest: every test marked `cuda` (CUDA backends vs the float64 reference, the kit on CUDA,
 #      the captured-graph decode)                      -> pytest.log, failures.log (each failure as it happens)
@@ -49,7 +49,7 @@ if (( DRY )); then
 fi
 
 if ! ls .whl/*.whl >/dev/null 2>&1; then
-  log "no wheels in .whl/: fetch pydantic and fla into .whl/ with the pip download line of the README's GPU section"
+  log "no wheels in .whl/: fetch pydantic and fla into .whl/ with the pip download line of docs/PERFORMANCE.md (GPU)"
   exit 1
 fi
 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

@@ -1,4 +1,4 @@
-"""The MQAR control experiment of the initialisation study (README, "Initialisation").
+"""The MQAR control experiment of the initialisation study (docs/studies/initialisation.md).
 
 Trains one model on MQAR with tasks.loop.fit and prints its held-out accuracy every
 `--every` steps as one JSON line: either the independent control (mixerzoo.testing.ControlLM,

@@ -4,7 +4,7 @@ small MQAR, as the independent control (mixerzoo.testing.ControlLM) does with th
 This is the test that would have caught issue 12: with the old initialisation (embeddings
 N(0, 0.02) under PyTorch's default projections, a tied head) our attention stayed at 1 / n_pairs
 (it learnt "answer with some value of this example") while the control solved the task. The
-thresholds leave room for seed noise: every model here reaches 0.95-1.0 (README, "Initialisation").
+thresholds leave room for seed noise: every model here reaches 0.95-1.0 (docs/studies/initialisation.md).
 """
 
 from __future__ import annotations

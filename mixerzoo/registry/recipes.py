@@ -5,7 +5,7 @@ its layer pattern, so an ablation changes exactly one thing: the token mixers. A
 size the shapes are Qwen2.5-VL-3B's LLM (the InfiniteVL teacher), whose LM head is tied to
 the embeddings; tiny and small have their own head, so their embeddings start as unit-RMS
 codes (Decoder.init_weights): a tied tiny model has to start its embeddings at 1/sqrt(d)
-and stayed on the MQAR plateau where the untied one learnt (README, "Initialisation").
+and stayed on the MQAR plateau where the untied one learnt (docs/studies/initialisation.md).
 """
 
 from __future__ import annotations

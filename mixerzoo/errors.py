@@ -95,6 +95,20 @@ class StrictModel(BaseModel):
         return set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
 
 
+def finite_tensors(handle: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """Every tensor of an open safetensors file (`open_safetensors`), refusing a floating tensor that
+    holds NaN or inf with a ValueError naming the file and the tensor (a saved state never does)."""
+    import torch
+
+    tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or inf); "
+                             f"a state with them would poison every output it touches")
+    return tensors
+
+
 def close_matches(word: str, known: list[str] | set[str]) -> str:
     """' (did you mean 'x'?)' for the nearest known word, or '' when none is near."""
     import difflib
@@ -103,4 +117,4 @@ def close_matches(word: str, known: list[str] | set[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-__all__ = ["StrictModel", "close_matches", "describe", "describe_validation_error", "open_safetensors", "read_yaml"]
+__all__ = ["StrictModel", "close_matches", "finite_tensors", "describe", "describe_validation_error", "open_safetensors", "read_yaml"]

@@ -163,3 +163,35 @@ def test_full_cache_save_writes_the_used_length_only(tmp_path: Path):
     assert saved["k"].shape == (1, 2, 7, 8) and saved["v"].shape == (1, 2, 7, 8)
     loaded = mixer.load_state(path)
     assert loaded.nbytes == state.nbytes == mixer.config.state_nbytes(7, 1)
+
+
+@pytest.mark.parametrize("spec", [SWA, {"type": "gated_deltanet", "d_model": 16, "n_heads": 2, "head_dim": 8}])
+def test_a_state_file_holding_non_finite_values_is_refused_naming_the_tensor(tmp_path, spec):
+    mixer = build_mixer(spec)
+    _, state = mixer(torch.randn(1, 3, 16))
+    path = tmp_path / "state.safetensors"
+    state.save(path, mixer.config)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[name].view(-1)[0] = float("nan")
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=f"tensor '{name}' holds 1 non-finite value"):
+        mixer.load_state(path)
+
+
+def test_a_decoder_state_file_holding_inf_is_refused(tmp_path):
+    from mixerzoo.blocks import Decoder
+    from mixerzoo.registry import recipe
+
+    model = Decoder(recipe("infinitevl", "tiny"))
+    _, state = model(torch.randint(256, (1, 5)))
+    path = tmp_path / "decoder.safetensors"
+    state.save(path, model.spec)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(k for k, t in tensors.items() if t.is_floating_point())[-1]
+    tensors[name].view(-1)[-1] = float("inf")
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=f"tensor '{name}' holds 1 non-finite value"):
+        model.load_state(path)

@@ -127,7 +127,7 @@ def test_image_errors():
 
 
 def test_config_rejects_bad_fields():
-    with pytest.raises(ValidationError, match="extra"):
+    with pytest.raises(ValidationError, match=r"unknown key .patch_sise. \(did you mean .patch_size.\?\)"):
         ProcessorConfig(patch_sise=14)
     with pytest.raises(ValidationError, match="exceeds"):
         ProcessorConfig(min_pixels=10_000, max_pixels=5_000)

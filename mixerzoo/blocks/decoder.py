@@ -15,7 +15,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
-from mixerzoo.errors import open_safetensors
+from mixerzoo.errors import finite_tensors, open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, build_mixer
 from mixerzoo.mixers.base import (
     activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, device_check, fused_linear,
@@ -157,7 +157,7 @@ class DecoderState:
             saved = LayoutSpec.from_json(metadata["spec"])
             if _without_backends(saved) != _without_backends(model.spec):
                 raise ValueError(f"{path}: state was saved for another spec; saved:\n{saved.to_yaml()}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = finite_tensors(f, path)
         return cls.from_flat_tensors(tensors, model)
 
 

@@ -167,6 +167,10 @@ class _HostCounted:
         """An independent copy (a fork), with the host's count."""
         return self._carry_count(super().clone())
 
+    def poisoned(self, rows: torch.Tensor, before: MixerState) -> Self:
+        """The rows `rows` marked non-finite (see MixerState.poisoned), with the host's count."""
+        return self._carry_count(super().poisoned(rows, before))
+
     def to(self, device=None, dtype=None) -> Self:
         """Moved and cast (see MixerState.to), with the host's count."""
         return self._carry_count(super().to(device=device, dtype=dtype))
@@ -208,6 +212,18 @@ class KVCache(_HostCounted, MixerState):
     def contiguous(self) -> Self:
         """The state as it is: prefix views of a buffer are the canonical layout (save writes them
         contiguous, and a loaded state continues bit-identically)."""
+        return self
+
+    def poisoned(self, rows: torch.Tensor, before: MixerState) -> Self:
+        """The rows `rows` marked non-finite: NaN written in place into the slots this chunk added
+        (they belong to this state alone; all of the row's slots when the chunk copied the cache), so
+        marking costs the chunk's size, not the cache's."""
+        if self.k.requires_grad or self.v.requires_grad:
+            return super().poisoned(rows, before)
+        shared = self.k.data_ptr() == before.k.data_ptr() and before.k.numel() > 0
+        start = before.k.shape[2] if shared else 0
+        for cache in (self.k, self.v):
+            cache[:, :, start:].masked_fill_(rows[:, None, None, None], torch.nan)
         return self
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
@@ -259,6 +275,15 @@ class StaticKVCache(MixerState):
     def capacity(self) -> int:
         """Tokens each row can hold."""
         return self.k.shape[2] - 1
+
+    def poisoned(self, rows: torch.Tensor, before: MixerState) -> Self:
+        """The rows `rows` marked non-finite: NaN written in place into the slots this chunk filled
+        (from the row's count before it to its count now)."""
+        slots = torch.arange(self.k.shape[2], device=self.k.device)
+        filled = (slots >= before.seen[:, None]) & (slots < self.seen[:, None]) & rows[:, None]  # [B, C + 1]
+        for cache in (self.k, self.v):
+            cache.masked_fill_(filled[:, None, :, None], torch.nan)
+        return self
 
     def dynamic(self) -> KVCache:
         """The same cache as a growing KVCache of the longest row's length (one host sync)."""

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.errors import StrictModel, open_safetensors
+from mixerzoo.errors import StrictModel, finite_tensors, open_safetensors
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.ops import Backend
 
@@ -172,6 +172,17 @@ class MixerState:
 
         return dataclasses.replace(self, **{k: move(k, t) for k, t in self.tensors().items()})
 
+    def poisoned(self, rows: torch.Tensor, before: "MixerState") -> Self:
+        """This state (made from `before` by a chunk) with the rows `rows` [B] bool, which took a
+        non-finite token, marked non-finite: NaN in every floating tensor of those rows. Never
+        modifies `before`."""
+        def mark(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            return torch.where(rows.view(-1, *([1] * (t.dim() - 1))), torch.nan, t)
+
+        return dataclasses.replace(self, **{k: mark(t) for k, t in self.tensors().items()})
+
     def with_capacity(self, capacity: int) -> "MixerState":
         """This state with every tensor that grows with the tokens preallocated for `capacity` tokens
         per row, so that no shape changes from step to step (CUDA graphs, torch.compile). A state of
@@ -236,7 +247,7 @@ class MixerState:
                 diff = {k: (saved.get(k), wanted.get(k)) for k in sorted(saved.keys() | wanted.keys())
                         if saved.get(k) != wanted.get(k)}
                 raise ValueError(f"{path}: state was saved for another mixer config; (saved, given) differ at {diff}")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = finite_tensors(f, path)
         names = {f.name for f in dataclasses.fields(cls)}
         if tensors.keys() != names:
             raise ValueError(f"{path}: tensors {sorted(tensors)} do not match {cls.__name__} fields {sorted(names)}")
@@ -282,6 +293,16 @@ def fused_linear(owner: nn.Module, name: str, layers: Sequence[nn.Linear], x: to
         raise ValueError(f"fused_linear {name}: either every layer has a bias or none")
     bias = cached_cat(owner, f"{name}.bias", [layer.bias for layer in layers]) if all(has_bias) else None
     return F.linear(x, weight, bias)
+
+
+def _contain_non_finite(x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T, D] with every pad and every non-finite real token set to 0, so that neither can reach
+    another token through a chunk's arithmetic (0 x NaN is NaN); and poisoned [B, T] bool: each row's
+    tokens from its first non-finite real token on (whose outputs, and whose row's state, are NaN)."""
+    finite = torch.isfinite(x).all(-1)  # [B, T]
+    real = finite if valid is None else finite & valid
+    bad = ~finite if valid is None else ~finite & valid
+    return torch.where(real[..., None], x, 0), bad.cumsum(1) > 0
 
 
 def _fresh_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -427,7 +448,12 @@ class Mixer(nn.Module):
             made_for = None if compiling else state.__dict__.get("_made_for", (None, None))
             if made_for is not None and (made_for[0] is not self.config or made_for[1] != x.dtype):
                 state.check_compatible(self.init_state(batch, device="meta", dtype=x.dtype), owner=name)
+        before = state
+        x, poisoned = _contain_non_finite(x, valid) if length > 1 or valid is not None else (x, None)
         y, state = self._forward(x, state, positions, valid)
+        if poisoned is not None:  # a non-finite real token: NaN from it on, and in its row's state
+            y = torch.where(poisoned[..., None], torch.nan, y)
+            state = state.poisoned(poisoned[:, -1], before)
         state = state.contiguous()  # a loaded state is contiguous: continuing either is bit-identical
         if not compiling:
             state.__dict__["_made_for"] = (self.config, x.dtype)  # this mixer built it: no check to continue it

@@ -316,6 +316,55 @@ def check_packing(config: MixerConfig, setting: Setting, data: st.DataObject) ->
                 assert_close(y[b, here], alone[0], f"packing: row {b} document {d} (length {docs[d]})", setting.tol)
 
 
+_NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+def check_non_finite_containment(config: MixerConfig, setting: Setting, data: st.DataObject) -> None:
+    """Invariant 9: a pad is a no-op whatever it holds (NaN and inf included), and outputs before t never
+    depend on the input at t, even a non-finite one: earlier outputs and the other rows are as in a
+    clean run, the row's outputs from t on are NaN and its state shows it."""
+    mixer, _, batch, tokens = _draw_setup(config, setting, data)
+    prefix = tokens(data.draw(st.integers(0, _MAX_LEN), label="prefix"))
+    length = data.draw(st.integers(2, _MAX_LEN), label="chunk")
+    x = tokens(length)
+    valid = torch.stack([_pad_pattern(data, n, length - n) for n in
+                         [data.draw(st.integers(1, length - 1), label=f"row {b} real") for b in range(batch)]])
+    valid = valid.to(setting.device)  # [B, T], every row with a pad and a real token
+    dirty = x.clone()
+    for b, t in (~valid).nonzero().tolist():  # pads hold non-finite values in some channels
+        channels = data.draw(st.sets(st.integers(0, config.d_model - 1), min_size=1, max_size=3), label="channels")
+        dirty[b, t, sorted(channels)] = data.draw(_NON_FINITE, label="pad value")
+    with torch.no_grad():
+        state = mixer(prefix)[1] if prefix.shape[1] else None
+        fork = None if state is None else state.clone()
+        y_clean, s_clean = mixer(x, state, valid=valid)
+        y_dirty, s_dirty = mixer(dirty, fork, valid=valid)
+    assert_close(y_dirty, y_clean, "non-finite containment: outputs with non-finite pads", setting.tol)
+    assert_states_close(s_dirty, s_clean, "non-finite containment: state after non-finite pads", setting.tol)
+
+    row = data.draw(st.integers(0, batch - 1), label="poisoned row")
+    t = data.draw(st.sampled_from(valid[row].nonzero().flatten().tolist()), label="poisoned token")
+    poisoned = x.clone()
+    poisoned[row, t, data.draw(st.integers(0, config.d_model - 1), label="channel")] = data.draw(_NON_FINITE)
+    with torch.no_grad():
+        state = mixer(prefix)[1] if prefix.shape[1] else None
+        y_bad, s_bad = mixer(poisoned, state, valid=valid)
+    assert_close(y_bad[:, :t], y_clean[:, :t], f"non-finite containment: outputs before the non-finite token "
+                 f"(row {row}, t = {t})", setting.tol)
+    others = [b for b in range(batch) if b != row]
+    if others:
+        assert_close(y_bad[others], y_clean[others], "non-finite containment: rows without a non-finite token",
+                     setting.tol)
+        assert_states_close(s_bad.select(others), s_clean.select(others),
+                            "non-finite containment: states of rows without a non-finite token", setting.tol)
+    if not y_bad[row, t:][valid[row, t:]].isnan().all():
+        raise AssertionError(f"non-finite containment: row {row}'s outputs from its non-finite token (t = {t}) on "
+                             f"are not all NaN")
+    marked = [tensor for tensor in s_bad.select([row]).tensors().values() if tensor.is_floating_point()]
+    if marked and not any((~torch.isfinite(tensor)).any() for tensor in marked):
+        raise AssertionError(f"non-finite containment: row {row}'s state shows no trace of its non-finite token")
+
+
 CHECKS: dict[str, Callable[[MixerConfig, Setting, st.DataObject], None]] = {
     "reference_equality": check_reference_equality,
     "chunk_invariance": check_chunk_invariance,
@@ -325,6 +374,7 @@ CHECKS: dict[str, Callable[[MixerConfig, Setting, st.DataObject], None]] = {
     "bounded_memory": check_bounded_memory,
     "gradients": check_gradients,
     "packing": check_packing,
+    "non_finite_containment": check_non_finite_containment,
 }
 
 

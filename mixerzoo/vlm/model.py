@@ -21,7 +21,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks import Decoder, DecoderState, LayoutSpec, continue_stream
 from mixerzoo.blocks.decoder import check_token_ids
-from mixerzoo.errors import StrictModel, open_safetensors
+from mixerzoo.errors import StrictModel, finite_tensors, open_safetensors
 from mixerzoo.mixers.base import atomic_save_safetensors, device_check
 from mixerzoo.mixers.packing import PackedLayout
 from mixerzoo.vlm.positions import MRopeState, mrope_positions
@@ -115,7 +115,7 @@ class VLMState:
             saved = VLMSpec.model_validate_json(metadata["spec"])
             if _identity(saved) != _identity(model.spec):
                 raise ValueError(f"{path}: state was saved for another VLM spec")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = finite_tensors(f, path)
         rope = MRopeState.from_tensors({k[len("rope."):]: t for k, t in tensors.items() if k.startswith("rope.")})
         decoder = DecoderState.from_flat_tensors({k: t for k, t in tensors.items() if not k.startswith("rope.")}, model.decoder)
         return cls(decoder, rope)

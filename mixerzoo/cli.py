@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -309,15 +310,22 @@ def _is_user_error(error: BaseException | None) -> bool:
     return False
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt("terminated (SIGTERM)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mixerzoo` command."""
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM stops as Ctrl-C does: cleanly
     try:
         run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if args.debug:
             raise
-        sys.exit("mixerzoo: interrupted")
+        print(f"mixerzoo: {stop.args[0] if stop.args else 'interrupted'}; finished results are kept",
+              file=sys.stderr)
+        sys.exit(143 if stop.args else 130)
     except Exception as error:
         if args.debug:
             raise
@@ -325,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"mixerzoo: error: {describe(error)}")
         sys.exit(f"mixerzoo: error: internal error, {type(error).__name__}: {describe(error)} "
                  f"(rerun with --debug for the traceback)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

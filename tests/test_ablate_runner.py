@@ -92,7 +92,7 @@ def test_efficiency_at_minimal_scale_writes_every_output(tmp_path):
     experiment = ExperimentConfig(name="eff", study="efficiency", sweep={"recipe": ["transformer", "infinitevl"]},
                                   fixed={"contexts": [64, 256], "repeats": 1, "prefill_tokens": 16})
     out = run_experiment(experiment, tmp_path, progress=False)
-    assert {p.name for p in out.iterdir()} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["recipe"], r["context"]) for r in rows] == [("transformer", "64"), ("transformer", "256"),

@@ -83,7 +83,7 @@ def test_hybrid_sweep_at_minimal_scale_writes_rows_and_the_frontier_plot(tmp_pat
     path = _minimal(EXPERIMENTS / "hybrid-sweep.yaml", tmp_path, mqar=MINIMAL_MQAR)
     (experiment,) = load_experiments(path)
     out = run_experiment(experiment, tmp_path / "results", progress=False)
-    assert {p.name for p in out.iterdir()} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"runs.jsonl", "results.csv", "table.md", "plot.png"}
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

@@ -28,14 +28,16 @@ by `---` (`load_experiments`); `ablate` runs them in order.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import csv
 import io
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 from typing_extensions import Self
 
+from mixerzoo.ablate.claims import ResultsFolder
 from mixerzoo.ablate.studies import (
     Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
     save_figure, study_settings,
@@ -372,18 +375,40 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
 
 
 def _run_one(study: Study, run: RunConfig, out_dir: Path) -> list[Row]:
-    """One run's checked rows, computed in a scratch directory under `out_dir` that is deleted after."""
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+    """One run's checked rows, computed in a scratch directory under `out_dir` (`.scratch-<run_key>-*`)
+    that is deleted after."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".scratch-{run.key()}-") as scratch:
         try:
             return _check_rows(run, study(run, Path(scratch)))
         except Exception as error:
             raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
 
 
-def _one_thread() -> None:
+def _worker_init() -> None:
+    """A pool worker: one torch thread; Ctrl-C is its parent's to handle (it stops the workers);
+    and it exits within a second if its parent dies, so a worker never outlives the sweep."""
+    import signal
+    import threading
+
     import torch
 
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _remove_scratch(out_dir: Path, keys: set[str]) -> None:
+    """Delete the scratch directories that runs `keys` left (a stopped or killed run's)."""
+    for path in out_dir.glob(".scratch-*"):
+        if path.name.split("-")[1] in keys:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True,
@@ -394,38 +419,87 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
 
     jobs > 1 runs that many runs at once, each in its own process with one torch thread (rows
     are appended as runs finish; the tables keep the sweep's order); a timed study (one that
-    measures wall-clock time, such as efficiency) always runs one run at a time."""
+    measures wall-clock time, such as efficiency) always runs one run at a time. Several
+    processes may share the folder: each claims a run before starting it and skips runs that are
+    done or claimed by a live process (`ResultsFolder`). An interruption (Ctrl-C, SIGTERM, a
+    failed run) starts no new run, stops the workers at once, keeps every finished row, and
+    removes the stopped runs' claims and scratch directories."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = Path(out_root) / experiment.name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = ResultsFolder(out_dir)
     jsonl = out_dir / "runs.jsonl"
     runs = expand(experiment)
-    done = {row.get("run_key") for row in read_rows(jsonl)}
+    keys = {run.key() for run in runs}
+    with folder.locked():
+        done = {row.get("run_key") for row in read_rows(jsonl)}  # repairs a crashed writer's tail
+        _remove_scratch(out_dir, {k for k in keys - done if folder.holder(k) is None})
     study = get_study(experiment.study)
-    pending = [run for run in runs if run.key() not in done]
-    bar = tqdm(total=len(runs), initial=len(runs) - len(pending), desc=experiment.name, unit="run", disable=not progress)
+    bar = tqdm(total=len(runs), initial=len(done & keys), desc=experiment.name, unit="run", disable=not progress)
+    if is_timed(experiment.study):
+        jobs = 1
+    in_flight: dict[str, tuple[RunConfig, Any]] = {}  # run key -> (run, its pending result in a worker)
+
+    def claim_next() -> RunConfig | None:
+        for run in runs:  # in sweep order; another process may have finished or claimed some meanwhile
+            if run.key() in in_flight:
+                continue
+            with folder.locked():
+                if run.key() not in _done_keys(jsonl) and folder.claim(run.key()):
+                    return run
+        return None
 
     def record(run: RunConfig, rows: list[Row]) -> None:
         fields = run_row_fields(run)
-        _append_rows(jsonl, [{**fields, **row} for row in rows])
+        with folder.locked():
+            _append_rows(jsonl, [{**fields, **row} for row in rows])
+            folder.release(run.key())
         bar.set_postfix_str(f"{run.recipe}/{run.size}")
         bar.update()
 
-    if jobs == 1 or len(pending) < 2 or is_timed(experiment.study):
-        for run in pending:
-            record(run, _run_one(study, run, out_dir))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(jobs, len(pending)), mp_context=context,
-                                                    initializer=_one_thread) as pool:
-            futures = {pool.submit(_run_one, study, run, out_dir): run for run in pending}
-            for future in concurrent.futures.as_completed(futures):
-                record(futures[future], future.result())
-    bar.close()
+    pool = None
+    try:
+        if jobs == 1:
+            while (run := claim_next()) is not None:
+                in_flight[run.key()] = (run, None)
+                record(run, _run_one(study, run, out_dir))
+                del in_flight[run.key()]
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init)
+            while True:
+                while len(in_flight) < jobs and (run := claim_next()) is not None:
+                    in_flight[run.key()] = (run, pool.apply_async(_run_one, (study, run, out_dir)))
+                if not in_flight:
+                    break
+                finished = [key for key, (_, result) in in_flight.items() if result.ready()]
+                if not finished:
+                    time.sleep(0.1)
+                for key in finished:
+                    run, result = in_flight[key]
+                    record(run, result.get())
+                    del in_flight[key]
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # the workers stop now, their runs unfinished
+        with folder.locked():
+            for key in in_flight:
+                folder.release(key)
+        _remove_scratch(out_dir, set(in_flight))
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
     order = {run.key(): i for i, run in enumerate(runs)}
-    rows = sorted((r for r in read_rows(jsonl) if r.get("run_key") in order), key=lambda r: order[r["run_key"]])
-    _write_outputs(out_dir, experiment, rows)
+    with folder.locked():
+        rows = sorted((r for r in read_rows(jsonl) if r.get("run_key") in order), key=lambda r: order[r["run_key"]])
+        elsewhere = folder.busy_elsewhere(keys - {r["run_key"] for r in rows})
+        _write_outputs(out_dir, experiment, rows)
+    if elsewhere:
+        pids = sorted({claim["pid"] for claim in elsewhere.values()})
+        print(f"{experiment.name}: {len(elsewhere)} run(s) still running in another process (pid {pids}); "
+              f"the tables hold the finished ones", file=sys.stderr)
     return out_dir
 
 

@@ -324,9 +324,44 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):
     train(config)
     newest = config.out_dir / "checkpoints" / "step_000004"
     (newest / "trainer.pt").write_bytes(b"\x00" * 100)  # a torn or overwritten file
-    with pytest.warns(UserWarning, match=r"skipped checkpoint .*step_000004: trainer.pt is unreadable \("):
+    with pytest.warns(UserWarning, match=r"skipped checkpoint .*step_000004: trainer.pt does not match its digest"):
         summary = train(config.model_copy(update={"steps": 6}))
     assert summary["start_step"] == 2 and len(summary["losses"]) == 4
+
+
+def _flip_bytes_inside(path: Path) -> None:
+    """Corrupt a file the way a bad disk does: a few bytes in the middle change, the size does not."""
+    data = bytearray(path.read_bytes())
+    for offset in range(len(data) // 2, len(data) // 2 + 8):
+        data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_whose_bytes_changed_is_caught_by_its_digest(tmp_path):
+    """Flipped bytes inside trainer.pt load fine with torch; the digest written with the checkpoint
+    catches them, and training resumes from the older intact one."""
+    config = _config(tmp_path, steps=4, checkpoint_every=2)
+    train(config)
+    newest = config.out_dir / "checkpoints" / "step_000004"
+    assert set(json.loads((newest / "digests.json").read_text())) == {"trainer.pt"}
+    _flip_bytes_inside(newest / "trainer.pt")
+    with pytest.warns(UserWarning, match=r"step_000004: trainer.pt does not match its digest"):
+        summary = train(config.model_copy(update={"steps": 6}))
+    assert summary["start_step"] == 2
+
+
+def test_with_every_checkpoint_damaged_training_stops_unless_told_to_restart(tmp_path):
+    config = _config(tmp_path, steps=4, checkpoint_every=2)
+    train(config)
+    for checkpoint in (config.out_dir / "checkpoints").glob("step_*"):
+        _flip_bytes_inside(checkpoint / "trainer.pt")
+    (config.out_dir / "checkpoints" / ".staging-left-by-a-crash").mkdir()
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="every checkpoint is damaged .*restart_if_damaged"):
+        train(config.model_copy(update={"steps": 6}))
+    assert not list((config.out_dir / "checkpoints").glob(".staging-*")), "a crash's staging folder is removed"
+    with pytest.warns(UserWarning, match="restarting from step 0"):
+        summary = train(config.model_copy(update={"steps": 6, "restart_if_damaged": True}))
+    assert summary["start_step"] == 0
 
 
 def test_rerunning_a_finished_stage_reports_it_without_a_nan_loss(tmp_path, capsys):

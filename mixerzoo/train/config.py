@@ -109,6 +109,8 @@ class TrainConfig(StrictModel):
     kl_direction: Literal["student||teacher", "teacher||student"] = Field(
         "student||teacher", description="distill-logits: which KL; teacher||student is the forward KL of Hinton et al.")
     layer_mse_weight: float = Field(0.0, ge=0, description="distill-logits: weight of the optional per-layer MSE term")
+    restart_if_damaged: bool = Field(False, description="when every checkpoint in out_dir is damaged, train again "
+                                                       "from step 0 (default: stop with an error)")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints (resumable)")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept on disk (oldest deleted)")
     log_every: int = Field(1, gt=0, description="steps between metrics.jsonl lines")

@@ -7,6 +7,7 @@ uninterrupted run would have seen, and its losses are bit-identical.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -77,6 +78,8 @@ def _save_checkpoint(out_dir: Path, step: int, module, optimizer, scheduler, con
     torch.save({"format": _CHECKPOINT_FORMAT, "step": step, "examples_seen": step * global_batch_size(config, world),
                 "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "config": config.model_dump(mode="json")}, staging / "trainer.pt")
+    digests = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+    (staging / _DIGESTS).write_text(json.dumps(digests, indent=1))
     final = root / f"step_{step:06d}"
     if final.exists():
         shutil.rmtree(final)
@@ -85,12 +88,38 @@ def _save_checkpoint(out_dir: Path, step: int, module, optimizer, scheduler, con
         shutil.rmtree(old)
 
 
+_DIGESTS = "digests.json"  # sha256 of every other file of a checkpoint, written last
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class _DamagedCheckpoint(Exception):
-    """A checkpoint whose trainer.pt cannot be read."""
+    """A checkpoint whose files are missing, unreadable or not what was written."""
+
+
+def _verify(path: Path) -> None:
+    """Raise _DamagedCheckpoint unless every file of checkpoint `path` matches the digest written with it."""
+    try:
+        digests = json.loads((path / _DIGESTS).read_text())
+    except (OSError, ValueError) as error:
+        raise _DamagedCheckpoint(f"its {_DIGESTS} is missing or unreadable ({describe(error)})") from None
+    for name, expected in digests.items():
+        if not (path / name).is_file():
+            raise _DamagedCheckpoint(f"{name} is missing")
+        if _sha256(path / name) != expected:
+            raise _DamagedCheckpoint(f"{name} does not match its digest (its bytes changed after it was written)")
 
 
 def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
-    """Restore a checkpoint into the (wrapped) module, optimiser and scheduler; returns its step."""
+    """Restore a checkpoint into the (wrapped) module, optimiser and scheduler, once its files match
+    their digests; returns its step."""
+    _verify(path)
     try:
         saved = torch.load(path / "trainer.pt", weights_only=True)
     except Exception as error:  # a truncated or overwritten file fails in pickle, zipfile or torch alike
@@ -109,14 +138,27 @@ def _load_checkpoint(path: Path, module, optimizer, scheduler, config: TrainConf
 
 
 def _resume(out_dir: Path, module, optimizer, scheduler, config: TrainConfig) -> int:
-    """Restore the newest readable checkpoint in out_dir and return its step (0 without one).
-    A damaged checkpoint (unreadable trainer.pt) is skipped with a warning naming it and why,
-    and the next older one is tried; a checkpoint of another config is an error."""
-    for path in reversed(_checkpoints(out_dir)):
+    """Restore the newest intact checkpoint in out_dir and return its step (0 without one).
+    A damaged checkpoint (a file missing, unreadable or not matching its digest) is skipped with a
+    warning naming it and why, and the next older one is tried; when every one is damaged, training
+    stops with an error unless `restart_if_damaged` (then it starts again from step 0, saying so).
+    A checkpoint of another config is an error. Staging folders a crash left are removed."""
+    for staging in (out_dir / "checkpoints").glob(".staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    found = _checkpoints(out_dir)
+    damaged = []
+    for path in reversed(found):
         try:
             return _load_checkpoint(path, module, optimizer, scheduler, config)
         except _DamagedCheckpoint as error:
+            damaged.append(f"{path.name}: {error}")
             warnings.warn(f"skipped checkpoint {path}: {error}; trying an older one", stacklevel=2)
+    if found and not config.restart_if_damaged:
+        raise ValueError(f"{out_dir / 'checkpoints'}: every checkpoint is damaged ({'; '.join(damaged)}); "
+                         f"set restart_if_damaged: true to train again from step 0")
+    if found:
+        warnings.warn(f"every checkpoint in {out_dir / 'checkpoints'} is damaged: restarting from step 0 "
+                      f"(restart_if_damaged)", stacklevel=2)
     return 0
 
 

@@ -129,3 +129,46 @@ def test_damaged_state_files_name_the_file(mixer, tmp_path):
         Decoder(recipe("swa", "tiny")).load_state(path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         mixer.load_state(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_layers": 10**9}, r"n_layers = 1,000,000,000 is more than any machine holds \(at most 4,096\)"),
+    ({"d_model": 2**20}, r"d_model = 1,048,576 is more than any machine holds"),
+    ({"vocab_size": 10**9}, r"vocab_size = 1,000,000,000 is more than any machine holds"),
+    ({"n_layers": 4096, "d_model": 131072}, r"more than 1e\+13 parameters"),
+])
+def test_a_spec_no_machine_can_hold_is_refused_before_anything_is_built(change, message):
+    import time
+
+    from mixerzoo import LayoutSpec
+
+    data = {"d_model": 64, "vocab_size": 256, "n_layers": 2, "pattern": "G",
+            "legend": {"G": {"type": "gated_deltanet", "n_heads": 4}}, "mlp": {"hidden": 128}, **change}
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        LayoutSpec.model_validate(data)
+    assert time.perf_counter() - start < 5, "refused before the layers were built"
+
+
+def test_an_explicit_layer_list_is_bounded_too():
+    from mixerzoo import LayoutSpec
+
+    layer = {"mixer": {"type": "gated_deltanet", "n_heads": 4}, "mlp": {"hidden": 128}}
+    with pytest.raises(ValueError, match="n_layers = 5,000 is more than any machine holds"):
+        LayoutSpec.model_validate({"d_model": 64, "vocab_size": 256, "layers": [layer] * 5000})
+
+
+def test_impossible_sweeps_are_refused_at_dry_run(tmp_path):
+    import yaml
+
+    from mixerzoo.ablate.runner import dry_run
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "study": "mqar", "sweep": {"recipe": ["gdn"], "n_layers": [10**9]},
+                                    "fixed": {"seq_len": 16, "n_pairs": 2}}))
+    with pytest.raises(ValueError, match="n_layers: Input should be less than or equal to 4096"):
+        dry_run(path, tmp_path / "results")
+    path.write_text(yaml.safe_dump({"name": "x", "study": "mqar", "sweep": {"recipe": ["gdn"]},
+                                    "fixed": {"seq_len": 16, "n_pairs": 2, "vocab_size": 1}}))
+    with pytest.raises(ValueError, match=r"run 1 \(gdn/tiny\): .*vocab_size 1 has -1 keys.*use vocab_size >= 6"):
+        dry_run(path, tmp_path / "results")

@@ -45,6 +45,11 @@ class MQARSettings(StudySettings):
     eval_examples: int = Field(512, gt=0, description="held-out examples")
     power_a: float = Field(0.01, gt=0, le=1, description="query-placement power law")
 
+    def check_spec(self, spec: LayoutSpec) -> None:
+        """The MQAR shape must fit the vocabulary the model gets (the setting's, else the spec's)."""
+        MQARConfig(vocab_size=self.vocab_size or spec.vocab_size, seq_len=self.seq_len, n_pairs=self.n_pairs,
+                   power_a=self.power_a)
+
 
 def swa_window(spec: LayoutSpec) -> int | None:
     """The largest sliding window among the spec's attention layers; None if it has none."""

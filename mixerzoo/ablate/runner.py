@@ -123,11 +123,13 @@ class ExperimentConfig(StrictModel):
                                  f"{run.settings}) appears twice; every run must be distinct")
             seen.add(run.key())
             try:
-                study_settings(run)
+                study_settings(run).check_spec(build_spec(run))
             except ValidationError as error:
                 problems = "; ".join(".".join(["settings", *map(str, e["loc"])]) + ": " + e["msg"].removeprefix("Value error, ")
                                      for e in error.errors())
                 raise ValueError(f"run {number} ({_describe_run(run)}): {problems}") from None
+            except ValueError as error:
+                raise ValueError(f"run {number} ({_describe_run(run)}): {error}") from None
         return self
 
     @classmethod

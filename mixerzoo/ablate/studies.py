@@ -50,6 +50,7 @@ import torch
 from pydantic import Field, field_validator
 
 from mixerzoo.blocks import Decoder, LayoutSpec, flops_per_token, parameter_count, random_state, state_nbytes
+from mixerzoo.blocks.spec import MAX_LAYERS, MAX_WIDTH
 from mixerzoo.registry import recipe
 from mixerzoo.errors import StrictModel
 
@@ -108,8 +109,10 @@ class RunConfig(StrictModel):
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
     ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
                               description="'A:G' attention : Gated DeltaNet layer ratio, if set")
-    n_layers: int | None = Field(None, ge=1, description="depth: the recipe's layer list repeated or cut to this many")
-    d_model: int | None = Field(None, ge=1, description="width: head counts and MLP width scaled with it, head sizes kept")
+    n_layers: int | None = Field(None, ge=1, le=MAX_LAYERS,
+                                 description="depth: the recipe's layer list repeated or cut to this many")
+    d_model: int | None = Field(None, ge=1, le=MAX_WIDTH,
+                                description="width: head counts and MLP width scaled with it, head sizes kept")
     settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
 
     def layout_hash(self) -> str | None:
@@ -129,6 +132,10 @@ class StudySettings(StrictModel):
     `scale` (set by the runner from the experiment) multiplies training steps."""
 
     scale: float = Field(1.0, gt=0, description="multiplies training steps (set by the runner from the experiment)")
+
+    def check_spec(self, spec: LayoutSpec) -> None:
+        """Raise ValueError if these settings cannot run on `spec` (a study whose task constrains the model
+        says so here, so that validation and `--dry-run` catch it before any run starts)."""
 
     def tokens_per_example(self, spec: LayoutSpec) -> int | None:
         """Tokens in one training / evaluation example: the `seq_len` setting if there is one."""

@@ -70,6 +70,32 @@ def _ratio_letters(ratio: dict[str, int], n_layers: int) -> str:
     return "".join(slot or majority for slot in letters)
 
 
+# Beyond these no machine holds the model (checked on the raw spec, before any layer is built).
+MAX_LAYERS = 4096
+MAX_WIDTH = 2**17
+MAX_VOCAB = 2**24
+MAX_PARAMETERS = 10**13  # 20 TB in bfloat16
+
+
+def _check_bounds(data: dict) -> None:
+    """Refuse sizes no machine can hold, from the raw spec: depth, width, vocabulary, and a rough
+    parameter count (16 d^2 per layer, embeddings and head)."""
+    def positive_int(key: str, value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    n_layers = positive_int("n_layers", data.get("n_layers"))
+    if n_layers is None and isinstance(data.get("layers"), list):
+        n_layers = len(data["layers"])
+    d_model, vocab = positive_int("d_model", data.get("d_model")), positive_int("vocab_size", data.get("vocab_size"))
+    for key, value, limit in (("n_layers", n_layers, MAX_LAYERS), ("d_model", d_model, MAX_WIDTH),
+                              ("vocab_size", vocab, MAX_VOCAB)):
+        if value is not None and value > limit:
+            raise ValueError(f"{key} = {value:,} is more than any machine holds (at most {limit:,})")
+    if n_layers and d_model and vocab and 16 * d_model**2 * n_layers + 2 * vocab * d_model > MAX_PARAMETERS:
+        raise ValueError(f"{n_layers:,} layers of width {d_model:,} with a {vocab:,}-token vocabulary come to more "
+                         f"than {MAX_PARAMETERS:.0e} parameters: more than any machine holds")
+
+
 _SHORTHAND = ("n_layers", "pattern", "ratio", "legend", "mlp", "rope", "overrides")  # expanded into `layers`
 
 
@@ -98,6 +124,7 @@ class LayoutSpec(StrictModel):
         if not isinstance(data, dict):
             return data
         cls.check_keys(data)
+        _check_bounds(data)
         data = dict(data)
         n_layers = data.get("n_layers")
         if n_layers is not None and (not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1):

@@ -187,6 +187,29 @@ def test_jsonl_errors_name_the_line_and_field(tmp_path, line, message):
     assert "bad.jsonl:1" in str(error.value)
 
 
+@pytest.mark.parametrize("image, message", [
+    ("missing.png", r"bad.jsonl:2: image 'missing.png' not found"),
+    ("notes.png", r"bad.jsonl:2: image 'notes.png' is not a readable image"),
+    ("../outside.png", r"bad.jsonl:2: image '../outside.png' lies outside the data folder .*images_anywhere"),
+])
+def test_every_image_is_checked_before_training_and_stays_in_the_data_folder(tmp_path, image, message):
+    """A missing, undecodable or escaping image fails when the dataset is made, naming the line."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _png(folder / "good.png", 0)
+    _png(tmp_path / "outside.png", 1)
+    (folder / "notes.png").write_text("not an image")
+    lines = [{"prompt": "<image>a", "answer": "b", "images": ["good.png"]},
+             {"prompt": "<image>a", "answer": "b", "images": [image]}]
+    path = folder / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    processor = vlm_recipe("transformer", "tiny").processor
+    with pytest.raises(ValueError, match=message):
+        JSONLDataset(path, ByteTokenizer(), processor)
+    if image.startswith(".."):  # allowed when the config says so
+        assert len(JSONLDataset(path, ByteTokenizer(), processor, images_anywhere=True)) == 2
+
+
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=8), extra=st.integers(0, 6))
 def test_collate_packs_every_example_in_order(lengths, extra):
     examples = [Example(torch.full((n,), i + 1), torch.full((n,), i + 1)) for i, n in enumerate(lengths)]

@@ -65,6 +65,7 @@ class DataConfig(StrictModel):
 
     source: Literal["mqar", "visual-recall", "jsonl"] = Field(description="the examples: mqar or visual-recall (synthetic) or jsonl (a file)")
     path: Path | None = Field(None, description="the JSONL file (source: jsonl)")
+    images_anywhere: bool = Field(False, description="jsonl: allow image paths outside the file's folder")
     tokenizer: str = Field("bytes", description='"bytes" (UTF-8 bytes as ids) or a Hugging Face tokenizer path')
     task: dict = Field(default_factory=dict, description="the synthetic task's config fields")
     n_examples: int = Field(1024, gt=0, description="synthetic examples generated")

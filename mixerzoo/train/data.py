@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from mixerzoo.errors import describe
 from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.tasks.mqar import MQARConfig, make_mqar
 from mixerzoo.tasks.visual import VisualRecallConfig, make_visual_recall, sized_processor
@@ -94,13 +95,17 @@ class TensorDataset:
 class JSONLDataset:
     """Examples from a JSONL file, one object per line:
     {"prompt": "text, <image> where an image goes", "answer": "text", "images": ["a.png", ...]}.
-    Image paths are relative to the file. Loss is on the answer tokens only."""
+    Image paths are relative to the file and must lie in its folder unless `images_anywhere`. Every
+    line and every image is checked when the dataset is made (before any step); an error names the
+    file and the line. Loss is on the answer tokens only."""
 
     IMAGE = "<image>"
 
-    def __init__(self, path: str | Path, tokenizer, processor: ProcessorConfig | None = None):
+    def __init__(self, path: str | Path, tokenizer, processor: ProcessorConfig | None = None, *,
+                 images_anywhere: bool = False):
         self.path = Path(path)
         self.tokenizer, self.processor = tokenizer, processor
+        self.images_anywhere = images_anywhere
         self.records = []
         with open(self.path) as f:
             for line_no, line in enumerate(f, 1):
@@ -127,6 +132,27 @@ class JSONLDataset:
             raise ValueError(f"{where}: the prompt has {n_markers} {self.IMAGE} marker(s) but {len(images)} image(s)")
         if images and self.processor is None:
             raise ValueError(f"{where}: has images but the model is a text-only Decoder")
+        if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
+            raise ValueError(f"{where}: 'images' must be a list of file names")
+        for name in images:
+            self._check_image(name, where)
+
+    def _check_image(self, name: str, where: str) -> None:
+        """The image exists, lies in the data folder (unless images_anywhere) and decodes as an image."""
+        from PIL import Image, UnidentifiedImageError
+
+        folder = self.path.parent.resolve()
+        image = (folder / name).resolve()
+        if not self.images_anywhere and not image.is_relative_to(folder):
+            raise ValueError(f"{where}: image {name!r} lies outside the data folder {folder} "
+                             f"(set images_anywhere: true to allow it)")
+        if not image.is_file():
+            raise ValueError(f"{where}: image {name!r} not found ({image})")
+        try:
+            with Image.open(image) as opened:
+                opened.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"{where}: image {name!r} is not a readable image ({describe(error)})") from None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -162,7 +188,7 @@ def build_dataset(config: DataConfig, *, vocab_size: int, processor: ProcessorCo
         if processor is None:
             raise ValueError("data source 'visual-recall' needs a VLM")
         return visual_recall_dataset(config.task, config.n_examples, config.seed, processor, vocab_size=vocab_size)
-    return JSONLDataset(config.path, load_tokenizer(config.tokenizer), processor)
+    return JSONLDataset(config.path, load_tokenizer(config.tokenizer), processor, images_anywhere=config.images_anywhere)
 
 
 def visual_recall_dataset(task: dict, n_examples: int, seed: int, processor: ProcessorConfig, *,

@@ -16,6 +16,8 @@ soon as a case finishes, so a run cut off by its time limit keeps what it measur
            recorded as such.
   stream   streaming FPS of the infinitevl VLM (vision tower + decoder) at 64 and 256 visual tokens
            per square frame through StreamSession: end to end, and without the CPU preprocessing.
+  stream-compiled  the same at 256 tokens per frame with StreamSession(compile=True), last (compiling
+           takes longest).
   prefill  tokens/s of one forward over an 8K and a 32K prompt (logits of every position included).
   ops      chunked gated_delta_rule and ssd at paper layer shapes, 8K tokens: fla vs torch backend.
 Every case records peak GPU memory. Weights are random (speed does not depend on them); bf16;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib.metadata
 import json
@@ -53,7 +56,7 @@ from mixerzoo.ops._backend import module_available
 from mixerzoo.registry import recipe
 from mixerzoo.vlm import VLM, StreamSession, process_video, vlm_recipe
 
-SECTIONS = ("graph", "decode", "stream", "prefill", "ops")
+SECTIONS = ("graph", "decode", "stream", "prefill", "ops", "stream-compiled")  # compiling last: it takes longest
 GIB = 2**30
 
 
@@ -74,11 +77,12 @@ class Plan:
     repeats: int
     warmup: int
     strict: bool  # raise on the first failing case (the dry run) instead of recording it
+    compiled_stream: tuple[int, ...] = ()  # frame sizes also streamed with compile=True (a graph per frame size)
 
 
 GPU_PLAN = Plan(size="paper", device="cuda", dtype=torch.bfloat16, contexts=(4096, 16384, 51200, 131072, 307200),
                 prefill_lengths=(8192, 32768), frame_sizes=(224, 448), frames=20, decode_steps=20, graph_tokens=32,
-                op_length=8192, repeats=5, warmup=3, strict=False)
+                op_length=8192, repeats=5, warmup=3, strict=False, compiled_stream=(448,))
 DRY_PLAN = Plan(size="tiny", device="cpu", dtype=torch.bfloat16, contexts=(40, 300), prefill_lengths=(32, 80),
                 frame_sizes=(224,), frames=1, decode_steps=1, graph_tokens=3, op_length=80, repeats=1, warmup=0,
                 strict=True)
@@ -183,7 +187,7 @@ def claims(sections: dict) -> list[str]:
                          f"H200: <= 2.5): {'met' if worst <= 2.5 else 'not met'}")
     for row in sections.get("stream", []):
         if row.get("tokens_per_frame") == 256 and "fps" in row:
-            lines.append(f"- streaming at 256 tokens per frame: {row['fps']:.1f} FPS end to end, "
+            lines.append(f"- streaming at 256 tokens per frame ({row.get('mode', 'eager')}): {row['fps']:.1f} FPS end to end, "
                          f"{row['model_fps']:.1f} FPS without CPU preprocessing (goal on an H100: >= 50)")
     return lines
 
@@ -309,14 +313,16 @@ def square_frames(count: int, side: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
 
 
-def stream_section(plan: Plan, results: Results) -> None:
-    """FPS of a StreamSession at each frame size, and of its CPU preprocessing alone."""
+def stream_section(plan: Plan, results: Results, *, compile: bool = False) -> None:
+    """FPS of a StreamSession at each frame size, and of its CPU preprocessing alone; with `compile`,
+    of a compiled session (`StreamSession(compile=True)`: one graph per frame size, compiled in the
+    warm-up frames) at plan.compiled_stream's sizes."""
     torch.manual_seed(0)
     with torch.inference_mode(False), torch.device(plan.device):
         model = VLM(vlm_recipe("infinitevl", plan.size)).to(plan.dtype).eval()
-    for side in plan.frame_sizes:
+    for side in plan.compiled_stream if compile else plan.frame_sizes:
         def case() -> dict:
-            session = StreamSession(model, frame_size=side)
+            session = StreamSession(model, frame_size=side, compile=compile)  # warm-up frames compile
             frames = square_frames(plan.warmup + plan.frames, side)
             session.push_frames(frames[: plan.warmup])
             session.push_frames(frames[plan.warmup :])
@@ -330,7 +336,8 @@ def stream_section(plan: Plan, results: Results) -> None:
                         frame_ms=frame_s * 1e3, preprocess_ms=preprocess * 1e3,
                         model_fps=1 / max(frame_s - preprocess, 1e-9), state_mib=session.state.nbytes / 2**20)
 
-        run_case(results, "stream", plan, dict(recipe="infinitevl", frame_size=side), case)
+        run_case(results, "stream", plan, dict(recipe="infinitevl", frame_size=side,
+                                               mode="compiled" if compile else "eager"), case)
     del model
     free_memory(plan, collect=True)
 
@@ -386,7 +393,7 @@ def ops_section(plan: Plan, results: Results) -> None:
 
 
 RUNNERS = {"graph": graph_section, "decode": decode_section, "stream": stream_section, "prefill": prefill_section,
-           "ops": ops_section}
+           "ops": ops_section, "stream-compiled": functools.partial(stream_section, compile=True)}
 
 
 def describe(plan: Plan) -> str:

@@ -11,6 +11,7 @@
 #      the captured-graph decode)                      -> pytest.log, failures.log (each failure as it happens)
 #   2. graph: CUDA-graph decode of paper-size models vs eager tokens -> graph.log, bench.json, bench.md
 #   3. bench: decode latency, streaming FPS, prefill, op times       -> bench.log, bench.json, bench.md
+#   4. bench again: streaming FPS at 256 tokens per frame, frames compiled -> bench.log, bench.json, bench.md
 # plus gpu_check.log (steps, exit codes, seconds) and env.txt (device, versions): 8 files, the most $OUT returns.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,4 +73,5 @@ EXTRA="$EXTRA $("$PYTHON" -c "import pytest_timeout" 2>/dev/null && echo "--time
 MIXERZOO_FAILURE_LOG="$OUT/failures.log" step pytest 210 "$PYTHON" -m pytest -m cuda -v -ra --maxfail=10 --durations=15 -p no:cacheprovider $EXTRA $CUDA_TESTS
 step graph 80 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections graph
 step bench 190 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections decode stream prefill ops
+step bench 120 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections stream-compiled  # into bench.log: 8 files
 log "done: $(tail -1 "$OUT/pytest.log" 2>/dev/null)"

@@ -50,6 +50,13 @@ def test_expansion_is_a_cartesian_product_in_sweep_order_with_stable_keys():
     assert RunConfig(study="test-counting", recipe="gdn", seed=1).key() != RunConfig(study="test-counting", recipe="gdn").key()
 
 
+def test_run_keys_are_those_of_earlier_versions_so_old_results_resume():
+    """The key of a run without a composed layout is what the runner computed before layouts existed."""
+    run = RunConfig(study="mqar", recipe="gdn", seed=1, window=4, settings={"seq_len": 32, "n_pairs": 4, "scale": 1.0})
+    assert run.key() == "cab26f3354ac695f"
+    assert run.model_copy(update={"layout": {"d_model": 8}}).key() != run.key()
+
+
 def test_settings_sweeps_merge_over_fixed():
     runs = expand(_experiment(sweep={"recipe": ["gdn"], "settings.steps": [1, 2], "settings": [{"lr": 0.1}, {"lr": 0.2}]}))
     assert [r.settings for r in runs] == [

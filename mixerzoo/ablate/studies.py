@@ -97,6 +97,9 @@ _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study"
                     "mixerzoo.ablate.lm_study")
 
 
+_LATER_FIELDS = ("layout",)  # RunConfig fields newer than the first results folders (see RunConfig.key)
+
+
 class RunConfig(StrictModel):
     """One run of a study: a recipe at a size and seed, optional overrides, study settings."""
 
@@ -122,8 +125,13 @@ class RunConfig(StrictModel):
         return hashlib.sha256(json.dumps(self.layout, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
     def key(self) -> str:
-        """A stable short hash of the run's canonical JSON: identifies the run for resuming."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable short hash of the run's canonical JSON: identifies the run for resuming. Fields
+        added later count only when set, so a results folder of an earlier version still resumes."""
+        data = self.model_dump(mode="json")
+        for name in _LATER_FIELDS:
+            if data[name] is None:
+                del data[name]
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

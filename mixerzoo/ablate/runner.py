@@ -223,8 +223,9 @@ def _composed(layout: dict[str, Any], where: str) -> dict[str, Any]:
 
 def run_row_fields(run: RunConfig) -> Row:
     """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
-    row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, "layout_hash": run.layout_hash(),
-                "size": run.size, "seed": run.seed,
+    composed = {"layout_hash": run.layout_hash()} if run.layout is not None else {}
+    row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, **composed, "size": run.size,
+                "seed": run.seed,
                 "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers, "d_model": run.d_model}
     for key, value in sorted(run.settings.items()):
         row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import signal
 import sys
@@ -178,20 +179,22 @@ def _stage_parameters(path: str, stage: str) -> int:
     return max(counts)
 
 
-def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None, jobs: int = 1) -> None:
+def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None, jobs: int | None = None,
+           device: str | None = None, dtype: str | None = None, jobs_per_gpu: int = 1) -> None:
     """Run (or with `dry` list) the experiments of an ablation YAML and print their tables; `jobs` runs
-    at once, each in its own process with one thread."""
+    at once, each in its own process with one thread (by default one, or one per GPU on cuda)."""
     from mixerzoo.ablate.runner import ablate as run_ablation, dry_run, expand, load_experiments
     from mixerzoo.ablate.studies import build_spec
 
-    experiments = load_experiments(path, scale=scale)  # every run validated before any starts
+    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype)  # every run validated first
     largest = max(parameter_count(build_spec(run)) for e in experiments for run in expand(e))
     count = use_threads(threads, largest)
     if dry:
-        print(dry_run(path, out, scale=scale), end="")
+        print(dry_run(path, out, scale=scale, device=device, dtype=dtype), end="")
         return
-    print(f"{count} thread(s)" if jobs == 1 else f"{jobs} jobs of 1 thread each", file=sys.stderr)
-    print(run_ablation(path, out, scale=scale, jobs=jobs), end="")
+    print(f"{count} thread(s)" if jobs in (None, 1) else f"{jobs} jobs of 1 thread each", file=sys.stderr)
+    print(run_ablation(path, out, scale=scale, jobs=jobs, device=device, dtype=dtype, jobs_per_gpu=jobs_per_gpu),
+          end="")
 
 
 def positive_int(text: str) -> int:
@@ -213,6 +216,13 @@ def thread_count(text: str) -> int:
     if value > cpus:
         raise argparse.ArgumentTypeError(f"must be at most {cpus} (this machine's logical CPUs), got {value}")
     return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: cpu, cuda or cuda:N."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def positive_float(text: str) -> float:
@@ -269,9 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "experiments in one file, separated by ---, run in order")
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=positive_float, help="override the experiment's scale")
-    ablate_parser.add_argument("--jobs", type=positive_int, default=1,
+    ablate_parser.add_argument("--jobs", type=positive_int,
                                help="runs at once, each a process with one thread (default 1: one run using "
-                                    "--threads; set it to your core count to fill the machine with independent runs)")
+                                    "--threads; set it to your core count to fill the machine with independent runs; "
+                                    "on cuda, default one per visible GPU)")
+    ablate_parser.add_argument("--jobs-per-gpu", type=positive_int, default=1,
+                               help="on cuda without --jobs: runs sharing each GPU (small models; default 1)")
+    ablate_parser.add_argument("--device", type=device_name,
+                               help="every run's device (default: the experiment's, else cpu); runs on cuda spread "
+                                    "over the visible GPUs, one per worker")
+    ablate_parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                               help="every run's precision: float32 (default) or bfloat16 autocast, recurrent "
+                                    "states float32")
     ablate_parser.add_argument("--dry-run", action="store_true",
                                help="print the expanded runs, which are done, and the estimated cost; run nothing")
     for stage in STAGES:
@@ -298,7 +317,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.command in STAGES:
         train_stage(args.command, args.config, args.threads)
     elif args.command == "ablate":
-        ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads, args.jobs)
+        ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads, args.jobs, args.device, args.dtype,
+               args.jobs_per_gpu)
 
 
 def _is_user_error(error: BaseException | None) -> bool:

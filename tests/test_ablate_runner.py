@@ -326,3 +326,52 @@ def test_a_bad_composed_layout_names_what_is_wrong(tmp_path, recipe, message):
 def test_a_composed_layout_takes_no_size():
     with pytest.raises(ValidationError, match="a composed layout has its own sizes"):
         _experiment(sweep={"recipe": [{"d_model": 64}], "size": ["small"]})
+
+
+class _PrecisionSettings(StudySettings):
+    pass
+
+
+@register_study("test-precision", settings=_PrecisionSettings)
+def _precision(run: RunConfig, scratch: Path) -> list[dict]:
+    """Reports the autocast state the runner put the study in, and the device it was given."""
+    import torch
+
+    from mixerzoo.ablate.studies import run_device
+
+    return [{"autocast": torch.is_autocast_enabled("cpu"), "autocast_dtype": str(torch.get_autocast_dtype("cpu")),
+             "on": str(run_device(run))}]
+
+
+def test_device_and_dtype_reach_every_run_and_every_row(tmp_path):
+    """--dtype bfloat16 runs each study under bf16 autocast; device and dtype are recorded in every row
+    (cpu / float32 when unset), and a sweep may vary them."""
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(dict(name="p", study="test-precision", sweep={"recipe": ["gdn"], "seed": [0, 1]})))
+    out = tmp_path / "results"
+    ablate(path, out, progress=False, dtype="bfloat16", device="cpu")
+    rows = read_rows(out / "p" / "runs.jsonl")
+    assert [(r["device"], r["dtype"], r["autocast"], r["autocast_dtype"], r["on"]) for r in rows] == \
+        [("cpu", "bfloat16", True, "torch.bfloat16", "cpu")] * 2
+    plain = ExperimentConfig(name="q", study="test-precision", sweep={"recipe": ["gdn"], "dtype": ["float32", "bfloat16"]})
+    rows = read_rows(run_experiment(plain, out, progress=False) / "runs.jsonl")
+    assert [(r["dtype"], r["autocast"]) for r in rows] == [("float32", False), ("bfloat16", True)]
+    default = RunConfig(study="mqar", recipe="gdn")  # the defaults written out are the same run
+    assert RunConfig(study="mqar", recipe="gdn", dtype="float32", device="cpu").key() == default.key()
+    assert RunConfig(study="mqar", recipe="gdn", dtype="bfloat16").key() != default.key()
+
+
+def test_a_run_on_a_device_this_machine_lacks_fails_clearly(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the missing-device error cannot be provoked")
+    experiment = ExperimentConfig(name="c", study="test-precision", sweep={"recipe": ["gdn"]}, device="cuda")
+    with pytest.raises(RuntimeError, match="asks for device 'cuda' but this machine has no CUDA device"):
+        run_experiment(experiment, tmp_path, progress=False)
+
+
+def test_workers_spread_over_the_gpus_in_turn():
+    from mixerzoo.ablate.runner import gpu_slots
+
+    assert gpu_slots(4, 2) == [0, 1, 0, 1] and gpu_slots(3, 4) == [0, 1, 2] and gpu_slots(2, 1) == [0, 0]

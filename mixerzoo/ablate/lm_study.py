@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
-from mixerzoo.ablate.studies import Row, RunConfig, StudySettings, build_spec, figure_title, register_study, save_figure
+from mixerzoo.ablate.studies import (
+    Row, RunConfig, StudySettings, build_spec, figure_title, register_study, run_device, save_figure,
+)
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, parameter_count, state_nbytes
 from mixerzoo.tasks.loop import fit
@@ -53,9 +55,11 @@ def position_losses(model: Decoder, inputs: torch.Tensor, labels: torch.Tensor) 
     model.eval()
     total = torch.zeros(inputs.shape[1], dtype=torch.float64)
     for start in range(0, inputs.shape[0], EVAL_BATCH):
-        logits, _ = model(inputs[start:start + EVAL_BATCH])
-        loss = F.cross_entropy(logits.transpose(1, 2).float(), labels[start:start + EVAL_BATCH], reduction="none")
-        total += loss.sum(0).double()
+        device = next(model.parameters()).device
+        logits, _ = model(inputs[start:start + EVAL_BATCH].to(device))
+        loss = F.cross_entropy(logits.transpose(1, 2).float(), labels[start:start + EVAL_BATCH].to(device),
+                               reduction="none")
+        total += loss.sum(0).double().cpu()
     model.train()
     return total / inputs.shape[0]
 
@@ -99,7 +103,7 @@ def lm_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     steps = max(1, round(settings.steps * settings.scale))
     inputs, labels = text_windows(stdlib_corpus("train"), steps * settings.batch_size, settings.seq_len, run.seed)
     torch.manual_seed(run.seed)
-    model = Decoder(spec)
+    model = Decoder(spec).to(run_device(run))
 
     def batch(step: int) -> dict[str, torch.Tensor]:
         rows = slice(step * settings.batch_size, (step + 1) * settings.batch_size)

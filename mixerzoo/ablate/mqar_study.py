@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
+from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study, run_device
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
 from mixerzoo.registry import recipe
 from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, make_mqar, train_mqar, value_distances
@@ -79,7 +79,7 @@ def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     task = MQARConfig(vocab_size=settings.vocab_size or spec.vocab_size, seq_len=settings.seq_len, n_pairs=settings.n_pairs,
                       power_a=settings.power_a)
     torch.manual_seed(run.seed)
-    model = Decoder(spec)
+    model = Decoder(spec).to(run_device(run))
     steps = max(1, round(settings.steps * settings.scale))
     trained = train_mqar(model, task, steps=steps, batch_size=settings.batch_size, lr=settings.lr, seed=run.seed,
                          weight_decay=settings.weight_decay, warmup_steps=min(settings.warmup_steps, steps - 1))

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
@@ -48,14 +48,14 @@ from typing_extensions import Self
 from mixerzoo.ablate.claims import ResultsFolder
 from mixerzoo.ablate.studies import (
     Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
-    save_figure, study_settings,
+    run_precision, save_figure, study_settings,
 )
 from mixerzoo.ablate.summary import over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
 from mixerzoo.errors import StrictModel, close_matches, describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
 
-_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "settings")
+_RUN_FIELDS = ("recipe", "size", "seed", "window", "ratio", "n_layers", "d_model", "device", "dtype", "settings")
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -68,6 +68,10 @@ class ExperimentConfig(StrictModel):
         description="a grid (key -> values, cartesian product) or a list of grids whose runs are concatenated")
     fixed: dict[str, Any] = Field(default_factory=dict, description="merged into every run's settings")
     scale: float = Field(1.0, gt=0, description="passed to the study as settings['scale']")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
+                               description="every run's device unless the sweep sets it: cpu (default), cuda, cuda:N")
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="every run's precision unless the sweep sets it: float32 (default) or bfloat16 autocast")
     plot: str | None = Field(None, description="a registered plot (mixerzoo.ablate.studies.list_plots); "
                                                "default: the study's own plot, else latency against context")
 
@@ -198,6 +202,9 @@ def expand(experiment: ExperimentConfig) -> list[RunConfig]:
                     fields[key] = value
             if isinstance(fields["recipe"], dict):
                 fields.update(_composed(fields["recipe"], where))
+            for name in ("device", "dtype"):
+                if name not in fields and getattr(experiment, name) is not None:
+                    fields[name] = getattr(experiment, name)
             settings["scale"] = experiment.scale
             try:
                 runs.append(RunConfig(study=experiment.study, settings=settings, **fields))
@@ -225,8 +232,8 @@ def run_row_fields(run: RunConfig) -> Row:
     """The columns a run adds to each of its rows: its key, fields and `settings.<key>` (JSON for non-scalars)."""
     composed = {"layout_hash": run.layout_hash()} if run.layout is not None else {}
     row: Row = {"run_key": run.key(), "study": run.study, "recipe": run.recipe, **composed, "size": run.size,
-                "seed": run.seed,
-                "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers, "d_model": run.d_model}
+                "seed": run.seed, "window": run.window, "ratio": run.ratio, "n_layers": run.n_layers,
+                "d_model": run.d_model, "device": run.device or "cpu", "dtype": run.dtype or "float32"}
     for key, value in sorted(run.settings.items()):
         row[f"settings.{key}"] = value if isinstance(value, _SCALARS) else json.dumps(value, sort_keys=True)
     return row
@@ -382,17 +389,26 @@ def _run_one(study: Study, run: RunConfig, out_dir: Path) -> list[Row]:
     that is deleted after."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".scratch-{run.key()}-") as scratch:
         try:
-            return _check_rows(run, study(run, Path(scratch)))
+            with run_precision(run):
+                return _check_rows(run, study(run, Path(scratch)))
         except Exception as error:
             raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
 
 
-def _worker_init() -> None:
-    """A pool worker: one torch thread; Ctrl-C is its parent's to handle (it stops the workers);
-    and it exits within a second if its parent dies, so a worker never outlives the sweep."""
+def gpu_slots(jobs: int, gpus: int) -> list[int]:
+    """The GPU of each of `jobs` workers, spread over `gpus` devices in turn (jobs // gpus per device)."""
+    return [worker % gpus for worker in range(jobs)]
+
+
+def _worker_init(gpus=None) -> None:
+    """A pool worker: one torch thread; its own GPU when `gpus` (a queue of device indices) is given
+    ("cuda" in its runs then means that device); Ctrl-C is its parent's to handle (it stops the
+    workers); and it exits within a second if its parent dies, so a worker never outlives the sweep."""
     import signal
     import threading
 
+    if gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())  # before CUDA starts in this process
     import torch
 
     torch.set_num_threads(1)
@@ -405,6 +421,13 @@ def _worker_init() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _visible_gpus() -> int:
+    """CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _remove_scratch(out_dir: Path, keys: set[str]) -> None:
@@ -468,7 +491,14 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
                 record(run, _run_one(study, run, out_dir))
                 del in_flight[run.key()]
         else:
-            pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_worker_init)
+            context = multiprocessing.get_context("spawn")
+            gpus = _visible_gpus() if any(run.device == "cuda" for run in runs) else 0
+            slots = None
+            if gpus:  # one worker per GPU in turn: "cuda" in a worker is its own device
+                slots = context.Queue()
+                for index in gpu_slots(jobs, gpus):
+                    slots.put(index)
+            pool = context.Pool(jobs, initializer=_worker_init, initargs=(slots,))
             while True:
                 while len(in_flight) < jobs and (run := claim_next()) is not None:
                     in_flight[run.key()] = (run, pool.apply_async(_run_one, (study, run, out_dir)))
@@ -506,18 +536,20 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     return out_dir
 
 
-def load_experiments(path: str | os.PathLike, *, scale: float | None = None) -> list[ExperimentConfig]:
+def load_experiments(path: str | os.PathLike, *, scale: float | None = None, device: str | None = None,
+                     dtype: str | None = None) -> list[ExperimentConfig]:
     """The experiments in YAML file `path`: one per YAML document (documents separated by
-    `---`), each validated, with `scale` overriding their scale if given. ValueError naming
-    the document for an invalid one or a name used twice."""
+    `---`), each validated, with `scale`, `device` and `dtype` overriding theirs if given.
+    ValueError naming the document for an invalid one or a name used twice."""
     documents = [data for data in read_yaml(path, documents=True) if data is not None]
     if not documents:
         raise ValueError(f"{path}: no experiment in the file")
     experiments = []
     for number, data in enumerate(documents, 1):
         where = f"{path}" if len(documents) == 1 else f"{path}, document {number}"
-        if scale is not None and isinstance(data, dict):
-            data = {**data, "scale": scale}
+        if isinstance(data, dict):
+            given = {"scale": scale, "device": device, "dtype": dtype}
+            data = {**data, **{k: v for k, v in given.items() if v is not None}}
         try:
             experiments.append(ExperimentConfig.model_validate(with_layouts(data, Path(path).parent)))
         except ValidationError as error:
@@ -553,14 +585,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None) -> str:
+def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
+            device: str | None = None, dtype: str | None = None) -> str:
     """What `ablate` would do, as markdown, running and writing nothing: per experiment in
     YAML file `path` (all validated), each run with the settings that vary between runs,
     whether it already has rows under `out_root`, and its estimated cost
     (`StudySettings.estimated_flops`); then the total to run and a rough wall time at
     ASSUMED_FLOP_PER_S."""
     lines, to_run, unknown = [], 0.0, 0
-    for experiment in load_experiments(path, scale=scale):
+    for experiment in load_experiments(path, scale=scale, device=device, dtype=dtype):
         runs = expand(experiment)
         done = _done_keys(Path(out_root) / experiment.name / "runs.jsonl")
         keys = sorted({k for run in runs for k in run.settings})
@@ -587,11 +620,16 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
 
 
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
-           progress: bool = True, jobs: int = 1) -> str:
-    """Run the experiments in YAML file `path` in order (all validated first; `scale` overrides
-    their scale if given; `jobs` runs at once, see run_experiment) and return their markdown
-    tables, separated by blank lines."""
-    experiments = load_experiments(path, scale=scale)
+           progress: bool = True, jobs: int | None = None, device: str | None = None, dtype: str | None = None,
+           jobs_per_gpu: int = 1) -> str:
+    """Run the experiments in YAML file `path` in order (all validated first; `scale`, `device` and
+    `dtype` override theirs if given; `jobs` runs at once, see run_experiment: by default one, or
+    `jobs_per_gpu` per visible GPU for runs on "cuda") and return their markdown tables, separated
+    by blank lines."""
+    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype)
+    if jobs is None:
+        on_gpu = any(run.device == "cuda" for e in experiments for run in expand(e))
+        jobs = max(1, _visible_gpus() * jobs_per_gpu) if on_gpu else 1
     tables = [(run_experiment(e, Path(out_root), progress=progress, jobs=jobs) / "table.md").read_text()
               for e in experiments]
     return "\n".join(tables)

@@ -36,6 +36,7 @@ here: `frontier` (accuracy against state bytes, zoology's recall-memory frontier
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -44,7 +45,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -97,7 +98,7 @@ _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study"
                     "mixerzoo.ablate.lm_study")
 
 
-_LATER_FIELDS = ("layout",)  # RunConfig fields newer than the first results folders (see RunConfig.key)
+_LATER_FIELDS = ("layout", "device", "dtype")  # RunConfig fields newer than the first results folders (see key)
 
 
 class RunConfig(StrictModel):
@@ -108,6 +109,10 @@ class RunConfig(StrictModel):
     layout: dict[str, Any] | None = Field(None, description="a composed LayoutSpec (from a layout YAML or an "
                                                             "inline mapping); the run uses it instead of a recipe")
     size: str = Field("tiny", description="recipe size: tiny, small or paper (custom for a composed layout)")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
+                               description="where the run's models live: cpu (default), cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="float32 (default) or bfloat16 autocast (recurrent states stay float32)")
     seed: int = Field(0, description="seed of the weights, the data and the evaluation")
     window: int | None = Field(None, ge=1, description="window of every sliding-window attention layer, if set")
     ratio: str | None = Field(None, pattern=r"^\d+:\d+$",
@@ -117,6 +122,12 @@ class RunConfig(StrictModel):
     d_model: int | None = Field(None, ge=1, le=MAX_WIDTH,
                                 description="width: head counts and MLP width scaled with it, head sizes kept")
     settings: dict[str, Any] = Field(default_factory=dict, description="study-specific settings")
+
+    @field_validator("device", "dtype")
+    @classmethod
+    def _default_is_unset(cls, value: str | None) -> str | None:
+        """cpu and float32 are the defaults: written out, they are the same run (the same key)."""
+        return None if value in ("cpu", "float32") else value
 
     def layout_hash(self) -> str | None:
         """A short hash of the composed layout's canonical JSON (None for a registered recipe)."""
@@ -186,6 +197,27 @@ def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook |
         return study
 
     return decorate
+
+
+def run_device(run: "RunConfig") -> torch.device:
+    """The device `run` asks for (cpu by default); a CUDA device this machine lacks is an error."""
+    device = torch.device(run.device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"the run asks for device {run.device!r} but this machine has no CUDA device")
+    return device
+
+
+def run_precision(run: "RunConfig") -> contextlib.AbstractContextManager:
+    """The autocast context of the run's dtype: bfloat16 autocast on its device, or nothing (float32)."""
+    if run.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(run_device(run).type, dtype=torch.bfloat16)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (before reading a clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def settings_class(name: str) -> type[StudySettings]:
@@ -436,22 +468,27 @@ def efficiency(run: RunConfig, scratch: Path) -> list[Row]:
 def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_tokens: int) -> list[Row]:
     torch.manual_seed(run.seed)
     spec = build_spec(run)
-    model = Decoder(spec).eval()
+    device = run_device(run)
+    model = Decoder(spec).eval().to(device)
     parameters, rows = parameter_count(spec), []
     with torch.inference_mode():
-        prompt = torch.randint(spec.vocab_size, (1, prefill_tokens))
+        prompt = torch.randint(spec.vocab_size, (1, prefill_tokens)).to(device)
         model(prompt[:, :8])  # warm-up
+        sync(device)
         start = time.perf_counter()
         model(prompt)
+        sync(device)
         prefill_s = time.perf_counter() - start
         for context in contexts:
             state = random_state(model, context)
-            token = torch.randint(spec.vocab_size, (1, 1))
+            token = torch.randint(spec.vocab_size, (1, 1)).to(device)
             model(token, state)  # warm-up
             times = []
             for _ in range(repeats):
+                sync(device)
                 start = time.perf_counter()
                 model(token, state)
+                sync(device)
                 times.append(time.perf_counter() - start)
             rows.append(dict(
                 context=context, decode_latency_ms=statistics.median(times) * 1e3, decode_repeats=repeats,
@@ -464,5 +501,6 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
 
 
 __all__ = ["Chance", "EfficiencySettings", "PlotHook", "Row", "RunConfig", "Study", "StudySettings", "build_spec",
+           "run_device", "run_precision", "sync",
            "chance_level", "draw_chance", "figure_title", "frontier_plot", "get_plot", "get_study", "is_timed",
            "list_plots", "list_studies", "register_plot", "register_study", "study_settings"]

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, save_figure,
+    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
 )
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
@@ -133,7 +133,7 @@ def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, task: Any, pro
     scans); returns (model, fit's summary, accuracy, held-out batches, the columns of the tower)."""
     tower = dict(tower=settings.tower, tower_accuracy=None)
     torch.manual_seed(run.seed)
-    model = VLM(spec)
+    model = VLM(spec).to(run_device(run))
     if settings.tower == "pretrained":
         weights, tower["tower_accuracy"] = cached_digit_tower(
             scratch.parent / ".towers", spec.vision, task, processor, steps=settings.tower_steps, seed=run.seed)

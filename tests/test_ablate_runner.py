@@ -375,3 +375,46 @@ def test_workers_spread_over_the_gpus_in_turn():
     from mixerzoo.ablate.runner import gpu_slots
 
     assert gpu_slots(4, 2) == [0, 1, 0, 1] and gpu_slots(3, 4) == [0, 1, 2] and gpu_slots(2, 1) == [0, 0]
+
+
+class _LRSettings(StudySettings):
+    lr: float = 1e-3
+
+
+@register_study("test-lr", settings=_LRSettings, score="accuracy")
+def _lr_study(run: RunConfig, scratch: Path) -> list[dict]:
+    """An accuracy that peaks at lr 1e-3 for gdn and at 1e-2 for swa."""
+    import math
+
+    best = {"gdn": -3.0, "swa": -2.0}[run.recipe]
+    lr = _LRSettings.model_validate(run.settings).lr
+    return [{"accuracy": 1.0 - abs(math.log10(lr) - best) / 10}]
+
+
+def test_best_of_keeps_each_models_best_learning_rate_in_the_table(tmp_path):
+    lrs = [1e-4, 1e-3, 1e-2]
+    experiment = ExperimentConfig(name="lr", study="test-lr", best_of="lr",
+                                  sweep={"recipe": ["gdn", "swa"], "settings.lr": lrs})
+    out = run_experiment(experiment, tmp_path, progress=False)
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6  # every run kept
+    table = (out / "table.md").read_text()
+    assert "each at its best settings.lr by accuracy" in table
+    assert "| gdn | 0.001 |" in table and "| swa | 0.01 |" in table and "accuracy=1" in table, table
+    assert table.count("| gdn |") == 1 and table.count("| swa |") == 1
+    with pytest.raises(ValidationError, match="best_of: settings.lr is not swept"):
+        ExperimentConfig(name="lr", study="test-lr", best_of="lr", sweep={"recipe": ["gdn"]})
+    with pytest.raises(ValidationError, match="best_of: study 'test-counting' has no score"):
+        ExperimentConfig(name="lr", study="test-counting", best_of="lr", sweep={"recipe": ["gdn"], "settings.lr": lrs})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_experiment_validates(path):
+    """Each experiment file in experiments/ loads with every run validated (what --dry-run checks)."""
+    experiments = load_experiments(path)
+    assert experiments and all(expand(e) for e in experiments)
+    if path.name == "zoology-fig2.yaml":
+        runs = expand(experiments[0])
+        assert len(runs) == 320 and experiments[0].best_of == "lr"
+        assert {r.settings["lr"] for r in runs} == {1e-4, 4.6416e-4, 2.1544e-3, 1e-2}

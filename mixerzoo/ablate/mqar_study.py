@@ -68,7 +68,7 @@ def within_window(task: MQARConfig, spec: LayoutSpec, seed: int, n_examples: int
     return float((value_distances(inputs, labels) < window).double().mean())
 
 
-@register_study("mqar", settings=MQARSettings,
+@register_study("mqar", settings=MQARSettings, score="accuracy",
                 chance=lambda row: chance_accuracy(row.get("vocab_size") or recipe(row["recipe"], row["size"]).vocab_size))
 def mqar_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train `Decoder(build_spec(run))` on MQAR per the run's settings; one row of accuracy, loss, cost."""

@@ -48,9 +48,9 @@ from typing_extensions import Self
 from mixerzoo.ablate.claims import ResultsFolder
 from mixerzoo.ablate.studies import (
     Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
-    run_precision, save_figure, study_settings,
+    run_precision, save_figure, study_score, study_settings,
 )
-from mixerzoo.ablate.summary import over_seeds, with_spread
+from mixerzoo.ablate.summary import best_over, over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
 from mixerzoo.errors import StrictModel, close_matches, describe_validation_error, read_yaml
 from mixerzoo.mixers.base import atomic_write_bytes
@@ -72,6 +72,9 @@ class ExperimentConfig(StrictModel):
                                description="every run's device unless the sweep sets it: cpu (default), cuda, cuda:N")
     dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="every run's precision unless the sweep sets it: float32 (default) or bfloat16 autocast")
+    best_of: str | None = Field(None, description="a swept setting (e.g. lr): the table keeps each model's best "
+                                                  "run over it by the study's score, as Zoology reports an lr "
+                                                  "sweep; results.csv keeps every run")
     plot: str | None = Field(None, description="a registered plot (mixerzoo.ablate.studies.list_plots); "
                                                "default: the study's own plot, else latency against context")
 
@@ -104,6 +107,16 @@ class ExperimentConfig(StrictModel):
             if "recipe" not in grid:
                 raise ValueError(f"{where}.recipe: required (a list of recipe names, layout YAML paths or layouts)")
         return sweep
+
+    @model_validator(mode="after")
+    def _best_of_is_swept_and_scored(self) -> Self:
+        if self.best_of is None:
+            return self
+        if study_score(self.study) is None:
+            raise ValueError(f"best_of: study {self.study!r} has no score to rank its runs by")
+        if not any(f"settings.{self.best_of}" in grid for _, grid in _named_grids(self.sweep)):
+            raise ValueError(f"best_of: settings.{self.best_of} is not swept; sweep it to pick the best value")
+        return self
 
     @model_validator(mode="after")
     def _runs_are_valid(self) -> Self:
@@ -368,6 +381,9 @@ def default_plot(rows: list[Row], path: Path) -> bool:
 def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
+    if experiment.best_of is not None:  # each model at its best value of the swept setting
+        rows = best_over(rows, f"settings.{experiment.best_of}", study_score(experiment.study))
+        title += f", each at its best settings.{experiment.best_of} by {study_score(experiment.study)}"
     summary = over_seeds(rows)
     table = to_markdown(rows, title)
     if any(row["seeds"] > 1 for row in summary):

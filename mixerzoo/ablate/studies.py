@@ -92,6 +92,7 @@ _STUDIES: dict[str, Study] = {}
 _SETTINGS: dict[str, type["StudySettings"]] = {}
 _CHANCE: dict[str, Chance] = {}
 _TIMED: set[str] = set()
+_SCORES: dict[str, str] = {}
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
 _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study",
@@ -174,12 +175,15 @@ class StudySettings(StrictModel):
 
 
 def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook | None = None,
-                   chance: Chance | None = None, timed: bool = False) -> Callable[[Study], Study]:
+                   chance: Chance | None = None, timed: bool = False,
+                   score: str | None = None) -> Callable[[Study], Study]:
     """Decorator registering `study(run, scratch_dir) -> rows` under `name`, with its settings
     model (every run's settings are validated against it before any run starts), an optional
     `plot(rows, path)` hook that draws the experiment's rows to a PNG at `path`, an optional
-    `chance(row)`: the accuracy of guessing for that row's run (plots draw it), and `timed`:
-    the study measures wall-clock time, so its runs never share the machine (`jobs` is ignored)."""
+    `chance(row)`: the accuracy of guessing for that row's run (plots draw it), `timed`:
+    the study measures wall-clock time, so its runs never share the machine (`jobs` is ignored),
+    and `score`: the row column that ranks runs, higher better (an experiment's `best_of` keeps
+    each model's best run by it)."""
     if not (isinstance(settings, type) and issubclass(settings, StudySettings)):
         raise TypeError(f"study {name!r}: settings must be a StudySettings subclass, got {settings!r}")
 
@@ -194,6 +198,8 @@ def register_study(name: str, *, settings: type[StudySettings], plot: PlotHook |
             _CHANCE[name] = chance
         if timed:
             _TIMED.add(name)
+        if score is not None:
+            _SCORES[name] = score
         return study
 
     return decorate
@@ -249,6 +255,12 @@ def list_studies() -> list[str]:
     """Registered study names."""
     _load_builtin()
     return sorted(_STUDIES)
+
+
+def study_score(name: str) -> str | None:
+    """The column that ranks study `name`'s runs (higher better), if it has one."""
+    get_study(name)
+    return _SCORES.get(name)
 
 
 def is_timed(name: str) -> bool:
@@ -501,6 +513,6 @@ def _efficiency(run: RunConfig, contexts: list[int], repeats: int, prefill_token
 
 
 __all__ = ["Chance", "EfficiencySettings", "PlotHook", "Row", "RunConfig", "Study", "StudySettings", "build_spec",
-           "run_device", "run_precision", "sync",
+           "run_device", "run_precision", "study_score", "sync",
            "chance_level", "draw_chance", "figure_title", "frontier_plot", "get_plot", "get_study", "is_timed",
            "list_plots", "list_studies", "register_plot", "register_study", "study_settings"]

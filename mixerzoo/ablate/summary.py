@@ -33,6 +33,29 @@ def _row_index(rows: list[Row]) -> list[int]:
     return index
 
 
+def best_over(rows: list[Row], column: str, score: str) -> list[Row]:
+    """The rows of the best run (highest mean `score` over its rows) of each group of runs that differ
+    only in `column` (e.g. settings.lr), in first-seen order: each model at its best value, as
+    Zoology reports a learning-rate sweep."""
+    runs: dict[Any, list[Row]] = {}
+    for row in rows:
+        runs.setdefault(row.get("run_key"), []).append(row)
+    identity = [c for c in dict.fromkeys(c for row in rows for c in row)
+                if c not in (column, "run_key") and not _is_measurement(c, rows) and c not in _OUTCOMES]
+    groups: dict[tuple, list[list[Row]]] = {}
+    for members in runs.values():
+        groups.setdefault(tuple(repr(members[0].get(c)) for c in identity), []).append(members)
+
+    def mean_score(members: list[Row]) -> float:
+        values = [float(m[score]) for m in members if m.get(score) is not None]
+        return sum(values) / len(values) if values else float("-inf")
+
+    return [row for candidates in groups.values() for row in max(candidates, key=mean_score)]
+
+
+_OUTCOMES = ("train_seconds", "threads", "steps")  # what a run reports about itself, not its identity
+
+
 def over_seeds(rows: list[Row]) -> list[Row]:
     """One row per group of runs that differ only in seed (in first-seen order): the group's
     identifying columns, `seeds`, and per float measurement its mean and `<column>_std`

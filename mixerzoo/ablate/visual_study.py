@@ -147,7 +147,7 @@ def train_and_score(run: RunConfig, spec: VLMSpec, settings: Any, task: Any, pro
     return model, trained, answer_accuracy(model, held_out), held_out, tower
 
 
-@register_study("visual-recall", settings=VisualRecallSettings, plot=plot_accuracy_vs_distance,
+@register_study("visual-recall", settings=VisualRecallSettings, plot=plot_accuracy_vs_distance, score="accuracy",
                 chance=lambda row: DIGIT_CHANCE)
 def visual_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     """Train the run's VLM on visual recall per the run's settings; one row of accuracy, distance and cost."""

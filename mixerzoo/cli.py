@@ -180,7 +180,7 @@ def _stage_parameters(path: str, stage: str) -> int:
 
 
 def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None, jobs: int | None = None,
-           device: str | None = None, dtype: str | None = None, jobs_per_gpu: int = 1) -> None:
+           device: str | None = None, dtype: str | None = None, jobs_per_gpu: int = 1, backend: str = "local") -> None:
     """Run (or with `dry` list) the experiments of an ablation YAML and print their tables; `jobs` runs
     at once, each in its own process with one thread (by default one, or one per GPU on cuda)."""
     from mixerzoo.ablate.runner import ablate as run_ablation, dry_run, expand, load_experiments
@@ -193,8 +193,8 @@ def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | N
         print(dry_run(path, out, scale=scale, device=device, dtype=dtype), end="")
         return
     print(f"{count} thread(s)" if jobs in (None, 1) else f"{jobs} jobs of 1 thread each", file=sys.stderr)
-    print(run_ablation(path, out, scale=scale, jobs=jobs, device=device, dtype=dtype, jobs_per_gpu=jobs_per_gpu),
-          end="")
+    print(run_ablation(path, out, scale=scale, jobs=jobs, device=device, dtype=dtype, jobs_per_gpu=jobs_per_gpu,
+                       backend=backend), end="")
 
 
 def positive_int(text: str) -> int:
@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     ablate_parser.add_argument("--device", type=device_name,
                                help="every run's device (default: the experiment's, else cpu); runs on cuda spread "
                                     "over the visible GPUs, one per worker")
+    ablate_parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                               help="local: this machine's processes (default); ray: each run a Ray task on the "
+                                    "cluster RAY_ADDRESS names, else on a local one (pip install -e '.[ray]')")
     ablate_parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                                help="every run's precision: float32 (default) or bfloat16 autocast, recurrent "
                                     "states float32")
@@ -318,7 +321,7 @@ def run(args: argparse.Namespace) -> None:
         train_stage(args.command, args.config, args.threads)
     elif args.command == "ablate":
         ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads, args.jobs, args.device, args.dtype,
-               args.jobs_per_gpu)
+               args.jobs_per_gpu, args.backend)
 
 
 def _is_user_error(error: BaseException | None) -> bool:

@@ -372,7 +372,7 @@ def test_a_run_on_a_device_this_machine_lacks_fails_clearly(tmp_path):
 
 
 def test_workers_spread_over_the_gpus_in_turn():
-    from mixerzoo.ablate.runner import gpu_slots
+    from mixerzoo.ablate.executors import gpu_slots
 
     assert gpu_slots(4, 2) == [0, 1, 0, 1] and gpu_slots(3, 4) == [0, 1, 2] and gpu_slots(2, 1) == [0, 0]
 

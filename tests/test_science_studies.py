@@ -107,7 +107,7 @@ def test_timed_studies_never_run_in_parallel(tmp_path, monkeypatch):
     from mixerzoo.ablate.studies import is_timed
 
     assert is_timed("efficiency") and not is_timed("mqar")
-    monkeypatch.setattr(runner.multiprocessing, "get_context", None)  # any pool would fail
+    monkeypatch.setattr(runner, "ProcessPool", None)  # any pool would fail
     experiment = ExperimentConfig(name="eff", study="efficiency", sweep={"recipe": ["gdn", "swa"]},
                                   fixed=dict(contexts=[16], repeats=1, prefill_tokens=8))
     assert len(_rows(run_experiment(experiment, tmp_path, progress=False, jobs=2))) == 2

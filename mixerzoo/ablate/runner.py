@@ -32,7 +32,6 @@ import csv
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -46,6 +45,7 @@ from tqdm import tqdm
 from typing_extensions import Self
 
 from mixerzoo.ablate.claims import ResultsFolder
+from mixerzoo.ablate.executors import ProcessPool, RayCluster, visible_gpus
 from mixerzoo.ablate.studies import (
     Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
     run_precision, save_figure, study_score, study_settings,
@@ -400,50 +400,15 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
         Path(tmp).unlink(missing_ok=True)
 
 
-def _run_one(study: Study, run: RunConfig, out_dir: Path) -> list[Row]:
-    """One run's checked rows, computed in a scratch directory under `out_dir` (`.scratch-<run_key>-*`)
-    that is deleted after."""
+def _run_one(study: Study, run: RunConfig, out_dir: Path | None) -> list[Row]:
+    """One run's checked rows, computed in a scratch directory under `out_dir` (`.scratch-<run_key>-*`;
+    the system's temporary folder when None, as on a Ray worker) that is deleted after."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".scratch-{run.key()}-") as scratch:
         try:
             with run_precision(run):
                 return _check_rows(run, study(run, Path(scratch)))
         except Exception as error:
             raise RuntimeError(f"run {run.key()} failed ({run.model_dump_json()}): {error}") from error
-
-
-def gpu_slots(jobs: int, gpus: int) -> list[int]:
-    """The GPU of each of `jobs` workers, spread over `gpus` devices in turn (jobs // gpus per device)."""
-    return [worker % gpus for worker in range(jobs)]
-
-
-def _worker_init(gpus=None) -> None:
-    """A pool worker: one torch thread; its own GPU when `gpus` (a queue of device indices) is given
-    ("cuda" in its runs then means that device); Ctrl-C is its parent's to handle (it stops the
-    workers); and it exits within a second if its parent dies, so a worker never outlives the sweep."""
-    import signal
-    import threading
-
-    if gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus.get())  # before CUDA starts in this process
-    import torch
-
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _visible_gpus() -> int:
-    """CUDA devices this process sees (0 without CUDA)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _remove_scratch(out_dir: Path, keys: set[str]) -> None:
@@ -454,7 +419,7 @@ def _remove_scratch(out_dir: Path, keys: set[str]) -> None:
 
 
 def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"), *, progress: bool = True,
-                   jobs: int = 1) -> Path:
+                   jobs: int = 1, backend: Literal["local", "ray"] = "local") -> Path:
     """Run every run of `experiment` that has no rows yet in `<out_root>/<name>/runs.jsonl`,
     appending each run's rows when it finishes, then regenerate results.csv, table.md and
     plot.png from the current runs' rows. Returns the results directory.
@@ -465,7 +430,9 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     processes may share the folder: each claims a run before starting it and skips runs that are
     done or claimed by a live process (`ResultsFolder`). An interruption (Ctrl-C, SIGTERM, a
     failed run) starts no new run, stops the workers at once, keeps every finished row, and
-    removes the stopped runs' claims and scratch directories."""
+    removes the stopped runs' claims and scratch directories. backend "ray" submits the runs as
+    Ray tasks (`RayCluster`: `jobs` at once), their rows coming back to this process, which alone
+    writes the results folder."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out_dir = Path(out_root) / experiment.name
@@ -499,46 +466,41 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
         bar.set_postfix_str(f"{run.recipe}/{run.size}")
         bar.update()
 
-    pool = None
+    executor = None
     try:
-        if jobs == 1:
+        if jobs == 1 and backend == "local":
             while (run := claim_next()) is not None:
                 in_flight[run.key()] = (run, None)
                 record(run, _run_one(study, run, out_dir))
                 del in_flight[run.key()]
         else:
-            context = multiprocessing.get_context("spawn")
-            gpus = _visible_gpus() if any(run.device == "cuda" for run in runs) else 0
-            slots = None
-            if gpus:  # one worker per GPU in turn: "cuda" in a worker is its own device
-                slots = context.Queue()
-                for index in gpu_slots(jobs, gpus):
-                    slots.put(index)
-            pool = context.Pool(jobs, initializer=_worker_init, initargs=(slots,))
+            if backend == "ray":
+                executor = RayCluster(_run_one)
+            else:  # on cuda, one worker per GPU in turn: "cuda" in a worker is its own device
+                executor = ProcessPool(_run_one, jobs, visible_gpus() if any(r.device == "cuda" for r in runs) else 0)
             while True:
                 while len(in_flight) < jobs and (run := claim_next()) is not None:
-                    in_flight[run.key()] = (run, pool.apply_async(_run_one, (study, run, out_dir)))
+                    in_flight[run.key()] = (run, executor.submit(study, run, out_dir))
                 if not in_flight:
                     break
-                finished = [key for key, (_, result) in in_flight.items() if result.ready()]
+                finished = [key for key, (_, handle) in in_flight.items() if executor.ready(handle)]
                 if not finished:
                     time.sleep(0.1)
                 for key in finished:
-                    run, result = in_flight[key]
-                    record(run, result.get())
+                    run, handle = in_flight[key]
+                    record(run, executor.result(handle))
                     del in_flight[key]
     except BaseException:
-        if pool is not None:
-            pool.terminate()  # the workers stop now, their runs unfinished
+        if executor is not None:
+            executor.stop()  # the workers stop now, their runs unfinished
         with folder.locked():
             for key in in_flight:
                 folder.release(key)
         _remove_scratch(out_dir, set(in_flight))
         raise
     finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+        if executor is not None:
+            executor.close()
         bar.close()
     order = {run.key(): i for i, run in enumerate(runs)}
     with folder.locked():
@@ -637,16 +599,18 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
 
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
            progress: bool = True, jobs: int | None = None, device: str | None = None, dtype: str | None = None,
-           jobs_per_gpu: int = 1) -> str:
+           jobs_per_gpu: int = 1, backend: Literal["local", "ray"] = "local") -> str:
     """Run the experiments in YAML file `path` in order (all validated first; `scale`, `device` and
     `dtype` override theirs if given; `jobs` runs at once, see run_experiment: by default one, or
-    `jobs_per_gpu` per visible GPU for runs on "cuda") and return their markdown tables, separated
-    by blank lines."""
+    `jobs_per_gpu` per visible GPU for runs on "cuda", or every run on `backend` "ray") and return
+    their markdown tables, separated by blank lines."""
     experiments = load_experiments(path, scale=scale, device=device, dtype=dtype)
-    if jobs is None:
+    if jobs is None and backend == "ray":
+        jobs = max(len(expand(e)) for e in experiments)  # every run submitted: the cluster schedules them
+    elif jobs is None:
         on_gpu = any(run.device == "cuda" for e in experiments for run in expand(e))
-        jobs = max(1, _visible_gpus() * jobs_per_gpu) if on_gpu else 1
-    tables = [(run_experiment(e, Path(out_root), progress=progress, jobs=jobs) / "table.md").read_text()
+        jobs = max(1, visible_gpus() * jobs_per_gpu) if on_gpu else 1
+    tables = [(run_experiment(e, Path(out_root), progress=progress, jobs=jobs, backend=backend) / "table.md").read_text()
               for e in experiments]
     return "\n".join(tables)
 

@@ -226,6 +226,23 @@ def test_dry_run_estimates_training_flops_from_the_settings(tmp_path):
         assert f"| {steps} | to run | {in_units(flops, FLOP_UNITS)} |" in text, text
 
 
+def test_dry_run_times_the_rest_at_the_rate_a_finished_run_measured(tmp_path):
+    """After one run of a sweep, the estimate uses that run's FLOPs per second, not the assumed rate."""
+    path = tmp_path / "mqar.yaml"
+    fixed = {"seq_len": 16, "n_pairs": 2, "batch_size": 4, "eval_examples": 8, "steps": 5}
+    path.write_text(yaml.safe_dump(dict(name="m", study="mqar", sweep={"recipe": ["swa"], "seed": [0, 1]}, fixed=fixed)))
+    assert "GFLOP/s (one CPU thread, assumed" in dry_run(path, tmp_path / "results")
+    first = load_experiments(path)[0].model_copy(update={"sweep": {"recipe": ["swa"], "seed": [0]}})
+    out = run_experiment(first, tmp_path / "results", progress=False)
+    row = read_rows(out / "runs.jsonl")[0]
+    run = expand(first)[0]
+    rate = study_settings(run).estimated_flops(build_spec(run)) / row["train_seconds"]
+    before = (out / "runs.jsonl").read_bytes()
+    text = dry_run(path, tmp_path / "results")
+    assert f"at {rate / 1e9:.1f} GFLOP/s, the median rate 1 finished run(s) measured" in text, text
+    assert (out / "runs.jsonl").read_bytes() == before
+
+
 def test_table_shows_a_reported_setting_once(tmp_path):
     rows = [{"run_key": str(i), "recipe": r, "settings.steps": 200, "steps": 200, "settings.lr": 0.1, "lr": 0.2,
              "settings.seq_len": s, "seq_len": s, "accuracy": a} for i, (r, s, a) in enumerate([("gdn", 16, 0.1), ("swa", 32, 0.2)])]

@@ -34,6 +34,7 @@ import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -568,12 +569,14 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
     """What `ablate` would do, as markdown, running and writing nothing: per experiment in
     YAML file `path` (all validated), each run with the settings that vary between runs,
     whether it already has rows under `out_root`, and its estimated cost
-    (`StudySettings.estimated_flops`); then the total to run and a rough wall time at
-    ASSUMED_FLOP_PER_S."""
-    lines, to_run, unknown = [], 0.0, 0
+    (`StudySettings.estimated_flops`); then the total to run and a wall time at the FLOP rate the
+    finished runs measured (their estimated FLOPs over their train_seconds, the median; run one run
+    of the sweep first, on the hardware that will run the rest), else at ASSUMED_FLOP_PER_S."""
+    lines, to_run, unknown, rates = [], 0.0, 0, []
     for experiment in load_experiments(path, scale=scale, device=device, dtype=dtype):
         runs = expand(experiment)
         done = _done_keys(Path(out_root) / experiment.name / "runs.jsonl")
+        rates += _measured_rates(Path(out_root) / experiment.name / "runs.jsonl", runs)
         keys = sorted({k for run in runs for k in run.settings})
         varying = [k for k in keys if len({json.dumps(run.settings.get(k), sort_keys=True) for run in runs}) > 1]
         fixed = {k: runs[0].settings[k] for k in keys if k not in varying and k in runs[0].settings}
@@ -591,10 +594,35 @@ def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *,
             cells = "".join(f"{json.dumps(run.settings.get(k))} | " for k in varying)
             lines.append(f"| {number} | {_describe_run(run)} | {cells}{status} | {_flop(flops)} |")
         lines.append("")
-    lines.append(f"Estimated cost to run: {_flop(to_run)}, roughly {_duration(to_run / ASSUMED_FLOP_PER_S)} at "
-                 f"{ASSUMED_FLOP_PER_S / 1e9:.0f} GFLOP/s (one CPU thread; an order of magnitude only)"
+    if rates:
+        rate = statistics.median(rates)
+        basis = f"{rate / 1e9:.1f} GFLOP/s, the median rate {len(rates)} finished run(s) measured"
+    else:
+        rate = ASSUMED_FLOP_PER_S
+        basis = (f"{rate / 1e9:.0f} GFLOP/s (one CPU thread, assumed: run one run of the sweep first for a "
+                 f"measured rate; an order of magnitude only)")
+    lines.append(f"Estimated cost to run: {_flop(to_run)}, roughly {_duration(to_run / rate)} at {basis}"
                  + (f"; {unknown} runs have no estimate" if unknown else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def _measured_rates(jsonl: Path, runs: list[RunConfig]) -> list[float]:
+    """FLOP/s of each finished run of `runs` in `jsonl`: its estimated FLOPs over its train_seconds."""
+    by_key = {run.key(): run for run in runs}
+    rates = []
+    for line in jsonl.read_text().splitlines() if jsonl.exists() else []:  # read only: a dry run writes nothing
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        run = by_key.get(row.get("run_key")) if isinstance(row, dict) else None
+        seconds = row.get("train_seconds")
+        if run is None or not isinstance(seconds, (int, float)) or seconds <= 0:
+            continue
+        flops = study_settings(run).estimated_flops(build_spec(run))
+        if flops:
+            rates.append(flops / seconds)
+    return rates
 
 
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,

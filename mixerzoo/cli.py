@@ -220,7 +220,9 @@ def thread_count(text: str) -> int:
 
 def device_name(text: str) -> str:
     """argparse type: cpu, cuda or cuda:N."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+    from mixerzoo.ablate.studies import DEVICE_PATTERN
+
+    if not re.fullmatch(DEVICE_PATTERN, text):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {text!r}")
     return text
 

@@ -16,8 +16,8 @@ Sweep keys are RunConfig fields (recipe, size, seed, window, ratio, settings: a 
 dicts) or `settings.<key>`; `recipe` is required. A recipe is a registered name, a layout
 YAML path (relative to the experiment file; the run is named after the file's stem) or an
 inline layout mapping (a LayoutSpec, with an optional `name`); a composed layout has its own
-sizes (no `size`), while n_layers, d_model, ratio and window apply to it as to a recipe. `sweep` may also be a list of such grids:
-the runs are the grids' runs in order (a run may appear only once). `run_experiment`
+sizes (no `size`), while n_layers, d_model, ratio and window apply to it as to a recipe.
+`sweep` may also be a list of such grids: the runs are the grids' runs in order (a run may appear only once). `run_experiment`
 appends each finished run's rows to `<out>/<name>/runs.jsonl` (each row: the study's
 columns plus the run's fields, its settings as `settings.<key>` columns, and `run_key`),
 skips runs already there, and regenerates `results.csv`, `table.md` and `plot.png` from the
@@ -48,8 +48,8 @@ from typing_extensions import Self
 from mixerzoo.ablate.claims import ResultsFolder
 from mixerzoo.ablate.executors import ProcessPool, RayCluster, visible_gpus
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, list_plots, list_studies,
-    run_precision, save_figure, study_score, study_settings,
+    DEVICE_PATTERN, Row, RunConfig, Study, build_spec, figure_title, get_plot, get_study, is_timed, layout_hash,
+    list_plots, list_studies, run_precision, save_figure, study_score, study_settings,
 )
 from mixerzoo.ablate.summary import best_over, over_seeds, with_spread
 from mixerzoo.blocks.costs import FLOP_UNITS, in_units
@@ -69,7 +69,7 @@ class ExperimentConfig(StrictModel):
         description="a grid (key -> values, cartesian product) or a list of grids whose runs are concatenated")
     fixed: dict[str, Any] = Field(default_factory=dict, description="merged into every run's settings")
     scale: float = Field(1.0, gt=0, description="passed to the study as settings['scale']")
-    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
+    device: str | None = Field(None, pattern=DEVICE_PATTERN,
                                description="every run's device unless the sweep sets it: cpu (default), cuda, cuda:N")
     dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="every run's precision unless the sweep sets it: float32 (default) or bfloat16 autocast")
@@ -238,8 +238,7 @@ def _composed(layout: dict[str, Any], where: str) -> dict[str, Any]:
     except ValidationError as error:
         raise ValueError(f"{where}.recipe (layout {layout.get('name', '')!r}): {describe_validation_error(error)}") from None
     data = spec.model_dump(mode="json")
-    run = RunConfig(study="-", recipe="-", layout=data)
-    return {"recipe": str(layout.get("name") or f"layout-{run.layout_hash()}"), "layout": data, "size": "custom"}
+    return {"recipe": str(layout.get("name") or f"layout-{layout_hash(data)}"), "layout": data, "size": "custom"}
 
 
 def run_row_fields(run: RunConfig) -> Row:
@@ -451,11 +450,10 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
     in_flight: dict[str, tuple[RunConfig, Any]] = {}  # run key -> (run, its pending result in a worker)
 
     def claim_next() -> RunConfig | None:
-        for run in runs:  # in sweep order; another process may have finished or claimed some meanwhile
-            if run.key() in in_flight:
-                continue
-            with folder.locked():
-                if run.key() not in _done_keys(jsonl) and folder.claim(run.key()):
+        with folder.locked():  # another process may have finished or claimed some runs meanwhile
+            finished = _done_keys(jsonl)
+            for run in runs:  # in sweep order
+                if run.key() not in in_flight and run.key() not in finished and folder.claim(run.key()):
                     return run
         return None
 

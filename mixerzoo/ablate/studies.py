@@ -52,8 +52,8 @@ from pydantic import Field, field_validator
 
 from mixerzoo.blocks import Decoder, LayoutSpec, flops_per_token, parameter_count, random_state, state_nbytes
 from mixerzoo.blocks.spec import MAX_LAYERS, MAX_WIDTH
-from mixerzoo.registry import recipe
 from mixerzoo.errors import StrictModel
+from mixerzoo.registry import recipe
 
 Row = dict[str, Any]
 Study = Callable[["RunConfig", Path], list[Row]]
@@ -99,7 +99,13 @@ _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study"
                     "mixerzoo.ablate.lm_study")
 
 
+DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"  # a run's device: cpu, cuda or cuda:N
 _LATER_FIELDS = ("layout", "device", "dtype")  # RunConfig fields newer than the first results folders (see key)
+
+
+def layout_hash(layout: dict[str, Any]) -> str:
+    """A short hash of a layout's canonical JSON: names a composed layout in runs and rows."""
+    return hashlib.sha256(json.dumps(layout, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 class RunConfig(StrictModel):
@@ -110,7 +116,7 @@ class RunConfig(StrictModel):
     layout: dict[str, Any] | None = Field(None, description="a composed LayoutSpec (from a layout YAML or an "
                                                             "inline mapping); the run uses it instead of a recipe")
     size: str = Field("tiny", description="recipe size: tiny, small or paper (custom for a composed layout)")
-    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
+    device: str | None = Field(None, pattern=DEVICE_PATTERN,
                                description="where the run's models live: cpu (default), cuda or cuda:N")
     dtype: Literal["float32", "bfloat16"] | None = Field(
         None, description="float32 (default) or bfloat16 autocast (recurrent states stay float32)")
@@ -132,9 +138,7 @@ class RunConfig(StrictModel):
 
     def layout_hash(self) -> str | None:
         """A short hash of the composed layout's canonical JSON (None for a registered recipe)."""
-        if self.layout is None:
-            return None
-        return hashlib.sha256(json.dumps(self.layout, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+        return None if self.layout is None else layout_hash(self.layout)
 
     def key(self) -> str:
         """A stable short hash of the run's canonical JSON: identifies the run for resuming. Fields
@@ -234,8 +238,7 @@ def settings_class(name: str) -> type[StudySettings]:
 
 def study_settings(run: "RunConfig") -> StudySettings:
     """`run.settings` validated by its study's settings model (ValidationError naming the field)."""
-    get_study(run.study)
-    return _SETTINGS[run.study].model_validate(run.settings)
+    return settings_class(run.study).model_validate(run.settings)
 
 
 def chance_level(row: Row) -> float | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 Row = dict[str, Any]
 _NOT_MEASURED = ("run_key", "seed")
+_OUTCOMES = ("train_seconds", "threads", "steps")  # what a run reports about itself, not its identity
 
 
 def _is_measurement(column: str, rows: list[Row]) -> bool:
@@ -51,9 +52,6 @@ def best_over(rows: list[Row], column: str, score: str) -> list[Row]:
         return sum(values) / len(values) if values else float("-inf")
 
     return [row for candidates in groups.values() for row in max(candidates, key=mean_score)]
-
-
-_OUTCOMES = ("train_seconds", "threads", "steps")  # what a run reports about itself, not its identity
 
 
 def over_seeds(rows: list[Row]) -> list[Row]:

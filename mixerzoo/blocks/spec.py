@@ -39,7 +39,8 @@ class MLPSpec(StrictModel):
 class LayerSpec(StrictModel):
     """One decoder layer: a token mixer (any registered type) and an MLP."""
 
-    mixer: SerializeAsAny[MixerConfig] = Field(description="the token mixer: a mapping with a registered `type` and that type's fields")
+    mixer: SerializeAsAny[MixerConfig] = Field(
+        description="the token mixer: a mapping with a registered `type` and that type's fields")
     mlp: MLPSpec = Field(description="the channel mixer after it")
 
     @field_validator("mixer", mode="before")
@@ -80,13 +81,13 @@ MAX_PARAMETERS = 10**13  # 20 TB in bfloat16
 def _check_bounds(data: dict) -> None:
     """Refuse sizes no machine can hold, from the raw spec: depth, width, vocabulary, and a rough
     parameter count (16 d^2 per layer, embeddings and head)."""
-    def positive_int(key: str, value: Any) -> int | None:
+    def positive_int(value: Any) -> int | None:
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    n_layers = positive_int("n_layers", data.get("n_layers"))
+    n_layers = positive_int(data.get("n_layers"))
     if n_layers is None and isinstance(data.get("layers"), list):
         n_layers = len(data["layers"])
-    d_model, vocab = positive_int("d_model", data.get("d_model")), positive_int("vocab_size", data.get("vocab_size"))
+    d_model, vocab = positive_int(data.get("d_model")), positive_int(data.get("vocab_size"))
     for key, value, limit in (("n_layers", n_layers, MAX_LAYERS), ("d_model", d_model, MAX_WIDTH),
                               ("vocab_size", vocab, MAX_VOCAB)):
         if value is not None and value > limit:
@@ -108,7 +109,8 @@ class LayoutSpec(StrictModel):
 
     d_model: int = Field(gt=0, description="width of the residual stream")
     vocab_size: int = Field(gt=0, description="token vocabulary (embedding rows, logits)")
-    layers: list[LayerSpec] = Field(description="the layers in order (or give n_layers, pattern / ratio, legend, mlp, rope and overrides)")
+    layers: list[LayerSpec] = Field(
+        description="the layers in order (or give n_layers, pattern / ratio, legend, mlp, rope and overrides)")
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of the pre-norms and the final RMSNorm")
     tie_embeddings: bool = Field(True, description="the LM head shares the embedding matrix")
 

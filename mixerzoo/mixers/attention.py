@@ -19,9 +19,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
+from mixerzoo.errors import StrictModel
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, device_check, fused_linear
 from mixerzoo.ops import attention, rotary_tables, rotate
-from mixerzoo.errors import StrictModel
 
 _INDEX_BYTES = 8  # the int64 count of tokens seen, one per row
 

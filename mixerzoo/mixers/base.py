@@ -152,15 +152,17 @@ class MixerState:
         """The state contiguous with the strides of fresh tensors, size-1 dimensions' included (a view
         where only those differ): what a compiled step takes, so its stride guards hold at every step."""
         def fresh(t: torch.Tensor) -> torch.Tensor:
-            if t.stride() == _fresh_strides(t.shape):
+            strides = _fresh_strides(t.shape)
+            if t.stride() == strides:
                 return t
             if t.is_contiguous():  # only size-1 dimensions differ: the same elements, restrided
-                return t.as_strided(t.shape, _fresh_strides(t.shape))
+                return t.as_strided(t.shape, strides)
             return t.clone(memory_format=torch.contiguous_format)
 
-        if all(t.stride() == _fresh_strides(t.shape) for t in self.tensors().values()):
+        made = {k: fresh(t) for k, t in self.tensors().items()}
+        if all(made[k] is t for k, t in self.tensors().items()):
             return self
-        return dataclasses.replace(self, **{k: fresh(t) for k, t in self.tensors().items()})
+        return dataclasses.replace(self, **made)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Self:
         """The state on `device`, with floating tensors (except float32-pinned ones) in `dtype`."""

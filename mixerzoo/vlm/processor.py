@@ -17,9 +17,9 @@ from typing import Union
 import numpy as np
 import torch
 from pydantic import Field, model_validator
+from typing_extensions import Self
 
 from mixerzoo.errors import StrictModel
-from typing_extensions import Self
 
 try:
     from PIL import Image

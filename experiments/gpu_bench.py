@@ -20,6 +20,11 @@ soon as a case finishes, so a run cut off by its time limit keeps what it measur
            takes longest).
   prefill  tokens/s of one forward over an 8K and a 32K prompt (logits of every position included).
   ops      chunked gated_delta_rule and ssd at paper layer shapes, 8K tokens: fla vs torch backend.
+  train    training tokens/s (forward, backward, clipping, AdamW; float32 weights, bf16 autocast, as
+           `ablate --dtype bfloat16` trains) of a 2-layer MQAR model at Zoology's scale (d_model 128,
+           vocabulary 8,192, 512 x 256 tokens) and of every `small` recipe (16 x 2,048 tokens); the
+           all-Gated-DeltaNet ones also built from fla's own layers (GatedDeltaNetForCausalLM of the
+           same shape and parameter count, its Triton kernels), side by side.
 Every case records peak GPU memory. Weights are random (speed does not depend on them); bf16;
 op backends "auto" (on the GPU machine: fla for GDN / SSD, PyTorch SDPA for attention).
 
@@ -48,7 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mixerzoo.blocks import Decoder, GraphDecoder, continue_stream, random_state, state_nbytes
+from mixerzoo.ablate.studies import RunConfig, build_spec
+from mixerzoo.blocks import Decoder, GraphDecoder, LayoutSpec, continue_stream, random_state, state_nbytes
 from mixerzoo.blocks.costs import parameter_count
 from mixerzoo.mixers.base import atomic_write_bytes
 from mixerzoo.ops import gated_delta_rule, ssd
@@ -56,7 +62,7 @@ from mixerzoo.ops._backend import module_available
 from mixerzoo.registry import recipe
 from mixerzoo.vlm import VLM, StreamSession, process_video, vlm_recipe
 
-SECTIONS = ("graph", "decode", "stream", "prefill", "ops", "stream-compiled")  # compiling last: it takes longest
+SECTIONS = ("graph", "decode", "stream", "prefill", "ops", "train", "stream-compiled")  # compiling last: it takes longest
 GIB = 2**30
 
 
@@ -78,6 +84,8 @@ class Plan:
     warmup: int
     strict: bool  # raise on the first failing case (the dry run) instead of recording it
     compiled_stream: tuple[int, ...] = ()  # frame sizes also streamed with compile=True (a graph per frame size)
+    mqar_shape: tuple[int, int, int, int] = (128, 8192, 512, 256)  # d_model, vocabulary, batch, tokens per row
+    train_shape: tuple[int, int] = (16, 2048)  # batch, tokens per row of the recipes' training steps
 
 
 GPU_PLAN = Plan(size="paper", device="cuda", dtype=torch.bfloat16, contexts=(4096, 16384, 51200, 131072, 307200),
@@ -85,7 +93,7 @@ GPU_PLAN = Plan(size="paper", device="cuda", dtype=torch.bfloat16, contexts=(409
                 op_length=8192, repeats=5, warmup=3, strict=False, compiled_stream=(448,))
 DRY_PLAN = Plan(size="tiny", device="cpu", dtype=torch.bfloat16, contexts=(40, 300), prefill_lengths=(32, 80),
                 frame_sizes=(224,), frames=1, decode_steps=1, graph_tokens=3, op_length=80, repeats=1, warmup=0,
-                strict=True)
+                strict=True, mqar_shape=(64, 256, 4, 32), train_shape=(2, 48))
 
 
 def label(n: int) -> str:
@@ -161,7 +169,7 @@ def _cell(value) -> str:
 
 def claims(sections: dict) -> list[str]:
     """The paper's claims against what was measured: decode speedups at 50K and 300K, flat latency,
-    streaming FPS at 256 tokens per frame."""
+    streaming FPS at 256 tokens per frame; and our training throughput against fla's own model."""
     decode = {(r["recipe"], r["mode"], r["context"]): r for r in sections.get("decode", []) if "ms_per_token" in r}
     lines = ["## claims", ""]
     for mode in ("eager", "graph"):
@@ -185,6 +193,12 @@ def claims(sections: dict) -> list[str]:
             worst = max(r["ms_per_token"] for r in rows)
             lines.append(f"- infinitevl graph decode: at most {worst:.2f} ms/token over every context (target on an "
                          f"H200: <= 2.5): {'met' if worst <= 2.5 else 'not met'}")
+    train = {(r["model"], r["implementation"]): r for r in sections.get("train", []) if "tokens_per_s" in r}
+    for (model, implementation), row in train.items():
+        peer = train.get((model, "fla"))
+        if implementation == "mixerzoo" and peer:
+            lines.append(f"- training {model}: mixerzoo {row['tokens_per_s'] / peer['tokens_per_s']:.2f}x the tokens/s of "
+                         f"fla's GatedDeltaNetForCausalLM ({row['tokens_per_s']:.3g} vs {peer['tokens_per_s']:.3g})")
     for row in sections.get("stream", []):
         if row.get("tokens_per_frame") == 256 and "fps" in row:
             lines.append(f"- streaming at 256 tokens per frame ({row.get('mode', 'eager')}): {row['fps']:.1f} FPS end to end, "
@@ -392,8 +406,92 @@ def ops_section(plan: Plan, results: Results) -> None:
             run_case(results, "ops", plan, dict(op=op, backend=backend, tokens=length, dtype=str(dtype)), case)
 
 
+def fla_gated_deltanet(spec: LayoutSpec) -> torch.nn.Module:
+    """fla's GatedDeltaNetForCausalLM with the shape of an all-Gated-DeltaNet SwiGLU spec: the same
+    width, depth, heads, value expansion, short convolutions, MLP width, vocabulary and parameter count."""
+    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+    mixers = {layer.mixer.model_dump_json() for layer in spec.layers}
+    mlps = {layer.mlp.model_dump_json() for layer in spec.layers}
+    first = spec.layers[0]
+    if len(mixers) != 1 or first.mixer.type != "gated_deltanet" or len(mlps) != 1 or first.mlp.type != "swiglu":
+        raise ValueError("fla_gated_deltanet: the spec's layers must all be one gated_deltanet mixer with one swiglu MLP")
+    mixer = first.mixer
+    config = GatedDeltaNetConfig(
+        hidden_size=spec.d_model, num_hidden_layers=len(spec.layers), num_heads=mixer.n_heads, head_dim=mixer.head_dim,
+        num_v_heads=mixer.n_v_heads, expand_v=mixer.expand_v, conv_size=mixer.conv_size, allow_neg_eigval=mixer.allow_neg_eigval,
+        intermediate_size=first.mlp.hidden, hidden_ratio=None, norm_eps=spec.norm_eps, vocab_size=spec.vocab_size,
+        tie_word_embeddings=spec.tie_embeddings, fuse_cross_entropy=False, use_cache=False)
+    return GatedDeltaNetForCausalLM(config)
+
+
+def training_step(model: torch.nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
+                  device: str) -> Callable[[], None]:
+    """One training step of `model` on ids [B, T + 1] (next-token loss): bf16-autocast forward, backward,
+    gradient clipping at 1 and an AdamW update, as the studies' training loop does."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = logits_of(ids[:, :-1])  # [B, T, V]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return step
+
+
+def train_section(plan: Plan, results: Results) -> None:
+    """Training tokens/s of the 2-layer MQAR models and the `small` recipes; all-Gated-DeltaNet ones also
+    as fla's GatedDeltaNetForCausalLM (on CUDA with fla installed; the dry run checks its shape only)."""
+    width, mqar_vocab, mqar_batch, mqar_length = plan.mqar_shape
+    batch, length = plan.train_shape
+    size = "small" if plan.device == "cuda" else "tiny"
+    cases = [("mqar", name, build_spec(RunConfig(study="mqar", recipe=name, size="tiny", n_layers=2, d_model=width)),
+              mqar_vocab, mqar_batch, mqar_length) for name in ("transformer", "swa", "gdn", "mamba2", "infinitevl")]
+    cases += [(size, name, recipe(name, size), None, batch, length)
+              for name in ("transformer", "swa", "gdn", "mamba2", "infinitevl")]
+    fla_runs = plan.device == "cuda" and module_available("fla")
+    with torch.inference_mode(False):
+        for model_size, name, spec, vocab, rows, tokens in cases:
+            if vocab is not None:
+                spec = LayoutSpec.model_validate({**spec.model_dump(mode="json"), "vocab_size": vocab})
+            contenders = {"mixerzoo": lambda spec=spec: _ours(spec)}
+            if name == "gdn":
+                peer_parameters = sum(p.numel() for p in fla_gated_deltanet(spec).parameters()) if module_available("fla") else None
+                if peer_parameters is not None and peer_parameters != parameter_count(spec):
+                    raise AssertionError(f"fla's {name} has {peer_parameters} parameters, ours {parameter_count(spec)}")
+                if fla_runs:
+                    contenders["fla"] = lambda spec=spec: _fla(spec)
+            for implementation, build in contenders.items():
+                def case() -> dict:
+                    torch.manual_seed(0)
+                    model, logits_of = build()
+                    model.to(plan.device).train()
+                    ids = torch.randint(spec.vocab_size, (rows, tokens + 1), device=plan.device)
+                    seconds = timed(training_step(model, logits_of, ids, plan.device), plan)
+                    return dict(ms_per_step=seconds * 1e3, tokens_per_s=rows * tokens / seconds,
+                                parameters=parameter_count(spec))
+
+                run_case(results, "train", plan, dict(model=f"{name} {model_size}", implementation=implementation,
+                                                      batch=f"{rows} x {tokens}"), case)
+            free_memory(plan, collect=True)
+
+
+def _ours(spec: LayoutSpec) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    model = Decoder(spec)
+    return model, lambda ids: model(ids)[0]
+
+
+def _fla(spec: LayoutSpec) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    model = fla_gated_deltanet(spec)
+    return model, lambda ids: model(input_ids=ids).logits
+
+
 RUNNERS = {"graph": graph_section, "decode": decode_section, "stream": stream_section, "prefill": prefill_section,
-           "ops": ops_section, "stream-compiled": functools.partial(stream_section, compile=True)}
+           "ops": ops_section, "train": train_section, "stream-compiled": functools.partial(stream_section, compile=True)}
 
 
 def describe(plan: Plan) -> str:

@@ -24,13 +24,15 @@ def _load(path: Path):
 
 
 def test_gpu_check_script_parses_and_names_its_steps():
-    """gpu_check.sh is valid bash and runs the three steps (its --dry-run collects the CUDA tests and
-    runs the benchmark's dry run below, as a developer runs it by hand)."""
+    """gpu_check.sh is valid bash, runs every step and refuses an unknown step name (its --dry-run collects
+    the CUDA tests and runs the benchmark's dry run below, as a developer runs it by hand)."""
     script = ROOT / "experiments" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for step in ("step pytest", "step graph", "step bench", "--dry-run"):
+    for step in ("step pytest", "step graph", "step bench", "--dry-run", "zoology-row.yaml", "--sections train"):
         assert step in text
+    unknown = subprocess.run(["bash", str(script), "--dry-run", "no-such-step"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown step 'no-such-step'" in unknown.stderr
 
 
 def test_gpu_bench_dry_run_builds_and_runs_every_section(tmp_path, capsys):
@@ -38,7 +40,11 @@ def test_gpu_bench_dry_run_builds_and_runs_every_section(tmp_path, capsys):
     bench.main(["--dry-run", "--out", str(tmp_path)])
     assert "DRY RUN" in capsys.readouterr().out
     sections = json.loads((tmp_path / "bench.json").read_text())["sections"]
-    assert set(sections) == {"graph", "decode", "stream", "prefill", "ops"}
+    assert set(sections) == {"graph", "decode", "stream", "prefill", "ops", "train"}
+    trained = {row["model"] for row in sections["train"] if row["implementation"] == "mixerzoo"}
+    assert trained == {f"{name} {size}" for name in ("transformer", "swa", "gdn", "mamba2", "infinitevl")
+                       for size in ("mqar", "tiny")}
+    assert all(row["tokens_per_s"] > 0 for row in sections["train"])
     assert all(row["tokens_equal"] for row in sections["graph"])
     decode = {(row["recipe"], row["mode"]) for row in sections["decode"]}
     assert decode == {(name, mode) for name in ("infinitevl", "transformer") for mode in ("eager", "graph")}
@@ -107,6 +113,9 @@ def test_claims_compare_the_paper_goals():
                    row("infinitevl", "eager", 51200, 40.0), row("transformer", "eager", 51200, 80.0),
                    dict(recipe="transformer", mode="graph", context=307200, status="oom")],
         "stream": [dict(tokens_per_frame=256, fps=40.0, model_fps=55.0)],
+        "train": [dict(model="gdn small", implementation="mixerzoo", tokens_per_s=3.0e5),
+                  dict(model="gdn small", implementation="fla", tokens_per_s=2.0e5),
+                  dict(model="swa small", implementation="mixerzoo", tokens_per_s=4.0e5)],
     }
     text = "\n".join(bench.claims(sections))
     # like for like: graph against graph (4.00x, holds), eager against eager (2.00x, does not hold)
@@ -117,6 +126,8 @@ def test_claims_compare_the_paper_goals():
     assert "latency 300K / 4K: 1.10x" in text
     assert "at most 2.20 ms/token over every context (target on an H200: <= 2.5): met" in text
     assert "40.0 FPS end to end, 55.0 FPS without CPU preprocessing" in text
+    assert "training gdn small: mixerzoo 1.50x the tokens/s of fla's GatedDeltaNetForCausalLM" in text
+    assert "training swa small" not in text  # no fla peer, no claim
 
 
 def test_failure_log_records_each_failure_as_it_happens(tmp_path):
@@ -135,3 +146,21 @@ def test_failure_log_records_each_failure_as_it_happens(tmp_path):
     text = log.read_text()
     assert "test_planted.py::test_fails (call)" in text and "planted failure" in text
     assert "test_passes" not in text
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_fla_peer_has_our_shape_and_parameter_count(size):
+    """The GPU training comparison's fla model is ours in fla's layers: every parameter tensor's count matches."""
+    if importlib.util.find_spec("fla") is None:
+        print("skipped: fla (flash-linear-attention) is not installed")
+        pytest.skip("fla (flash-linear-attention) is not installed")
+    from mixerzoo.blocks import Decoder
+    from mixerzoo.registry import recipe
+
+    bench = _load(ROOT / "experiments" / "gpu_bench.py")
+    spec = recipe("gdn", size)
+    theirs = bench.fla_gated_deltanet(spec)
+    ours = Decoder(spec)
+    assert sorted(p.numel() for p in theirs.parameters()) == sorted(p.numel() for p in ours.parameters())
+    with pytest.raises(ValueError, match="gated_deltanet mixer"):
+        bench.fla_gated_deltanet(recipe("infinitevl", size))

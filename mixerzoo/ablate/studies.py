@@ -96,7 +96,7 @@ _SCORES: dict[str, str] = {}
 _PLOTS: dict[str, PlotHook] = {}
 _NAMED_PLOTS: dict[str, PlotHook] = {}
 _BUILTIN_MODULES = ("mixerzoo.ablate.mqar_study", "mixerzoo.ablate.visual_study", "mixerzoo.ablate.stream_study",
-                    "mixerzoo.ablate.lm_study")
+                    "mixerzoo.ablate.lm_study", "mixerzoo.ablate.dense_study")
 
 
 DEVICE_PATTERN = r"^(cpu|cuda(:\d+)?)$"  # a run's device: cpu, cuda or cuda:N

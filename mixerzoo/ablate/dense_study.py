@@ -1,0 +1,153 @@
+"""The `dense-recall` study: recall of many pairs held at once, inside a sliding window against past it.
+
+InfiniteVL's premise in one two-axis design: window attention fails once what it needs has left the
+window, and linear attention fails when more must be held than its fixed state can store; the hybrid
+is meant to keep both. One run trains the run's Decoder on a mix of dense-recall examples
+(`mixerzoo.tasks.dense_recall`): every density in `densities` (pairs held at once) at two distances,
+`inside` (the queries right after the pairs: every distance below the window) and `past` (a filler
+gap of `gap` tokens first: every distance at least the window), in equal shares, shuffled; it then
+scores held-out examples of each cell. Settings (unknown keys are an error):
+
+    (the fields of `DenseRecallSettings`, each with its meaning: `mixerzoo mixers`, docs/CONFIG.md)
+
+Rows: one per cell, n_pairs, placement (inside / past), gap, distance_min, distance_max (tokens
+from a value to its query), accuracy; and per run seq_len, swa_window, state_bytes (bfloat16 at
+seq_len), parameters, final_loss, steps, train_seconds, threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator
+
+from mixerzoo.ablate.mqar_study import swa_window
+from mixerzoo.ablate.studies import (
+    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
+)
+from mixerzoo.ablate.summary import over_seeds
+from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
+from mixerzoo.registry import recipe
+from mixerzoo.tasks.dense_recall import DenseRecallConfig, make_dense_recall
+from mixerzoo.tasks.loop import answer_accuracy, fit
+from mixerzoo.tasks.mqar import chance_accuracy
+
+EVAL_SEED_OFFSET = 2**32  # held-out data seed = run seed + this (+ the cell's index): never a training seed
+PLACEMENTS = ("inside", "past")
+
+
+class DenseRecallSettings(StudySettings):
+    """The `dense-recall` study's settings (unknown keys are an error)."""
+
+    vocab_size: int = Field(64, gt=0, description="tokens: 0 filler, [1, V/2) keys, [V/2, V) values")
+    densities: list[int] = Field([2, 4, 8, 12], min_length=1, description="pairs held at once, one cell each")
+    gap: int = Field(36, gt=0, description="filler tokens before the queries of the `past` examples (>= window - 1)")
+    steps: int = Field(1500, gt=0, description="training steps, multiplied by the experiment's `scale`")
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps (capped below the step count)")
+    weight_decay: float = Field(0.0, ge=0, description="on matrices only (mixerzoo.optim)")
+    batch_size: int = Field(32, gt=0, description="training examples per step, cells mixed")
+    eval_examples: int = Field(256, gt=0, description="held-out examples per cell")
+
+    @field_validator("densities")
+    @classmethod
+    def _positive_and_distinct(cls, densities: list[int]) -> list[int]:
+        if min(densities) < 1 or len(set(densities)) != len(densities):
+            raise ValueError(f"densities must be distinct positive pair counts, got {densities}")
+        return sorted(densities)
+
+    @property
+    def seq_len(self) -> int:
+        """Every example's length: the densest cell past the window."""
+        return 3 * max(self.densities) + self.gap
+
+    def cells(self) -> list[DenseRecallConfig]:
+        """One task per density and placement (inside: no gap; past: `gap`), densities ascending."""
+        return [DenseRecallConfig(vocab_size=self.vocab_size, n_pairs=n, gap=0 if placement == "inside" else self.gap,
+                                  seq_len=self.seq_len) for n in self.densities for placement in PLACEMENTS]
+
+    def check_spec(self, spec: LayoutSpec) -> None:
+        """Inside must lie inside the spec's sliding window and past must lie past it."""
+        self.cells()  # the vocabulary holds the densest cell
+        window = swa_window(spec)
+        if window is None:
+            return
+        densest = max(self.densities)
+        if 3 * densest - 2 >= window:
+            raise ValueError(f"dense-recall: with window {window} the inside cell of {densest} pairs reaches "
+                             f"{3 * densest - 2} tokens back, past the window; use densities <= {(window + 1) // 3} "
+                             f"or window >= {3 * densest - 1}")
+        if self.gap + 1 < window:
+            raise ValueError(f"dense-recall: gap {self.gap} leaves past queries {self.gap + 1} tokens from their pairs, "
+                             f"inside window {window}; use gap >= {window - 1}")
+
+
+def dense_plot(rows: list[Row], path: Path) -> None:
+    """Accuracy against pairs held at once, one panel per placement (inside / past the window), one line
+    per model (mean over seeds, error bars ± std), chance dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = [f for f in ("recipe", "n_layers", "ratio") if len({r.get(f) for r in rows}) > 1] or ["recipe"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
+    summary = over_seeds(rows)
+    for ax, placement in zip(axes, PLACEMENTS):
+        lines: dict[str, list[Row]] = {}
+        for row in summary:
+            if row["placement"] == placement:
+                label = " ".join(str(row.get(f)) if f == "recipe" else f"{f}={row.get(f)}" for f in fields)
+                lines.setdefault(label, []).append(row)
+        for label, mine in lines.items():
+            ax.errorbar([r["n_pairs"] for r in mine], [r["accuracy"] for r in mine], yerr=[r["accuracy_std"] for r in mine],
+                        marker="o", capsize=3, label=label)
+        draw_chance(ax, [r for r in rows if r["placement"] == placement], [r["accuracy"] for r in rows])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("key-value pairs held at once")
+        ax.set_title(f"{placement} the window", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("recall accuracy")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(figure_title(rows, "dense recall: density against distance"), fontsize=10)
+    save_figure(fig, path)
+
+
+@register_study("dense-recall", settings=DenseRecallSettings, plot=dense_plot, score="accuracy",
+                chance=lambda row: chance_accuracy(row.get("vocab_size") or recipe(row["recipe"], row["size"]).vocab_size))
+def dense_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
+    """Train `Decoder(build_spec(run))` on the mixed cells; one row of held-out accuracy per cell."""
+    settings = DenseRecallSettings.model_validate(run.settings)
+    spec = build_spec(run)
+    spec = LayoutSpec.model_validate({**spec.model_dump(mode="json"), "vocab_size": settings.vocab_size})
+    settings.check_spec(spec)
+    cells = settings.cells()
+    steps = max(1, round(settings.steps * settings.scale))
+    per_cell = -(-steps * settings.batch_size // len(cells))
+    parts = [make_dense_recall(cell, per_cell, run.seed * len(cells) + index) for index, cell in enumerate(cells)]
+    order = torch.randperm(per_cell * len(cells), generator=torch.Generator().manual_seed(run.seed))
+    inputs, labels = (torch.cat(tensors)[order] for tensors in zip(*parts))  # [per_cell x cells, T], cells mixed
+
+    def batch(step: int) -> dict[str, torch.Tensor]:
+        rows = slice(step * settings.batch_size, (step + 1) * settings.batch_size)
+        return {"input_ids": inputs[rows], "labels": labels[rows]}
+
+    torch.manual_seed(run.seed)
+    model = Decoder(spec).to(run_device(run))
+    trained = fit(model, batch, steps=steps, lr=settings.lr, weight_decay=settings.weight_decay,
+                  warmup_steps=min(settings.warmup_steps, steps - 1))
+    common = dict(seq_len=settings.seq_len, vocab_size=settings.vocab_size, swa_window=swa_window(spec),
+                  state_bytes=state_nbytes(spec, settings.seq_len, dtype=torch.bfloat16), parameters=parameter_count(spec),
+                  final_loss=trained["final_loss"], steps=steps, train_seconds=trained["seconds"],
+                  threads=torch.get_num_threads())
+    rows = []
+    for index, cell in enumerate(cells):
+        held_out = make_dense_recall(cell, settings.eval_examples, run.seed + EVAL_SEED_OFFSET + index)
+        accuracy = answer_accuracy(model, ({"input_ids": held_out[0][start:start + 256], "labels": held_out[1][start:start + 256]}
+                                           for start in range(0, settings.eval_examples, 256)))
+        low, high = cell.distance_range()
+        rows.append(dict(n_pairs=cell.n_pairs, placement="inside" if cell.gap == 0 else "past", gap=cell.gap,
+                         distance_min=low, distance_max=high, accuracy=accuracy, **common))
+    return rows

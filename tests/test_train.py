@@ -21,6 +21,7 @@ from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.train import (ByteTokenizer, Example, JSONLDataset, LoRAConfig, TrainConfig, apply_lora, build_model,
                             collate, fold_lora, load_model, parameter_groups, save_model, train)
 from mixerzoo.train.config import ModelSource
+from mixerzoo.train.data import build_dataset
 from mixerzoo.train.loop import example_indices, lr_factor
 from mixerzoo.vlm import VLM, vlm_recipe
 
@@ -324,22 +325,88 @@ def test_two_processes_match_one_process(tmp_path, strategy):
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_end_to_end_demo_runs_at_a_minimal_scale(tmp_path):
-    """experiments/train_demo.py: every stage runs from the YAMLs, the table and plot are written."""
+def _demo():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_demo", Path(__file__).parents[1] / "experiments" / "train_demo.py")
     demo = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = demo  # dataclasses look their module up
     spec.loader.exec_module(demo)
+    return demo
+
+
+def test_end_to_end_demo_runs_at_a_minimal_scale(tmp_path):
+    """experiments/train_demo.py: every stage runs from the YAMLs, the table and plot are written."""
+    demo = _demo()
     result = demo.main(["--out", str(tmp_path), "--scale", "0.005", "--test-examples", "8", "--examples", "64",
-                         "--threads", "1"])
+                        "--threads", "1"])
     runs = [row["run"] for row in result["rows"]]
     assert runs == ["teacher", "converted, untrained", "distill-layers", "distill-logits", "sft", "long-sft", "scratch"]
     assert all(0 <= row["accuracy"] <= 1 for row in result["rows"])
     scratch = next(row for row in result["rows"] if row["run"] == "scratch")
-    assert scratch["steps"] == sum(row["steps"] for row in result["rows"] if row["run"] in demo.STAGES[1:])
+    stages = demo.PIPELINES["visual"].stages[1:]
+    assert scratch["steps"] == sum(row["steps"] for row in result["rows"] if row["run"] in stages)
     for name in ("summary.json", "summary.md", "losses.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_text_demo_shares_one_teacher_and_scores_by_position(tmp_path):
+    """The real-text pipeline: one teacher for every seed, each seed's student and scratch scored by
+    validation loss overall and per position span, the overall loss the mean of the spans'."""
+    demo = _demo()
+    result = demo.main(["--pipeline", "text", "--out", str(tmp_path), "--scale", "0.002", "--test-examples", "4",
+                        "--examples", "32", "--threads", "1", "--seeds", "3", "4"])
+    runs = [(row["run"], row["seed"]) for row in result["rows"]]
+    student = ["converted, untrained", "text-distill-layers", "text-distill-logits", "text-sft", "scratch"]
+    assert runs == [("text-teacher", 3)] + [(run, seed) for seed in (3, 4) for run in student]
+    for row in result["rows"]:
+        spans = [row[f"loss_{a}_{b}"] for a, b in demo.TEXT_BUCKETS]
+        assert np.all(np.isfinite(spans)) and 0 < row["val_loss"] < 10
+        weights = [b - a for a, b in demo.TEXT_BUCKETS]
+        assert row["val_loss"] == pytest.approx(np.average(spans, weights=weights), rel=1e-6)
+    first = {row["run"]: row for row in result["rows"] if row["seed"] == 3}
+    assert first["scratch"]["tokens"] == sum(first[name]["tokens"] for name in student[1:4])
+    assert "| text-teacher | sft | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("pipeline", ["visual", "text"])
+def test_published_demo_tables_are_their_recorded_results_on_this_code(pipeline):
+    """docs/TRAINING.md shows exactly the table of docs/results/train-<pipeline>.json, which records its
+    command and commit and was measured on the current training code (re-run the command on a change)."""
+    demo = _demo()
+    root = Path(__file__).parents[1]
+    result = json.loads((root / "docs" / "results" / f"train-{pipeline}.json").read_text())
+    assert result["pipeline"] == pipeline and len(result["seeds"]) >= 3 and result["commit"]
+    assert demo.render_table(result) in (root / "docs" / "TRAINING.md").read_text(), "docs/TRAINING.md's table differs"
+    assert result["code_digest"] == demo.code_digest(), (
+        f"the training code changed since the published {pipeline} table was measured: run "
+        f"`{result['command']}` and copy its summary.json to docs/results/train-{pipeline}.json")
+
+
+def test_text_windows_train_a_converted_decoder(tmp_path):
+    """The stdlib-text source gives next-byte labels; a text Decoder teacher converts to infinitevl's
+    layout (copied weights, new Gated DeltaNet layers) and distils."""
+    torch.manual_seed(0)
+    save_model(build_model(ModelSource(recipe="transformer", vlm=False)), tmp_path / "teacher.safetensors")
+    text = {"source": "stdlib-text", "task": {"seq_len": 16}, "n_examples": 8}
+    config = _config(tmp_path, stage="distill-layers", data=text, steps=3, train=None,
+                     teacher={"checkpoint": tmp_path / "teacher.safetensors"},
+                     student={"recipe": "infinitevl", "convert_from_teacher": True})
+    dataset = build_dataset(config.data, vocab_size=256, processor=None)
+    example = dataset[0]
+    assert example.input_ids.shape == (16,) and torch.equal(example.input_ids[1:], example.labels[:-1])
+    teacher = load_model(tmp_path / "teacher.safetensors")
+    student = build_model(config.student, teacher)
+    kinds = [layer.mixer.type for layer in student.spec.layers]
+    assert "gated_deltanet" in kinds and "attention" in kinds
+    for name, tensor in teacher.state_dict().items():
+        if name in student.state_dict() and ".mixer." not in name:
+            assert torch.equal(student.state_dict()[name], tensor), name
+    _assert_lowered(train(config)["losses"])
+    with pytest.raises(ValueError, match="vocab_size >= 256"):
+        build_dataset(config.data, vocab_size=64, processor=None)
+    with pytest.raises(ValueError, match="seq_len"):
+        build_dataset(config.data.model_copy(update={"task": {"seq_lenn": 16}}), vocab_size=256, processor=None)
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path):

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
@@ -30,10 +29,9 @@ from mixerzoo.ablate.studies import (
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, parameter_count, state_nbytes
 from mixerzoo.tasks.loop import fit
-from mixerzoo.tasks.text import stdlib_corpus, text_windows
+from mixerzoo.tasks.text import position_losses, stdlib_corpus, text_windows
 
 EVAL_SEED = 2**31  # validation windows: the same for every run
-EVAL_BATCH = 32
 
 
 class LMSettings(StudySettings):
@@ -50,20 +48,6 @@ class LMSettings(StudySettings):
 
 
 @torch.no_grad()
-def position_losses(model: Decoder, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy at each position over the windows inputs, labels [N, T] -> [T]."""
-    model.eval()
-    total = torch.zeros(inputs.shape[1], dtype=torch.float64)
-    for start in range(0, inputs.shape[0], EVAL_BATCH):
-        device = next(model.parameters()).device
-        logits, _ = model(inputs[start:start + EVAL_BATCH].to(device))
-        loss = F.cross_entropy(logits.transpose(1, 2).float(), labels[start:start + EVAL_BATCH].to(device),
-                               reduction="none")
-        total += loss.sum(0).double().cpu()
-    model.train()
-    return total / inputs.shape[0]
-
-
 def lm_plot(rows: list[Row], path: Path) -> None:
     """Validation loss against token position (bucket centres), one line per recipe (mean over seeds,
     shaded ± std), a dotted line at each sliding window."""

@@ -11,8 +11,13 @@ from __future__ import annotations
 import hashlib
 import sysconfig
 from pathlib import Path
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from mixerzoo.errors import StrictModel
 
 _EXCLUDED_PARTS = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
 
@@ -51,3 +56,24 @@ def text_windows(corpus: torch.Tensor, n_windows: int, length: int, seed: int) -
     starts = torch.randint(corpus.numel() - length - 1, (n_windows,), generator=generator)
     windows = corpus[starts[:, None] + torch.arange(length + 1)].long()
     return windows[:, :-1], windows[:, 1:]
+
+
+class TextWindowsConfig(StrictModel):
+    """Random byte windows of the stdlib corpus (the training data source `stdlib-text`)."""
+
+    seq_len: int = Field(gt=0, description="bytes per window (each window's labels are the next bytes)")
+    split: Literal["train", "validation"] = Field("train", description="the corpus split the windows come from")
+
+
+def position_losses(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+    """Mean next-token cross entropy at each position over the windows inputs, labels [N, T] -> [T]."""
+    model.eval()
+    total = torch.zeros(inputs.shape[1], dtype=torch.float64)
+    for start in range(0, inputs.shape[0], batch_size):
+        device = next(model.parameters()).device
+        logits, _ = model(inputs[start:start + batch_size].to(device))
+        loss = F.cross_entropy(logits.transpose(1, 2).float(), labels[start:start + batch_size].to(device),
+                               reduction="none")
+        total += loss.sum(0).double().cpu()
+    model.train()
+    return total / inputs.shape[0]

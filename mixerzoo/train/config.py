@@ -63,13 +63,15 @@ class OptimConfig(StrictModel):
 class DataConfig(StrictModel):
     """The examples: a synthetic task or a JSONL file, and how they are batched."""
 
-    source: Literal["mqar", "visual-recall", "jsonl"] = Field(description="the examples: mqar or visual-recall (synthetic) or jsonl (a file)")
+    source: Literal["mqar", "visual-recall", "stdlib-text", "jsonl"] = Field(
+        description="the examples: mqar or visual-recall (synthetic), stdlib-text (random byte windows of the Python "
+                    "standard library's source, the `lm` study's corpus: task {seq_len, split}) or jsonl (a file)")
     path: Path | None = Field(None, description="the JSONL file (source: jsonl)")
     images_anywhere: bool = Field(False, description="jsonl: allow image paths outside the file's folder")
     tokenizer: str = Field("bytes", description='"bytes" (UTF-8 bytes as ids) or a Hugging Face tokenizer path')
     task: dict = Field(default_factory=dict, description="the synthetic task's config fields")
-    n_examples: int = Field(1024, gt=0, description="synthetic examples generated")
-    seed: int = Field(0, description="seed of the synthetic examples")
+    n_examples: int = Field(1024, gt=0, description="synthetic examples (or text windows) generated")
+    seed: int = Field(0, description="seed of the synthetic examples (or of the text windows' places)")
     pack: bool = Field(False, description="pack examples into rows of max_length, states reset per document")
     max_length: int | None = Field(None, gt=0, description="row length when packing; longer examples are an error")
 

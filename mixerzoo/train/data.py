@@ -17,6 +17,7 @@ import torch
 from mixerzoo.errors import describe
 from mixerzoo.tasks.loop import IGNORE
 from mixerzoo.tasks.mqar import MQARConfig, make_mqar
+from mixerzoo.tasks.text import TextWindowsConfig, stdlib_corpus, text_windows
 from mixerzoo.tasks.visual import VisualRecallConfig, make_visual_recall, sized_processor
 from mixerzoo.train.config import DataConfig
 from mixerzoo.vlm.processor import ProcessorConfig, expand_vision_tokens, process_images
@@ -188,6 +189,11 @@ def build_dataset(config: DataConfig, *, vocab_size: int, processor: ProcessorCo
         if processor is None:
             raise ValueError("data source 'visual-recall' needs a VLM")
         return visual_recall_dataset(config.task, config.n_examples, config.seed, processor, vocab_size=vocab_size)
+    if config.source == "stdlib-text":
+        task = TextWindowsConfig.model_validate(config.task)
+        if vocab_size < 256:
+            raise ValueError(f"data source 'stdlib-text' is bytes: the model needs vocab_size >= 256, it has {vocab_size}")
+        return TensorDataset(*text_windows(stdlib_corpus(task.split), config.n_examples, task.seq_len, config.seed))
     return JSONLDataset(config.path, load_tokenizer(config.tokenizer), processor, images_anywhere=config.images_anywhere)
 
 

@@ -52,8 +52,8 @@ def build_model(source: ModelSource, teacher: nn.Module | None = None) -> nn.Mod
     if source.checkpoint is not None:
         return load_model(source.checkpoint).train()
     if source.convert_from_teacher:
-        if not isinstance(teacher, VLM):
-            raise ValueError("convert_from_teacher converts a VLM teacher; the teacher is "
+        if not isinstance(teacher, (VLM, Decoder)):
+            raise ValueError("convert_from_teacher converts a VLM or Decoder teacher; the teacher is "
                              f"{type(teacher).__name__}")
         torch.manual_seed(source.seed)
         windows = [layer.mixer.window for layer in recipe(source.recipe, source.size).layers

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from mixerzoo.blocks import LayoutSpec
+from mixerzoo.blocks import Decoder, LayoutSpec
 from mixerzoo.mixers import Attention, GatedDeltaNet
 from mixerzoo.registry import recipe as recipe_spec
 from mixerzoo.vlm.checkpoint import decoder_spec, read_checkpoint, rename
@@ -82,30 +82,37 @@ def target_spec(
 
 @torch.no_grad()
 def convert(
-    model: VLM,
+    model: VLM | Decoder,
     recipe: str = "infinitevl",
     *,
     window: int | None = None,
     gdn_init: Literal["mimic", "attention"] = "mimic",
     gdn: dict[str, Any] | None = None,
-) -> VLM:
-    """A VLM with `recipe`'s layer pattern built from `model` (see `target_spec`): vision,
-    merger, embeddings, norms, MLPs and kept attention layers are copied; new Gated DeltaNet
-    layers get the release's mimic init, or (gdn_init="attention") additionally inherit
-    q/k/v/o from the attention they replace (which needs expand_v = 1: set by default)."""
+) -> VLM | Decoder:
+    """A model of `model`'s kind (VLM or text Decoder) with `recipe`'s layer pattern built from it
+    (see `target_spec`): vision, merger, embeddings, norms, MLPs and kept attention layers are
+    copied; new Gated DeltaNet layers get the release's mimic init, or (gdn_init="attention")
+    additionally inherit q/k/v/o from the attention they replace (which needs expand_v = 1: set by
+    default)."""
+    if not isinstance(model, (VLM, Decoder)):
+        raise TypeError(f"convert takes a VLM or a Decoder, got {type(model).__name__}")
     if gdn_init == "attention":
         gdn = {"expand_v": 1, **(gdn or {})}
-    spec = VLMSpec(
-        decoder=target_spec(model.spec.decoder, recipe, window=window, gdn=gdn),
-        vision=model.spec.vision, processor=model.spec.processor,
-    )
+    source = model.decoder if isinstance(model, VLM) else model
+    decoder = target_spec(source.spec, recipe, window=window, gdn=gdn)
     weight = next(model.parameters())
     with torch.device(weight.device):
-        student = VLM(spec).to(weight.dtype)
+        if isinstance(model, VLM):
+            student = VLM(VLMSpec(decoder=decoder, vision=model.spec.vision, processor=model.spec.processor))
+        else:
+            student = Decoder(decoder)
+        student = student.to(weight.dtype)
+    target = student.decoder if isinstance(student, VLM) else student
+    prefix = "decoder.layers." if isinstance(student, VLM) else "layers."
     copied = {k: v for k, v in model.state_dict().items() if k in student.state_dict() and
-              student.state_dict()[k].shape == v.shape and not _is_new_mixer(k, student)}
+              student.state_dict()[k].shape == v.shape and not _is_new_mixer(k, prefix, target)}
     student.load_state_dict(copied, strict=False)
-    for block, teacher in zip(student.decoder.layers, model.decoder.layers):
+    for block, teacher in zip(target.layers, source.layers):
         if isinstance(block.mixer, GatedDeltaNet):
             block.mixer.mimic_init()
             if gdn_init == "attention" and isinstance(teacher.mixer, Attention):
@@ -113,9 +120,9 @@ def convert(
     return student.eval()
 
 
-def _is_new_mixer(name: str, student: VLM) -> bool:
-    """Whether a parameter belongs to a mixer whose type the conversion changed."""
-    parts = name.split(".")
-    if parts[:2] != ["decoder", "layers"] or parts[3] != "mixer":
+def _is_new_mixer(name: str, prefix: str, decoder: Decoder) -> bool:
+    """Whether parameter `name` (decoder blocks under `prefix`) belongs to a mixer whose type the conversion changed."""
+    if not name.startswith(prefix):
         return False
-    return not isinstance(student.decoder.layers[int(parts[2])].mixer, Attention)
+    index, part = name[len(prefix):].split(".")[:2]
+    return part == "mixer" and not isinstance(decoder.layers[int(index)].mixer, Attention)

@@ -18,7 +18,7 @@ seq_len), parameters, final_loss, steps, train_seconds, threads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -43,7 +43,10 @@ class DenseRecallSettings(StudySettings):
 
     vocab_size: int = Field(64, gt=0, description="tokens: 0 filler, [1, V/2) keys, [V/2, V) values")
     densities: list[int] = Field([2, 4, 8, 12], min_length=1, description="pairs held at once, one cell each")
+    queries: int | None = Field(None, gt=0, description="keys asked per example (at most the density); None: every key")
     gap: int = Field(36, gt=0, description="filler tokens before the queries of the `past` examples (>= window - 1)")
+    placements: list[Literal["inside", "past"]] = Field(
+        list(PLACEMENTS), min_length=1, description="the distances trained and scored (a control trains one alone)")
     steps: int = Field(1500, gt=0, description="training steps, multiplied by the experiment's `scale`")
     lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps (capped below the step count)")
@@ -51,22 +54,27 @@ class DenseRecallSettings(StudySettings):
     batch_size: int = Field(32, gt=0, description="training examples per step, cells mixed")
     eval_examples: int = Field(256, gt=0, description="held-out examples per cell")
 
-    @field_validator("densities")
+    @field_validator("densities", "placements")
     @classmethod
-    def _positive_and_distinct(cls, densities: list[int]) -> list[int]:
-        if min(densities) < 1 or len(set(densities)) != len(densities):
-            raise ValueError(f"densities must be distinct positive pair counts, got {densities}")
-        return sorted(densities)
+    def _distinct(cls, values: list) -> list:
+        if len(set(values)) != len(values) or any(isinstance(v, int) and v < 1 for v in values):
+            raise ValueError(f"must be distinct (pair counts positive), got {values}")
+        return sorted(values)
+
+    def _queries(self, n_pairs: int) -> int:
+        return n_pairs if self.queries is None else min(self.queries, n_pairs)
 
     @property
     def seq_len(self) -> int:
         """Every example's length: the densest cell past the window."""
-        return 3 * max(self.densities) + self.gap
+        densest = max(self.densities)
+        return 2 * densest + self._queries(densest) + self.gap
 
     def cells(self) -> list[DenseRecallConfig]:
         """One task per density and placement (inside: no gap; past: `gap`), densities ascending."""
         return [DenseRecallConfig(vocab_size=self.vocab_size, n_pairs=n, gap=0 if placement == "inside" else self.gap,
-                                  seq_len=self.seq_len) for n in self.densities for placement in PLACEMENTS]
+                                  seq_len=self.seq_len, n_queries=self._queries(n))
+                for n in self.densities for placement in self.placements]
 
     def check_spec(self, spec: LayoutSpec) -> None:
         """Inside must lie inside the spec's sliding window and past must lie past it."""
@@ -75,10 +83,10 @@ class DenseRecallSettings(StudySettings):
         if window is None:
             return
         densest = max(self.densities)
-        if 3 * densest - 2 >= window:
+        reach = 2 * densest + self._queries(densest) - 2
+        if reach >= window:
             raise ValueError(f"dense-recall: with window {window} the inside cell of {densest} pairs reaches "
-                             f"{3 * densest - 2} tokens back, past the window; use densities <= {(window + 1) // 3} "
-                             f"or window >= {3 * densest - 1}")
+                             f"{reach} tokens back, past the window; use fewer densities or queries, or window >= {reach + 1}")
         if self.gap + 1 < window:
             raise ValueError(f"dense-recall: gap {self.gap} leaves past queries {self.gap + 1} tokens from their pairs, "
                              f"inside window {window}; use gap >= {window - 1}")

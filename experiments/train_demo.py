@@ -8,7 +8,8 @@
   validation loss (nats per byte) overall and by position, on windows of held-out files.
 
 Both compare the student with the teacher and with the same layout trained from scratch on the
-same data for as many steps as the student's stages together.
+same data for as many steps as the student's stages together; the text pipeline also trains that
+layout from scratch on the teacher's whole budget (once), what the hybrid reaches without a teacher.
 
     python experiments/train_demo.py --threads 1 --seeds 0 1 2                   # writes results/train-demo/
     python experiments/train_demo.py --pipeline text --threads 2 --seeds 0 1 2   # results/train-text/
@@ -21,7 +22,7 @@ the digest of the code that trained them), summary.md (mean ± std over seeds pe
 losses.png (one curve per run, the first seed) under --out, and each stage's metrics.jsonl /
 model.safetensors under --out/seed_<s>/<run>/. docs/TRAINING.md publishes summary.md from
 docs/results/train-<pipeline>.json, a copy of summary.json; a test checks the two agree and that
-the training code has not changed since (CODE: the digest covers those files).
+the code has not changed since (the digest covers CODE and the pipeline's YAMLs).
 """
 
 from __future__ import annotations
@@ -52,19 +53,21 @@ TEST_SEED = 1_000_003  # held-out examples: generated from a seed no training ru
 CONFIGS = Path(__file__).parent / "train"
 DEFAULT_ROOT = "results/train"  # where the YAMLs put their outputs; the demo moves them under --out
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("experiments/train_demo.py", "experiments/train/*.yaml", "mixerzoo/train/*.py", "mixerzoo/tasks/loop.py",
-        "mixerzoo/tasks/visual.py", "mixerzoo/tasks/text.py", "mixerzoo/vlm/*.py", "mixerzoo/blocks/*.py",
-        "mixerzoo/mixers/*.py", "mixerzoo/ops/*.py")  # what trains and scores the demos
+CODE = ("experiments/train_demo.py", "mixerzoo/train/*.py", "mixerzoo/tasks/loop.py", "mixerzoo/tasks/visual.py",
+        "mixerzoo/tasks/text.py", "mixerzoo/vlm/*.py", "mixerzoo/blocks/*.py", "mixerzoo/mixers/*.py",
+        "mixerzoo/ops/*.py")  # what trains and scores the demos, with each pipeline's YAMLs
 TEXT_BUCKETS = ((0, 16), (16, 32), (32, 64), (64, 128))  # validation positions: inside, then past the 16-token window
 
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     """One distillation demo: its YAMLs (the teacher first), whether every seed shares the first seed's
-    teacher, and how a trained model is scored (metric name -> (column label, digits, higher is better))."""
+    teacher, whether the student's layout is also trained from scratch on the teacher's whole budget
+    (first seed), and how a trained model is scored (metric name -> (column label, digits))."""
 
     stages: tuple[str, ...]
     shared_teacher: bool
+    full_scratch: bool
     metrics: dict[str, tuple[str, int]]
     scorer: Callable[[argparse.Namespace, TrainConfig], Callable[[torch.nn.Module], dict[str, float]]]
 
@@ -91,18 +94,19 @@ def text_scorer(args: argparse.Namespace, teacher: TrainConfig) -> Callable[[tor
 
 PIPELINES = {
     "visual": Pipeline(("teacher", "distill-layers", "distill-logits", "sft", "long-sft"), shared_teacher=False,
-                       metrics={"accuracy": ("test accuracy", 3)}, scorer=visual_scorer),
+                       full_scratch=False, metrics={"accuracy": ("test accuracy", 3)}, scorer=visual_scorer),
     "text": Pipeline(("text-teacher", "text-distill-layers", "text-distill-logits", "text-sft"), shared_teacher=True,
-                     metrics={"val_loss": ("val loss", 3), **{f"loss_{a}_{b}": (f"pos {a}-{b - 1}", 3) for a, b in TEXT_BUCKETS}},
+                     full_scratch=True, metrics={"val_loss": ("val loss", 3), **{f"loss_{a}_{b}": (f"pos {a}-{b - 1}", 3) for a, b in TEXT_BUCKETS}},
                      scorer=text_scorer),
 }
 
 
-def code_digest() -> str:
-    """sha256 over the files that decide the demo's figures (CODE, in path order): a change to any of
-    them means the published tables must be measured again."""
+def code_digest(pipeline: str) -> str:
+    """sha256 over the files that decide a pipeline's figures (CODE and its YAMLs, in path order): a
+    change to any of them means its published table must be measured again."""
+    yamls = [f"experiments/train/{name}.yaml" for name in PIPELINES[pipeline].stages]
     digest = hashlib.sha256()
-    for path in sorted(f for pattern in CODE for f in ROOT.glob(pattern)):
+    for path in sorted(f for pattern in (*CODE, *yamls) for f in ROOT.glob(pattern)):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -135,9 +139,11 @@ def stage_configs(out: Path, scale: float, examples: int | None = None, seed: in
         configs[name] = TrainConfig.model_validate(data)
     teacher = configs[pipeline.stages[0]]
     student_steps = sum(configs[name].steps for name in pipeline.stages[1:])
+    student = teacher.student.model_copy(update={"recipe": configs[pipeline.stages[1]].student.recipe})
     configs["scratch"] = teacher.model_copy(update={
-        "out_dir": out / "scratch", "steps": student_steps, "data": configs[pipeline.stages[1]].data,
-        "student": teacher.student.model_copy(update={"recipe": configs[pipeline.stages[1]].student.recipe})})
+        "out_dir": out / "scratch", "steps": student_steps, "data": configs[pipeline.stages[1]].data, "student": student})
+    if pipeline.full_scratch:
+        configs["scratch, teacher's tokens"] = teacher.model_copy(update={"out_dir": out / "scratch-full", "student": student})
     return configs
 
 
@@ -176,8 +182,8 @@ def run_seed(args: argparse.Namespace, pipeline: Pipeline, seed: int, score) -> 
     teacher_name = pipeline.stages[0]
     rows = []
     for name, config in configs.items():
-        if name == teacher_name and pipeline.shared_teacher and not first:
-            continue
+        if not first and ((name == teacher_name and pipeline.shared_teacher) or name == "scratch, teacher's tokens"):
+            continue  # trained once, with the first seed
         if name == pipeline.stages[1]:  # the converted student before any training, for reference
             converted = build_model(config.student, load_model(configs[teacher_name].out_dir / "model.safetensors"))
             rows.append({"run": "converted, untrained", "seed": seed, "stage": "-", "steps": 0, "trains": "-",
@@ -250,12 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"pipeline": args.pipeline, "scale": args.scale, "test_examples": args.test_examples, "seeds": args.seeds,
               "threads": args.threads, "torch": torch.__version__, "wall_seconds": time.perf_counter() - began,
               "command": " ".join(["python", "experiments/train_demo.py", *(argv if argv is not None else sys.argv[1:])]),
-              "commit": _commit(), "code_digest": code_digest(), "rows": rows}
+              "commit": _commit(), "code_digest": code_digest(args.pipeline), "rows": rows}
     table = render_table(result)
     atomic_write_bytes(args.out / "summary.json", json.dumps(result, indent=1).encode())
     atomic_write_bytes(args.out / "summary.md", table.encode())
     first = args.out / f"seed_{args.seeds[0]}"
-    names = [name for name in stage_configs(first, args.scale, pipeline=pipeline)
+    names = [config.out_dir.name for name, config in stage_configs(first, args.scale, pipeline=pipeline).items()
              if not (pipeline.shared_teacher and name == pipeline.stages[0])]
     plot_losses(first, names, args.out / "losses.png")
     print(table)

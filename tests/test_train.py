@@ -358,7 +358,8 @@ def test_text_demo_shares_one_teacher_and_scores_by_position(tmp_path):
                         "--examples", "32", "--threads", "1", "--seeds", "3", "4"])
     runs = [(row["run"], row["seed"]) for row in result["rows"]]
     student = ["converted, untrained", "text-distill-layers", "text-distill-logits", "text-sft", "scratch"]
-    assert runs == [("text-teacher", 3)] + [(run, seed) for seed in (3, 4) for run in student]
+    assert runs == ([("text-teacher", 3)] + [(run, 3) for run in student] + [("scratch, teacher's tokens", 3)]
+                    + [(run, 4) for run in student])
     for row in result["rows"]:
         spans = [row[f"loss_{a}_{b}"] for a, b in demo.TEXT_BUCKETS]
         assert np.all(np.isfinite(spans)) and 0 < row["val_loss"] < 10
@@ -366,6 +367,7 @@ def test_text_demo_shares_one_teacher_and_scores_by_position(tmp_path):
         assert row["val_loss"] == pytest.approx(np.average(spans, weights=weights), rel=1e-6)
     first = {row["run"]: row for row in result["rows"] if row["seed"] == 3}
     assert first["scratch"]["tokens"] == sum(first[name]["tokens"] for name in student[1:4])
+    assert first["scratch, teacher's tokens"]["tokens"] == first["text-teacher"]["tokens"]
     assert "| text-teacher | sft | 1 |" in (tmp_path / "summary.md").read_text()
 
 
@@ -378,7 +380,7 @@ def test_published_demo_tables_are_their_recorded_results_on_this_code(pipeline)
     result = json.loads((root / "docs" / "results" / f"train-{pipeline}.json").read_text())
     assert result["pipeline"] == pipeline and len(result["seeds"]) >= 3 and result["commit"]
     assert demo.render_table(result) in (root / "docs" / "TRAINING.md").read_text(), "docs/TRAINING.md's table differs"
-    assert result["code_digest"] == demo.code_digest(), (
+    assert result["code_digest"] == demo.code_digest(pipeline), (
         f"the training code changed since the published {pipeline} table was measured: run "
         f"`{result['command']}` and copy its summary.json to docs/results/train-{pipeline}.json")
 

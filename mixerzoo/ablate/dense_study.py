@@ -94,31 +94,32 @@ class DenseRecallSettings(StudySettings):
 
 def dense_plot(rows: list[Row], path: Path) -> None:
     """Accuracy against pairs held at once, one panel per placement (inside / past the window), one line
-    per model (mean over seeds, error bars ± std), chance dotted."""
+    per model (mean over seeds, error bars ± std; a model's seeds are folded whatever learning rate each
+    kept under best_of), chance dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fields = [f for f in ("recipe", "n_layers", "ratio") if len({r.get(f) for r in rows}) > 1] or ["recipe"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True)
-    summary = over_seeds(rows)
+    fields = [f for f in ("n_layers", "ratio") if len({r.get(f) for r in rows}) > 1]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    summary = over_seeds([{k: v for k, v in row.items() if k != "settings.lr"} for row in rows])
     for ax, placement in zip(axes, PLACEMENTS):
         lines: dict[str, list[Row]] = {}
         for row in summary:
             if row["placement"] == placement:
-                label = " ".join(str(row.get(f)) if f == "recipe" else f"{f}={row.get(f)}" for f in fields)
+                label = " ".join([row["recipe"]] + [f"{f}={row[f]}" for f in fields if row.get(f) is not None])
                 lines.setdefault(label, []).append(row)
         for label, mine in lines.items():
             ax.errorbar([r["n_pairs"] for r in mine], [r["accuracy"] for r in mine], yerr=[r["accuracy_std"] for r in mine],
-                        marker="o", capsize=3, label=label)
+                        marker="o", capsize=3, label=f"{label} ({mine[0]['seeds']} seeds)")
         draw_chance(ax, [r for r in rows if r["placement"] == placement], [r["accuracy"] for r in rows])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("key-value pairs held at once")
         ax.set_title(f"{placement} the window", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("recall accuracy")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(figure_title(rows, "dense recall: density against distance"), fontsize=10)
     save_figure(fig, path)
 

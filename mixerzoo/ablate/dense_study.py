@@ -36,6 +36,7 @@ from mixerzoo.tasks.mqar import chance_accuracy
 
 EVAL_SEED_OFFSET = 2**32  # held-out data seed = run seed + this (+ the cell's index): never a training seed
 PLACEMENTS = ("inside", "past")
+EVAL_BATCH = 256
 
 
 class DenseRecallSettings(StudySettings):
@@ -86,7 +87,8 @@ class DenseRecallSettings(StudySettings):
         reach = 2 * densest + self._queries(densest) - 2
         if reach >= window:
             raise ValueError(f"dense-recall: with window {window} the inside cell of {densest} pairs reaches "
-                             f"{reach} tokens back, past the window; use fewer densities or queries, or window >= {reach + 1}")
+                             f"{reach} tokens back, past the window; use fewer densities or queries, "
+                             f"or window >= {reach + 1}")
         if self.gap + 1 < window:
             raise ValueError(f"dense-recall: gap {self.gap} leaves past queries {self.gap + 1} tokens from their pairs, "
                              f"inside window {window}; use gap >= {window - 1}")
@@ -153,9 +155,10 @@ def dense_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
                   threads=torch.get_num_threads())
     rows = []
     for index, cell in enumerate(cells):
-        held_out = make_dense_recall(cell, settings.eval_examples, run.seed + EVAL_SEED_OFFSET + index)
-        accuracy = answer_accuracy(model, ({"input_ids": held_out[0][start:start + 256], "labels": held_out[1][start:start + 256]}
-                                           for start in range(0, settings.eval_examples, 256)))
+        held_inputs, held_labels = make_dense_recall(cell, settings.eval_examples, run.seed + EVAL_SEED_OFFSET + index)
+        batches = ({"input_ids": held_inputs[i:i + EVAL_BATCH], "labels": held_labels[i:i + EVAL_BATCH]}
+                   for i in range(0, settings.eval_examples, EVAL_BATCH))
+        accuracy = answer_accuracy(model, batches)
         low, high = cell.distance_range()
         rows.append(dict(n_pairs=cell.n_pairs, placement="inside" if cell.gap == 0 else "past", gap=cell.gap,
                          distance_min=low, distance_max=high, accuracy=accuracy, **common))

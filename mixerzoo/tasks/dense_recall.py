@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from mixerzoo.errors import StrictModel
 from mixerzoo.tasks.loop import IGNORE
-from mixerzoo.tasks.mqar import FILLER, _distinct
+from mixerzoo.tasks.mqar import FILLER, distinct_tokens
 
 
 class DenseRecallConfig(StrictModel):
@@ -68,8 +68,8 @@ def make_dense_recall(config: DenseRecallConfig, n_examples: int, seed: int) -> 
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     generator = torch.Generator().manual_seed(seed)
     n, half = config.n_pairs, config.vocab_size // 2
-    keys = _distinct(n_examples, 1, half, n, generator)  # [N, n]
-    values = _distinct(n_examples, half, config.vocab_size, n, generator)  # [N, n]
+    keys = distinct_tokens(n_examples, 1, half, n, generator)  # [N, n]
+    values = distinct_tokens(n_examples, half, config.vocab_size, n, generator)  # [N, n]
     q = config.queries
     order = torch.rand(n_examples, n, generator=generator).argsort(dim=1)[:, :q]  # query j asks pair order[:, j]
 

@@ -56,7 +56,7 @@ def chance_accuracy(vocab_size: int) -> float:
     return 1 / (vocab_size - vocab_size // 2)
 
 
-def _distinct(n_rows: int, low: int, high: int, k: int, generator: torch.Generator) -> torch.Tensor:
+def distinct_tokens(n_rows: int, low: int, high: int, k: int, generator: torch.Generator) -> torch.Tensor:
     """[n_rows, k] long: k distinct tokens from [low, high) per row, uniformly at random."""
     return torch.rand(n_rows, high - low, generator=generator).argsort(dim=1)[:, :k] + low
 
@@ -67,8 +67,8 @@ def make_mqar(config: MQARConfig, n_examples: int, seed: int) -> tuple[torch.Ten
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     generator = torch.Generator().manual_seed(seed)
     n, half, length = config.n_pairs, config.vocab_size // 2, config.seq_len
-    keys = _distinct(n_examples, 1, half, n, generator)
-    values = _distinct(n_examples, half, config.vocab_size, n, generator)
+    keys = distinct_tokens(n_examples, 1, half, n, generator)
+    values = distinct_tokens(n_examples, half, config.vocab_size, n, generator)
 
     inputs = torch.full((n_examples, length), FILLER, dtype=torch.long)
     labels = torch.full((n_examples, length), IGNORE, dtype=torch.long)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from mixerzoo.ablate.mqar_study import swa_window
+from mixerzoo.ablate.mqar_study import EVAL_SEED_OFFSET, swa_window  # held-out seed: run seed + this + cell
 from mixerzoo.ablate.studies import (
     Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
 )
@@ -34,7 +34,6 @@ from mixerzoo.tasks.dense_recall import DenseRecallConfig, make_dense_recall
 from mixerzoo.tasks.loop import answer_accuracy, fit
 from mixerzoo.tasks.mqar import chance_accuracy
 
-EVAL_SEED_OFFSET = 2**32  # held-out data seed = run seed + this (+ the cell's index): never a training seed
 PLACEMENTS = ("inside", "past")
 EVAL_BATCH = 256
 
@@ -133,8 +132,7 @@ def dense_recall_study(run: RunConfig, scratch: Path) -> list[dict[str, Any]]:
     settings = DenseRecallSettings.model_validate(run.settings)
     spec = build_spec(run)
     spec = LayoutSpec.model_validate({**spec.model_dump(mode="json"), "vocab_size": settings.vocab_size})
-    settings.check_spec(spec)
-    cells = settings.cells()
+    cells = settings.cells()  # the runner checked them against the spec before any run
     steps = max(1, round(settings.steps * settings.scale))
     per_cell = -(-steps * settings.batch_size // len(cells))
     parts = [make_dense_recall(cell, per_cell, run.seed * len(cells) + index) for index, cell in enumerate(cells)]

@@ -435,3 +435,12 @@ def test_every_shipped_experiment_validates(path):
         runs = expand(experiments[0])
         assert len(runs) == 320 and experiments[0].best_of == "lr"
         assert {r.settings["lr"] for r in runs} == {1e-4, 4.6416e-4, 2.1544e-3, 1e-2}
+    if path.name == "mqar-frontier.yaml":  # each recurrent model at its best of three lrs per width and seed
+        runs = expand(experiments[0])
+        assert experiments[0].best_of == "lr"
+        lrs = {(r.recipe, r.d_model, r.seed): set() for r in runs}
+        for r in runs:
+            lrs[r.recipe, r.d_model, r.seed].add(r.settings["lr"])
+        assert {key: sorted(v) for key, v in lrs.items() if key[0] in ("gdn", "mamba2", "infinitevl")} == {
+            (recipe, d, s): [1e-3, 3e-3, 1e-2] for recipe in ("gdn", "mamba2", "infinitevl")
+            for d in (32, 64, 128) for s in (0, 1, 2)}

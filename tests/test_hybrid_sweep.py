@@ -59,21 +59,27 @@ def test_grid_lists_and_duplicate_runs_are_errors_naming_the_grid(sweep, message
         ExperimentConfig.model_validate(_mqar(sweep=sweep))
 
 
-@pytest.mark.parametrize("name, study", [("hybrid-sweep", "mqar"), ("hybrid-sweep-visual", "visual-recall")])
-def test_hybrid_sweep_yamls_are_the_ratio_by_window_grid_plus_references(name, study):
+@pytest.mark.parametrize("name, study, windows", [("hybrid-sweep", "mqar", (4, 8, 16, 32)),
+                                                   ("hybrid-sweep-visual", "visual-recall", (4, 32))])
+def test_hybrid_sweep_yamls_are_the_ratio_by_window_grid_plus_references_over_three_seeds(name, study, windows):
     experiment = ExperimentConfig.from_yaml(EXPERIMENTS / f"{name}.yaml")
     assert experiment.study == study and experiment.plot == "frontier"
     runs = expand(experiment)
-    grid = [(r, w) for r in ("1:1", "1:3", "1:7") for w in (4, 8, 16, 32)]
-    assert [(r.recipe, r.ratio, r.window) for r in runs] == (
-        [("infinitevl", r, w) for r, w in grid] + [("infinitevl", "0:1", None), ("transformer", None, None)])
+    grid = [("infinitevl", r, w) for r in ("1:1", "1:3", "1:7") for w in windows]
+    models = grid + [("infinitevl", "0:1", None), ("transformer", None, None)]
+    assert sorted((r.recipe, r.ratio or "", r.window or 0, r.seed) for r in runs) == sorted(
+        (recipe, ratio or "", window or 0, seed) for recipe, ratio, window in models for seed in (0, 1, 2))
     assert all(r.size == "tiny" for r in runs)
 
 
 def _minimal(path: Path, tmp_path: Path, **fixed) -> Path:
+    """A copy of the experiment file at a minimal scale: `fixed` settings per study, seed 0 only."""
     documents = list(yaml.safe_load_all(path.read_text()))
     for document in documents:
         document["fixed"] = {**document["fixed"], **fixed.get(document["study"], {})}
+        grids = document["sweep"] if isinstance(document["sweep"], list) else [document["sweep"]]
+        for grid in grids:
+            grid.pop("seed", None)
     out = tmp_path / path.name
     out.write_text(yaml.safe_dump_all(documents))
     return out

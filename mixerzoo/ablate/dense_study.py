@@ -25,7 +25,8 @@ from pydantic import Field, field_validator
 
 from mixerzoo.ablate.mqar_study import EVAL_SEED_OFFSET, swa_window  # held-out seed: run seed + this + cell
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
+    PeakLR, Row, RunConfig, StudySettings, TrainSteps, WarmupSteps, WeightDecay,
+    build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
 )
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
@@ -47,10 +48,10 @@ class DenseRecallSettings(StudySettings):
     gap: int = Field(36, gt=0, description="filler tokens before the queries of the `past` examples (>= window - 1)")
     placements: list[Literal["inside", "past"]] = Field(
         list(PLACEMENTS), min_length=1, description="the distances trained and scored (a control trains one alone)")
-    steps: int = Field(1500, gt=0, description="training steps, multiplied by the experiment's `scale`")
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps (capped below the step count)")
-    weight_decay: float = Field(0.0, ge=0, description="on matrices only (mixerzoo.optim)")
+    steps: TrainSteps = 1500
+    lr: PeakLR = 3e-3
+    warmup_steps: WarmupSteps = 0
+    weight_decay: WeightDecay = 0.0
     batch_size: int = Field(32, gt=0, description="training examples per step, cells mixed")
     eval_examples: int = Field(256, gt=0, description="held-out examples per cell")
 

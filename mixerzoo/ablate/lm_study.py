@@ -24,7 +24,8 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, StudySettings, build_spec, figure_title, register_study, run_device, save_figure,
+    PeakLR, Row, RunConfig, StudySettings, TrainSteps, WarmupSteps, WeightDecay,
+    build_spec, figure_title, register_study, run_device, save_figure,
 )
 from mixerzoo.ablate.summary import over_seeds
 from mixerzoo.blocks import Decoder, parameter_count, state_nbytes
@@ -38,10 +39,10 @@ class LMSettings(StudySettings):
     """The `lm` study's settings (unknown keys are an error)."""
 
     seq_len: int = Field(256, gt=1, description="tokens per window")
-    steps: int = Field(300, gt=0, description="training steps, multiplied by the experiment's `scale`")
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
-    warmup_steps: int = Field(30, ge=0, description="linear warmup steps (capped below the step count)")
-    weight_decay: float = Field(0.1, ge=0, description="on matrices only (mixerzoo.optim)")
+    steps: TrainSteps = 300
+    lr: PeakLR = 3e-3
+    warmup_steps: WarmupSteps = 30
+    weight_decay: WeightDecay = 0.1
     batch_size: int = Field(16, gt=0, description="windows per step")
     eval_windows: int = Field(256, gt=0, description="held-out windows")
     buckets: int = Field(8, gt=0, description="position buckets of equal width for the per-position columns")

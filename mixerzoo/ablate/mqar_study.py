@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study, run_device
+from mixerzoo.ablate.studies import (
+    PeakLR, RunConfig, StudySettings, TrainSteps, WarmupSteps, WeightDecay, build_spec, register_study, run_device,
+)
 from mixerzoo.blocks import Decoder, LayoutSpec, parameter_count, state_nbytes
 from mixerzoo.registry import recipe
 from mixerzoo.tasks.mqar import MQARConfig, chance_accuracy, evaluate_mqar, make_mqar, train_mqar, value_distances
@@ -37,10 +39,10 @@ class MQARSettings(StudySettings):
     vocab_size: int | None = Field(None, gt=0,
         description="the task's vocabulary (keys [1, V/2), values [V/2, V)), which the model then has too (zoology's "
                     "models are sized to the task); default the spec's")
-    steps: int = Field(300, gt=0, description="training steps, multiplied by the experiment's `scale`")
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")
-    warmup_steps: int = Field(0, ge=0, description="linear warmup steps (capped below the step count)")
-    weight_decay: float = Field(0.1, ge=0, description="on matrices only (mixerzoo.optim), as zoology")
+    steps: TrainSteps = 300
+    lr: PeakLR = 3e-3
+    warmup_steps: WarmupSteps = 0
+    weight_decay: WeightDecay = 0.1
     batch_size: int = Field(32, gt=0, description="training examples per step")
     eval_examples: int = Field(512, gt=0, description="held-out examples")
     power_a: float = Field(0.01, gt=0, le=1, description="query-placement power law")

@@ -8,10 +8,10 @@ and its `run_key` to every row, stores them, and skips runs whose key already ha
 
 Writing a study::
 
-    from mixerzoo.ablate.studies import RunConfig, StudySettings, build_spec, register_study
+    from mixerzoo.ablate.studies import RunConfig, StudySettings, TrainSteps, build_spec, register_study
 
     class MySettings(StudySettings):                  # extra="forbid": a misspelt key is an error
-        steps: int = Field(100, gt=0)
+        steps: TrainSteps = 100                       # shared field types: TrainSteps, PeakLR, WarmupSteps, WeightDecay
 
     @register_study("my-study", settings=MySettings)  # optional: plot=fn(rows, path)
     def my_study(run: RunConfig, scratch: Path) -> list[dict]:
@@ -45,7 +45,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -149,6 +149,13 @@ class RunConfig(StrictModel):
                 del data[name]
         text = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# The training fields that studies share, as types: a study gives each its own default, e.g. `steps: TrainSteps = 300`.
+TrainSteps = Annotated[int, Field(gt=0, description="training steps, multiplied by the experiment's `scale`")]
+PeakLR = Annotated[float, Field(gt=0, description="AdamW peak learning rate (warmup, then cosine decay to 0)")]
+WarmupSteps = Annotated[int, Field(ge=0, description="linear warmup steps (capped below the step count)")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay, on matrices only (mixerzoo.optim)")]
 
 
 class StudySettings(StrictModel):

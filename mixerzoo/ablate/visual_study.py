@@ -26,7 +26,7 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import (
-    Row, RunConfig, StudySettings, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
+    PeakLR, Row, RunConfig, StudySettings, TrainSteps, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
 )
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit
@@ -57,8 +57,8 @@ class VLMTaskSettings(StudySettings):
                     "run measures the decoder's memory; 'scratch': train the tower with the decoder (as before issue "
                     "12)")
     tower_steps: int = Field(300, gt=0, description="pretraining steps of that tower (batch 64, not scaled)")
-    steps: int = Field(60, gt=0, description="training steps, multiplied by the experiment's `scale`")
-    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (cosine decay to 0)")
+    steps: TrainSteps = 60
+    lr: PeakLR = 2e-3
     warmup_steps: int = Field(30, ge=0,
         description="linear warmup first (without it the tower stalls at the digit prior)")
     batch_size: int = Field(32, gt=0, description="training examples per step")

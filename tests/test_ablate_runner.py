@@ -400,10 +400,10 @@ class _LRSettings(StudySettings):
 
 @register_study("test-lr", settings=_LRSettings, score="accuracy")
 def _lr_study(run: RunConfig, scratch: Path) -> list[dict]:
-    """An accuracy that peaks at lr 1e-3 for gdn and at 1e-2 for swa."""
+    """An accuracy that peaks at lr 1e-3 for gdn and at 1e-2 for swa (1e-1 for swa's seed 1)."""
     import math
 
-    best = {"gdn": -3.0, "swa": -2.0}[run.recipe]
+    best = {"gdn": -3.0, "swa": -2.0 + run.seed}[run.recipe]  # swa's seed 1 peaks at lr 1e-1
     lr = _LRSettings.model_validate(run.settings).lr
     return [{"accuracy": 1.0 - abs(math.log10(lr) - best) / 10}]
 
@@ -419,6 +419,20 @@ def test_best_of_keeps_each_models_best_learning_rate_in_the_table(tmp_path):
     assert "each at its best settings.lr by accuracy" in table
     assert "| gdn | 0.001 |" in table and "| swa | 0.01 |" in table and "accuracy=1" in table, table
     assert table.count("| gdn |") == 1 and table.count("| swa |") == 1
+
+
+def test_best_of_summarises_each_model_over_seeds_whichever_value_each_seed_chose(tmp_path):
+    experiment = ExperimentConfig(name="lr-seeds", study="test-lr", best_of="lr",
+                                  sweep={"recipe": ["swa"], "seed": [0, 1], "settings.lr": [1e-2, 1e-1]})
+    out = run_experiment(experiment, tmp_path, progress=False)
+    summary, runs = (out / "table.md").read_text().split("\n# ")
+    assert summary.count("| swa |") == 1 and summary.rstrip().endswith("| 2 | 1 ± 0 |"), summary  # seeds, accuracy
+    assert "settings.lr" not in summary.split("\n", 1)[1]  # the mean over seeds is not split by the chosen lr
+    assert "| 0 | 0.01 |" in runs and "| 1 | 0.1 |" in runs, runs  # each seed's run keeps the lr it chose
+
+
+def test_best_of_rejects_a_sweep_without_the_setting_or_a_score():
+    lrs = [1e-4, 1e-3, 1e-2]
     with pytest.raises(ValidationError, match="best_of: settings.lr is not swept"):
         ExperimentConfig(name="lr", study="test-lr", best_of="lr", sweep={"recipe": ["gdn"]})
     with pytest.raises(ValidationError, match="best_of: study 'test-counting' has no score"):

@@ -381,10 +381,14 @@ def default_plot(rows: list[Row], path: Path) -> bool:
 def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row]) -> None:
     title = f"{experiment.name}: study {experiment.study}, {len({r['run_key'] for r in rows})} runs"
     atomic_write_bytes(out_dir / "results.csv", to_csv(rows).encode())
+    per_model = rows
     if experiment.best_of is not None:  # each model at its best value of the swept setting
-        rows = best_over(rows, f"settings.{experiment.best_of}", study_score(experiment.study))
-        title += f", each at its best settings.{experiment.best_of} by {study_score(experiment.study)}"
-    summary = over_seeds(rows)
+        column = f"settings.{experiment.best_of}"
+        rows = best_over(rows, column, study_score(experiment.study))
+        title += f", each at its best {column} by {study_score(experiment.study)}"
+        # Each seed keeps its own best value: the mean over seeds and the plot are the model's, whichever each chose.
+        per_model = [{k: v for k, v in row.items() if k != column} for row in rows]
+    summary = over_seeds(per_model)
     table = to_markdown(rows, title)
     if any(row["seeds"] > 1 for row in summary):
         table = to_markdown(with_spread(summary), f"{title}: mean ± std over seeds") + "\n" + table
@@ -393,7 +397,7 @@ def _write_outputs(out_dir: Path, experiment: ExperimentConfig, rows: list[Row])
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".plot.", suffix=".png")
     os.close(fd)
     try:
-        if plot(rows, Path(tmp)) is not False:
+        if plot(per_model, Path(tmp)) is not False:
             os.chmod(tmp, 0o644)
             os.replace(tmp, out_dir / "plot.png")
     finally:

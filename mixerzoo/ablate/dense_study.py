@@ -96,8 +96,7 @@ class DenseRecallSettings(StudySettings):
 
 def dense_plot(rows: list[Row], path: Path) -> None:
     """Accuracy against pairs held at once, one panel per placement (inside / past the window), one line
-    per model (mean over seeds, error bars ± std; a model's seeds are folded whatever learning rate each
-    kept under best_of), chance dotted."""
+    per model (mean over seeds, error bars ± std), chance dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +104,7 @@ def dense_plot(rows: list[Row], path: Path) -> None:
 
     fields = [f for f in ("n_layers", "ratio") if len({r.get(f) for r in rows}) > 1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
-    summary = over_seeds([{k: v for k, v in row.items() if k != "settings.lr"} for row in rows])
+    summary = over_seeds(rows)  # under best_of the runner passes rows without the chosen value: seeds fold
     for ax, placement in zip(axes, PLACEMENTS):
         lines: dict[str, list[Row]] = {}
         for row in summary:

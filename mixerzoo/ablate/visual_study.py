@@ -26,7 +26,8 @@ from pydantic import Field
 
 from mixerzoo.ablate.mqar_study import swa_window
 from mixerzoo.ablate.studies import (
-    PeakLR, Row, RunConfig, StudySettings, TrainSteps, build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
+    PeakLR, Row, RunConfig, StudySettings, TrainSteps,
+    build_spec, draw_chance, figure_title, register_study, run_device, save_figure,
 )
 from mixerzoo.blocks import state_nbytes
 from mixerzoo.tasks.loop import answer_accuracy, fit

@@ -214,7 +214,8 @@ def _bad(**changes):
         (_bad(v=torch.zeros(2, 5, 3, 3)), ValueError, r"HV = 3 heads, not a multiple of the H = 2"),
         (_bad(v=torch.zeros(2, 6, 4, 3)), ValueError, r"v must be \[B, T, HV, V\]"),
         (_bad(beta=torch.zeros(2, 5)), ValueError, r"beta must be \[B, T, HV\] = \[2, 5, 4\], got \[2, 5\]"),
-        (_bad(g=torch.zeros(2, 5, 2)), ValueError, r"g must be \[B, T, HV\] = \[2, 5, 4\], got \[2, 5, 2\]"),
+        (_bad(g=torch.zeros(2, 5, 2)), ValueError, r"g must be \[B, T, HV\] = \[2, 5, 4\] \(scalar decay\) or \[B, T, HV, K\] = \[2, 5, 4, 4\] "
+         r"\(per-channel decay\), got \[2, 5, 2\]"),
         (_bad(initial_state=torch.zeros(2, 4, 3, 4)), ValueError, r"initial_state must be \[B, HV, K, V\]"),
         (_bad(q=torch.zeros(2, 5, 2, 4, dtype=torch.int64)), ValueError, r"q must be a floating-point tensor"),
         (_bad(backend="cuda"), ValueError, r"unknown backend 'cuda'"),

@@ -1,4 +1,4 @@
-"""Input checks and the span loop shared by the recurrent ops (gated_delta_rule, ssd)."""
+"""Input checks and the span loop shared by the recurrent ops (gated_delta_rule, gated_linear_attention, ssd)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,22 @@ def expect_shape(op: str, t: torch.Tensor, name: str, layout: str, shape: tuple[
     """Raise naming the tensor, its layout and the expected shape unless t has `shape`."""
     if tuple(t.shape) != shape:
         raise ValueError(f"{op}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
+
+
+def check_decay_shape(op: str, g: torch.Tensor | None, heads: str, lead: tuple[int, int, int], dim_k: int) -> None:
+    """g is None, a scalar decay [B, T, h] or a per-key-channel decay [B, T, h, K]; raise naming it otherwise."""
+    if g is None or tuple(g.shape) in (lead, (*lead, dim_k)):
+        return
+    raise ValueError(f"{op}: g must be [B, T, {heads}] = {list(lead)} (scalar decay) or [B, T, {heads}, K] = "
+                     f"{[*lead, dim_k]} (per-channel decay), got {list(g.shape)}")
+
+
+def decay_channels(g: torch.Tensor | None, lead: tuple[int, int, int], dtype: torch.dtype, device) -> torch.Tensor:
+    """A log decay as [B, T, h, Kg] in `dtype`: Kg = 1 for a scalar decay or none (zeros), K per channel."""
+    if g is None:
+        return torch.zeros(*lead, 1, dtype=dtype, device=device)
+    g = g if g.dtype == dtype else g.to(dtype)
+    return g[..., None] if g.dim() == 3 else g
 
 
 def without_autocast(device: torch.device):

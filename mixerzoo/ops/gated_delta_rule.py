@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
+from mixerzoo.ops._chunking import decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._common import check_decay_shape, check_float_tensors, decay_channels, expect_shape, in_spans, without_autocast
 
 _OP = "gated_delta_rule"
 # The transition form runs while its extra work K^2 (C + V) is at most this multiple of a chunk's
@@ -21,7 +20,7 @@ def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor | None,
     beta: torch.Tensor,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
@@ -30,14 +29,16 @@ def gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the gated delta rule over a chunk of tokens; return the outputs and the final state.
 
-    Per value head, with state S [K, V]:
-        S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T
+    Per value head, with state S [K, V] and D_t = diag(exp g_t) (a scalar decay: exp(g_t) I):
+        S_t = D_t S_{t-1} + beta_t k_t (v_t - (D_t S_{t-1})^T k_t)^T
         o_t = scale * S_t^T q_t
+    g None is DeltaNet, [B, T, HV] Gated DeltaNet, [B, T, HV, K] KDA (Kimi Linear's per-channel gate).
 
     Args:
         q, k: [B, T, H, K] queries and keys (not normalised here).
         v: [B, T, HV, V] values, HV % H == 0; value head j reads q/k head j // (HV // H).
-        g: [B, T, HV] log decay (finite, <= 0; not checked).
+        g: None (no decay), [B, T, HV] (scalar) or [B, T, HV, K] (per key channel) log decay
+            (finite, <= 0; not checked).
         beta: [B, T, HV] write strength.
         scale: output scale, default K ** -0.5.
         initial_state: [B, HV, K, V] state before the first token; zeros when None.
@@ -51,7 +52,7 @@ def gated_delta_rule(
     batch, seq_len, heads, dim_k, value_heads, dim_v = _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
     if scale is None:
         scale = dim_k**-0.5
-    dtype = torch.float64 if torch.float64 in {t.dtype for t in (q, k, v, g, beta)} else torch.float32
+    dtype = torch.float64 if torch.float64 in {t.dtype for t in (q, k, v, g, beta) if t is not None} else torch.float32
     chosen = choose_backend(_OP, backend, q, supported=("fla", "torch", "reference"))
     if chosen == "fla" and dtype == torch.float64:
         if backend != "auto":
@@ -60,7 +61,8 @@ def gated_delta_rule(
     if chosen == "fla":
         return _fla(q, k, v, g, beta, scale, initial_state, chunk_size)
 
-    q_, k_, v_, g_, beta_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, g, beta))
+    q_, k_, v_, beta_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, beta))
+    g_ = decay_channels(g, (batch, seq_len, value_heads), dtype, q.device)
     if initial_state is None:
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
@@ -94,7 +96,7 @@ def _step(q, k, v, g, beta, scale, state):
         q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
     rows = batch * value_heads
     q, k = q.reshape(rows, 1, dim_k), k.reshape(rows, 1, dim_k)
-    state = state.reshape(rows, dim_k, dim_v) * g.reshape(rows, 1, 1).exp()
+    state = state.reshape(rows, dim_k, dim_v) * g.reshape(rows, -1, 1).exp()
     error = (v.reshape(rows, 1, dim_v) - torch.bmm(k, state)) * beta.reshape(rows, 1, 1)  # [B HV, 1, V]
     state = torch.baddbmm(state, k.mT, error)  # rank-1 write
     o = torch.bmm(q, state) * scale  # [B HV, 1, V]
@@ -114,7 +116,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
     value_heads, dim_v = v.shape[2:]
     if value_heads % heads:
         raise ValueError(f"{_OP}: v has HV = {value_heads} heads, not a multiple of the H = {heads} heads of q and k")
-    expect_shape(_OP, g, "g", "[B, T, HV]", (batch, seq_len, value_heads))
+    check_decay_shape(_OP, g, "HV", (batch, seq_len, value_heads), dim_k)
     expect_shape(_OP, beta, "beta", "[B, T, HV]", (batch, seq_len, value_heads))
     if initial_state is not None:
         expect_shape(_OP, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
@@ -126,14 +128,14 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
 
 
 def _recurrent(q, k, v, g, beta, scale, state):
-    """Loop over time. q, k [B, T, H, K]; v [B, T, HV, V]; g, beta [B, T, HV]; state [B, HV, K, V]."""
+    """Loop over time. q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, 1 or K]; beta [B, T, HV]; state [B, HV, K, V]."""
     batch, seq_len, heads, _ = q.shape
     group = v.shape[2] // heads
     v, g, beta = (t.unflatten(2, (heads, group)) for t in (v, g, beta))  # value head j = (j // group, j % group)
     state = state.unflatten(1, (heads, group))  # [B, H, R, K, V]
     outputs = []
     for t in range(seq_len):
-        state = state * g[:, t].exp()[..., None, None]
+        state = state * g[:, t].exp()[..., None]
         error = v[:, t] - torch.einsum("bhrkv,bhk->bhrv", state, k[:, t])  # [B, H, R, V]
         state = state + k[:, t, :, None, :, None] * (beta[:, t, ..., None] * error)[..., None, :]
         outputs.append(scale * torch.einsum("bhrkv,bhk->bhrv", state, q[:, t]))
@@ -154,40 +156,34 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     Within a chunk, with log decays summed from the chunk start (G), the values the chunk writes are
     u = T^-1 (beta v) - T^-1 (beta exp(G) k) S0 with T = I + strictly_lower(beta (k k^T) exp(G_i - G_j)).
     Everything but the [C, K] @ [K, V] products that carry the state from chunk to chunk runs batched
-    over all chunks at once.
+    over all chunks at once. A per-channel decay (g [B, T, HV, K]) makes exp(G) a diagonal matrix;
+    the same algebra holds with every decay taken per key channel.
     """
     batch, seq_len, heads, dim_k = k.shape
     value_heads, dim_v = v.shape[2:]
     group = value_heads // heads
+    if g.shape[-1] > 1 and group > 1:  # per-channel decays are per value head: read q, k per value head
+        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
+        group = 1
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
-    pad = n_chunks * size - seq_len
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, h, *D] -> [N, B*h, C, *D], chunk-major; pads are 0
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
-        return x.reshape(n_chunks, -1, size, *x.shape[4:])
-
-    def per_value_head(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # [N, B*HV, ..] * [N, B*H, ..]
-        return (x.unflatten(1, (-1, group)) * y[:, :, None]).flatten(1, 2)
-
-    q_c, k_c, v_c = chunks(q), chunks(k), chunks(v)  # [N, BH, C, K], [N, BH, C, K], [N, BHV, C, V]
-    g_c, beta_c = chunks(g), chunks(beta)[..., None]  # [N, BHV, C], [N, BHV, C, 1]; padded steps: g = beta = 0
+    q_c, k_c, v_c = (to_chunks(t, size) for t in (q, k, v))  # [N, BH, C, K], [N, BH, C, K], [N, BHV, C, V]
+    g_c, beta_c = to_chunks(g, size), to_chunks(beta, size)[..., None]  # [N, BHV, C, Kg], [N, BHV, C, 1]; pads 0
     # Matrices over a chunk's steps are kept transposed, [.., source j, target i], which the solve and the
     # products below take as they are.
-    decay_t = _segment_decay(g_c)  # [N, BHV, C, C]: exp(G_i - G_j) at (j, i) for j <= i, else 0
-    decay_in = _flushed_exp(g_c.cumsum(-1))[..., None]  # [N, BHV, C, 1]: from the chunk start to step i
-    decay_out = decay_t[..., -1:]  # [N, BHV, C, 1]: from step j to the chunk end
-    decay_all = decay_in[..., -1:, :]  # [N, BHV, 1, 1]: across the chunk
+    decay_t = segment_decay(g_c)  # [N, BHV, C, C, Kg]: exp(G_i - G_j) at (j, i) for j <= i, else 0
+    decay_in = flushed_exp(g_c.cumsum(-2))  # [N, BHV, C, Kg]: from the chunk start to step i
+    decay_out = decay_t[..., -1, :]  # [N, BHV, C, Kg]: from step j to the chunk end
+    decay_all = decay_in[..., -1:, :].mT  # [N, BHV, Kg, 1]: across the chunk, per state row
 
-    gram_t = per_value_head(decay_t * beta_c.mT, k_c @ k_c.mT)  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
+    gram_t = decayed_scores(k_c, k_c, decay_t, group) * beta_c.mT  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
     # X T^T = I gives X = T^-T; the solve reads only the strictly upper part of gram_t
     eye = torch.eye(size, dtype=q.dtype, device=q.device).expand_as(gram_t)
     t_inv = torch.linalg.solve_triangular(gram_t, eye, upper=True, left=False, unitriangular=True).mT
     u_free = t_inv @ (beta_c * v_c)  # [N, BHV, C, V]
-    w = t_inv @ per_value_head(beta_c * decay_in, k_c)  # [N, BHV, C, K]; the chunk writes u = u_free - w S0
-    k_out = per_value_head(decay_out, k_c).mT  # [N, BHV, K, C]; S_end = exp(G_C) S0 + k_out u
+    w = t_inv @ per_value_head(beta_c * decay_in, k_c, group)  # [N, BHV, C, K]; the chunk writes u = u_free - w S0
+    k_out = per_value_head(decay_out, k_c, group).mT  # [N, BHV, K, C]; S_end = exp(G_C) S0 + k_out u
 
     state = state.reshape(batch * value_heads, dim_k, dim_v)
     starts = []
@@ -209,50 +205,37 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
             state = torch.baddbmm(state * decay_all[i], k_out[i], values[-1])
         start, u = torch.stack(starts).flatten(0, 1), torch.stack(values).flatten(0, 1)
 
-    scores_t = per_value_head(decay_t, k_c @ q_c.mT).flatten(0, 1)  # [N * BHV, C, C]: (q_i . k_j) decay at (j, i)
-    q_in = per_value_head(decay_in, q_c).flatten(0, 1)  # [N * BHV, C, K]
+    scores_t = decayed_scores(q_c, k_c, decay_t, group).flatten(0, 1)  # [N * BHV, C, C]: (q_i . k_j) decay at (j, i)
+    q_in = per_value_head(decay_in, q_c, group).flatten(0, 1)  # [N * BHV, C, K]
     o = (scores_t.mT @ u).baddbmm_(q_in, start, beta=scale, alpha=scale)  # scale (scores u + exp(G) q S0)
-    o = o.reshape(n_chunks, batch, value_heads, size, dim_v).permute(1, 0, 3, 2, 4)
-    return o.reshape(batch, n_chunks * size, value_heads, dim_v)[:, :seq_len], state.unflatten(0, (batch, -1))
-
-
-def _segment_decay(g: torch.Tensor) -> torch.Tensor:
-    """[..., C] log decays -> [..., C, C] holding exp(g_{j+1} + ... + g_i) at (j, i) for j <= i, and 0 for j > i.
-
-    Each entry sums only its own segment: never a difference of two long prefix sums, which would lose
-    the small decays' precision.
-    """
-    size = g.shape[-1]
-    upper = torch.ones(size, size, dtype=torch.bool, device=g.device).triu()
-    segments = (g[..., None, :] * upper.triu(1)).cumsum(-1)  # (j, i): g_k summed over j < k <= i
-    return _flushed_exp(segments, upper)
-
-
-def _flushed_exp(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """exp(x) for x <= 0 (times a boolean mask), with results below sqrt(smallest normal) flushed to 0.
-
-    The product of two results is then still a normal number (the flushed ones are below 1e-19 in
-    float32): subnormal arithmetic, and exp of inputs whose result is subnormal or 0, run tens of
-    times slower on CPUs.
-    """
-    floor = math.log(torch.finfo(x.dtype).tiny) / 2
-    keep = x > floor if mask is None else (x > floor) & mask
-    return x.clamp_min(floor).exp() * keep
+    return from_chunks(o.unflatten(0, (n_chunks, -1)), batch, seq_len), state.unflatten(0, (batch, -1))
 
 
 def _fla(q, k, v, g, beta, scale, initial_state, chunk_size):
-    """flash-linear-attention's Triton kernels (CUDA); fla takes grouped value heads and a [B, HV, K, V] state."""
+    """flash-linear-attention's Triton kernels (CUDA): the delta rule (g None), Gated DeltaNet (scalar g)
+    or KDA (per-channel g); fla takes grouped value heads and a [B, HV, K, V] state."""
+    from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    from fla.ops.kda import chunk_kda, fused_recurrent_kda
 
     if initial_state is not None:
         initial_state = initial_state.to(torch.float32)
     inputs = (q, k, v, g, beta, initial_state)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     common = dict(scale=scale, initial_state=initial_state, output_final_state=True, use_qk_l2norm_in_kernel=False)
-    if q.shape[1] == 1 and not needs_grad:
+    decode = q.shape[1] == 1 and not needs_grad
+    if not decode and chunk_size not in (16, 32, 64):
+        raise ValueError(f"{_OP}: backend 'fla' takes chunk_size 16, 32 or 64, got {chunk_size}")
+    if g is None:
+        if decode:
+            o, state = fused_recurrent_delta_rule(q, k, v, beta=beta, **common)
+        else:
+            o, state = chunk_delta_rule(q, k, v, beta=beta, **common)
+    elif g.dim() == 4:
+        kernel = fused_recurrent_kda if decode else chunk_kda
+        o, state = kernel(q, k, v, g=g, beta=beta, **common)
+    elif decode:
         o, state = fused_recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, **common)
     else:
-        if chunk_size not in (16, 32, 64):
-            raise ValueError(f"{_OP}: backend 'fla' takes chunk_size 16, 32 or 64, got {chunk_size}")
         o, state = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, chunk_size=chunk_size, **common)
     return o.to(v.dtype), state.to(torch.float32)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
-from mixerzoo.ops.gated_delta_rule import _flushed_exp, _segment_decay
+from mixerzoo.ops._chunking import flushed_exp, segment_decay, to_chunks
 
 _OP = "ssd"
 _FLA_MAX_CHUNK = 64  # the chunk fla's kernels are written and tuned for
@@ -116,20 +115,13 @@ def _chunked(xdt, log_decay, B, C, state, chunk_size):
     ratio = heads // groups
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
-    pad = n_chunks * size - seq_len
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [Bt, T, G, *D] -> [n, Bt*G, L, *D], chunk-major; pads are 0
-        if pad:
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-        x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
-        return x.reshape(n_chunks, -1, size, *x.shape[4:])
-
-    xdt_c = chunks(xdt.reshape(batch, -1, groups, ratio * dim_p))  # [n, BG, L, R*P]; padded steps write nothing
-    B_c, C_c = chunks(B), chunks(C)  # [n, BG, L, N]
-    log_decay_c = chunks(log_decay.unflatten(2, (groups, ratio))).transpose(-1, -2)  # [n, BG, R, L]
-    decay_t = _segment_decay(log_decay_c)  # [n, BG, R, L, L]: exp(a_{j+1} + ... + a_i) at (source j, target i)
+    xdt_c = to_chunks(xdt.reshape(batch, -1, groups, ratio * dim_p), size)  # [n, BG, L, R*P]; padded steps write nothing
+    B_c, C_c = to_chunks(B, size), to_chunks(C, size)  # [n, BG, L, N]
+    log_decay_c = to_chunks(log_decay.unflatten(2, (groups, ratio)), size).transpose(-1, -2)  # [n, BG, R, L]
+    decay_t = segment_decay(log_decay_c[..., None])[..., 0]  # [n, BG, R, L, L]: exp(a_{j+1} + ... + a_i) at (source j, target i)
     cum = log_decay_c.cumsum(-1)  # [n, BG, R, L], from the chunk start
-    decay_in = _flushed_exp(cum).transpose(-1, -2)[..., None]  # [n, BG, L, R, 1]: from the chunk start to step i
+    decay_in = flushed_exp(cum).transpose(-1, -2)[..., None]  # [n, BG, L, R, 1]: from the chunk start to step i
     decay_out = decay_t[..., -1].transpose(-1, -2)[..., None]  # [n, BG, L, R, 1]: from step j to the chunk end
     decay_all = decay_in[:, :, -1:]  # [n, BG, 1, R, 1]: across the chunk
 

@@ -1,0 +1,70 @@
+"""Chunk layout and decay tables shared by the chunked linear recurrences (gated_linear_attention,
+gated_delta_rule): scalar decays ([..., C]) and per-key-channel decays ([..., C, K]) alike."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def to_chunks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, T, h, *D] -> [N, B*h, C, *D], chunk-major, the last chunk padded with zeros."""
+    batch, seq_len = x.shape[:2]
+    n_chunks = -(-seq_len // size)
+    pad = n_chunks * size - seq_len
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+    x = x.reshape(batch, n_chunks, size, *x.shape[2:]).permute(1, 0, 3, 2, *range(4, x.dim() + 1))
+    return x.reshape(n_chunks, -1, size, *x.shape[4:])
+
+
+def from_chunks(o: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """[N, B*h, C, V] -> [B, T, h, V], dropping the padded tail."""
+    n_chunks, _, size, dim_v = o.shape
+    o = o.reshape(n_chunks, batch, -1, size, dim_v).permute(1, 0, 3, 2, 4)
+    return o.reshape(batch, n_chunks * size, -1, dim_v)[:, :seq_len]
+
+
+def flushed_exp(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(x) for x <= 0 (times a boolean mask), with results below sqrt(smallest normal) flushed to 0.
+
+    The product of two results is then still a normal number (the flushed ones are below 1e-19 in
+    float32): subnormal arithmetic, and exp of inputs whose result is subnormal or 0, run tens of
+    times slower on CPUs.
+    """
+    floor = math.log(torch.finfo(x.dtype).tiny) / 2
+    keep = x > floor if mask is None else (x > floor) & mask
+    return x.clamp_min(floor).exp() * keep
+
+
+def segment_decay(g: torch.Tensor) -> torch.Tensor:
+    """Log decays over a chunk -> the decay between every pair of its steps.
+
+    g [..., C, Kg] (Kg = 1 for a scalar decay, K per key channel) -> [..., C, C, Kg] holding
+    exp(g_{j+1} + ... + g_i) at (j, i) for j <= i, and 0 for j > i. Each entry sums only its own
+    segment: never a difference of two long prefix sums, which would lose the small decays' precision.
+    """
+    size = g.shape[-2]
+    upper = torch.ones(size, size, dtype=torch.bool, device=g.device).triu()
+    segments = (g[..., None, :, :] * upper.triu(1)[..., None]).cumsum(-2)  # (j, i): g_m summed over j < m <= i
+    return flushed_exp(segments, upper[..., None])
+
+
+def decayed_scores(targets: torch.Tensor, sources: torch.Tensor, decay: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """sum_k targets_ik sources_jk decay_jik at (j, i): [.., C, K] x [.., C, K] x [.., C, C, Kg] -> [.., C, C].
+
+    A scalar decay (Kg = 1) is one matmul and a product; with `group` > 1 the decay has `group`
+    value heads per row of targets / sources ([N, B*H*group, ..] against [N, B*H, ..]).
+    Per-channel decays (Kg = K) take `group` 1.
+    """
+    if decay.shape[-1] == 1:
+        products = sources @ targets.mT  # [.., j, i]
+        return (decay[..., 0].unflatten(1, (-1, group)) * products[:, :, None]).flatten(1, 2)
+    return torch.einsum("...ik,...jk,...jik->...ji", targets, sources, decay)
+
+
+def per_value_head(x: torch.Tensor, y: torch.Tensor, group: int) -> torch.Tensor:
+    """x [N, B*HV, ..] times y [N, B*H, ..], value head j reading key head j // group."""
+    return (x.unflatten(1, (-1, group)) * y[:, :, None]).flatten(1, 2)

@@ -1,0 +1,188 @@
+"""Gated linear attention (linear attention, RetNet, lightning, GLA, HGRN2, RWKV-6) with "reference",
+"torch" and "fla" backends."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mixerzoo.ops._backend import choose_backend
+from mixerzoo.ops._chunking import decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._common import (
+    check_decay_shape, check_float_tensors, decay_channels, expect_shape, in_spans, without_autocast,
+)
+
+_OP = "gated_linear_attention"
+
+
+def gated_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    bonus: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run gated linear attention over a chunk of tokens; return the outputs and the final state.
+
+    Per value head, with state S [K, V] and D_t = diag(exp g_t) (a scalar decay: exp(g_t) I):
+        S_t = D_t S_{t-1} + k_t v_t^T
+        o_t = scale * S_t^T q_t                                    (bonus None)
+        o_t = scale * (S_{t-1} + diag(u) k_t v_t^T)^T q_t          (bonus u: RWKV-6)
+
+    Args:
+        q, k: [B, T, H, K] queries and keys (feature maps applied by the caller).
+        v: [B, T, HV, V] values, HV % H == 0; value head j reads q/k head j // (HV // H).
+        g: None (linear attention), [B, T, HV] (scalar decay: RetNet, lightning) or [B, T, HV, K]
+            (per key channel: GLA, HGRN2, RWKV-6) log decay (finite, <= 0; not checked).
+        scale: output scale, default K ** -0.5.
+        initial_state: [B, HV, K, V] state before the first token; zeros when None.
+        bonus: [HV, K] RWKV-6's bonus u on the current token (then the output reads S_{t-1}).
+        backend: "auto", "reference" (loop over time), "torch" (chunked) or "fla" (CUDA kernels).
+        chunk_size: chunk length of the "torch" backend (fla picks its own).
+
+    Returns:
+        o: [B, T, HV, V] in v's dtype.
+        state: [B, HV, K, V] in float64 when any input is float64, else float32.
+    """
+    batch, seq_len, heads, dim_k, value_heads, dim_v = _check_inputs(q, k, v, g, initial_state, bonus, chunk_size)
+    if scale is None:
+        scale = dim_k**-0.5
+    inputs = (q, k, v, g, bonus)
+    dtype = torch.float64 if torch.float64 in {t.dtype for t in inputs if t is not None} else torch.float32
+    chosen = choose_backend(_OP, backend, q, supported=("fla", "torch", "reference"))
+    if chosen == "fla" and dtype == torch.float64:
+        if backend != "auto":
+            raise ValueError(f"{_OP}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
+        chosen = "torch"
+    if chosen == "fla":
+        return _fla(q, k, v, g, scale, initial_state, bonus)
+
+    q_, k_, v_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+    g_ = decay_channels(g, (batch, seq_len, value_heads), dtype, q.device)  # [B, T, HV, 1 or K]
+    bonus_ = None if bonus is None else bonus.to(dtype)
+    if initial_state is None:
+        state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
+    else:
+        state = initial_state if initial_state.dtype == dtype else initial_state.to(dtype)
+    with without_autocast(q.device):
+        if chosen == "reference" or seq_len == 1:
+            o, state = _recurrent(q_, k_, v_, g_, bonus_, scale, state)
+            return o.to(v.dtype), state
+
+        def span(q, k, v, g, state):
+            return _chunked(q, k, v, g, bonus_, scale, state, chunk_size)
+
+        return in_spans(span, (q_, k_, v_, g_), state, chunk_size, v.dtype)
+
+
+def _check_inputs(q, k, v, g, initial_state, bonus, chunk_size):
+    """Validate shapes, dtypes and devices; return (B, T, H, K, HV, V)."""
+    check_float_tensors(_OP, {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state, "bonus": bonus})
+    if q.dim() != 4:
+        raise ValueError(f"{_OP}: q must be [B, T, H, K], got {list(q.shape)}")
+    batch, seq_len, heads, dim_k = q.shape
+    expect_shape(_OP, k, "k", "[B, T, H, K]", (batch, seq_len, heads, dim_k))
+    if v.dim() != 4 or v.shape[:2] != (batch, seq_len):
+        raise ValueError(f"{_OP}: v must be [B, T, HV, V] with [B, T] = {[batch, seq_len]}, got {list(v.shape)}")
+    value_heads, dim_v = v.shape[2:]
+    if value_heads % heads:
+        raise ValueError(f"{_OP}: v has HV = {value_heads} heads, not a multiple of the H = {heads} heads of q and k")
+    check_decay_shape(_OP, g, "HV", (batch, seq_len, value_heads), dim_k)
+    if initial_state is not None:
+        expect_shape(_OP, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
+    if bonus is not None:
+        expect_shape(_OP, bonus, "bonus", "[HV, K]", (value_heads, dim_k))
+    if seq_len == 0:
+        raise ValueError(f"{_OP}: T must be at least 1, got q of shape {list(q.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    return batch, seq_len, heads, dim_k, value_heads, dim_v
+
+
+def _recurrent(q, k, v, g, bonus, scale, state):
+    """Loop over time. q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV, 1 or K]; bonus [HV, K]; state [B, HV, K, V]."""
+    group = v.shape[2] // q.shape[2]
+    if group > 1:
+        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
+    outputs = []
+    for t in range(q.shape[1]):
+        write = k[:, t, :, :, None] * v[:, t, :, None, :]  # [B, HV, K, V]
+        if bonus is not None:  # reads the state before this token, and the token through the bonus
+            outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state + bonus[:, :, None] * write, q[:, t]))
+        state = state * g[:, t].exp()[..., None] + write
+        if bonus is None:
+            outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q[:, t]))
+    return torch.stack(outputs, dim=1), state
+
+
+def _chunked(q, k, v, g, bonus, scale, state, chunk_size):
+    """Chunked form; shapes as in `_recurrent`, all tensors of one float dtype.
+
+    Within a chunk, with log decays summed from the chunk start (G):
+    o_i = scale (sum_{j <= i} (q_i . k_j)_{exp(G_i - G_j)} v_j + (exp(G_i) q_i)^T S0) and
+    S_end = exp(G_C) S0 + sum_j (exp(G_C - G_j) k_j) v_j^T. With a bonus the query reads up to step
+    i - 1 (G_{i-1}) and the diagonal of the scores is (q_i u k_i). Only the carry runs per chunk.
+    """
+    batch, seq_len, heads, dim_k = k.shape
+    value_heads, dim_v = v.shape[2:]
+    group = value_heads // heads
+    if g.shape[-1] > 1 and group > 1:  # per-channel decays are per value head: read q, k per value head
+        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
+        group = 1
+    size = min(chunk_size, seq_len)
+    n_chunks = -(-seq_len // size)
+
+    q_c, k_c, v_c, g_c = (to_chunks(t, size) for t in (q, k, v, g))  # [N, BH, C, K] x2, [N, BHV, C, V], [.., Kg]
+    decay_t = segment_decay(g_c)  # [N, BHV, C(j), C(i), Kg]: exp(G_i - G_j) for j <= i, else 0
+    cum = g_c.cumsum(-2)  # [N, BHV, C, Kg]
+    decay_out = decay_t[..., -1, :]  # [N, BHV, C, Kg]: from step j to the chunk end
+    decay_all = flushed_exp(cum[..., -1:, :]).mT  # [N, BHV, Kg, 1]: across the chunk, per state row
+    if bonus is None:
+        scores_t = decayed_scores(q_c, k_c, decay_t, group)  # [N, BHV, C, C] at (j, i)
+        decay_in = flushed_exp(cum)
+    else:  # query i reads the state up to i - 1: the decays shifted by one step
+        scores_t = decayed_scores(q_c, k_c, F.pad(decay_t[..., :-1, :], (0, 0, 1, 0)), group)
+        u = bonus.repeat(batch, 1)[:, None]  # [B HV, 1, K]
+        on_token = per_value_head(u, q_c * k_c, group).sum(-1)  # [N, BHV, C]: q_i u k_i
+        scores_t = scores_t + torch.diag_embed(on_token)
+        decay_in = flushed_exp(F.pad(cum[..., :-1, :], (0, 0, 1, 0)))
+    inject = per_value_head(decay_out, k_c, group).mT @ v_c  # [N, BHV, K, V]
+
+    state = state.reshape(batch * value_heads, dim_k, dim_v)
+    starts = []
+    for i in range(n_chunks):
+        starts.append(state)
+        state = torch.addcmul(inject[i], decay_all[i], state)
+    start = torch.stack(starts)  # [N, BHV, K, V]
+    q_in = per_value_head(decay_in, q_c, group)  # [N, BHV, C, K]
+    o = (scores_t.mT @ v_c + q_in @ start) * scale
+    return from_chunks(o, batch, seq_len), state.unflatten(0, (batch, -1))
+
+
+def _fla(q, k, v, g, scale, initial_state, bonus):
+    """flash-linear-attention's Triton kernels (CUDA): linear_attn, simple_gla, gla or rwkv6 by the decay's form."""
+    from fla.ops.gla import chunk_gla
+    from fla.ops.linear_attn import chunk_linear_attn
+    from fla.ops.rwkv6 import chunk_rwkv6
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    group = v.shape[2] // q.shape[2]
+    if group > 1:  # fla's kernels take one head count
+        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
+    if initial_state is not None:
+        initial_state = initial_state.to(torch.float32)
+    common = dict(scale=scale, initial_state=initial_state, output_final_state=True)
+    if bonus is not None:
+        o, state = chunk_rwkv6(q, k, v, g if g.dim() == 4 else g[..., None].expand_as(k), bonus, **common)
+    elif g is None:
+        o, state = chunk_linear_attn(q, k, v, normalize=False, **common)
+    elif g.dim() == 3:
+        o, state = chunk_simple_gla(q, k, v, g=g, **common)
+    else:
+        o, state = chunk_gla(q, k, v, g, **common)
+    return o.to(v.dtype), state.to(torch.float32)

@@ -1,0 +1,47 @@
+"""Every mixer family of the zoo passes the protocol's kit: with its defaults (only d_model given, as a
+user starts), and small with a chunk shorter than the kit's sequences so the chunked op's carry runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixerzoo.registry import build_mixer, list_mixers
+from mixerzoo.testing import certify
+
+FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda"]
+# Small float32 settings: 2 heads of 8, chunk 5 (never a divisor of the kit's splits); Based's Taylor map
+# keeps 1 + 4 + 16 features of 4-dim keys.
+SMALL = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
+SMALL_EXTRA = {"based": {"head_dim": 4}}
+
+
+def test_every_family_is_registered():
+    missing = set(FAMILIES) - set(list_mixers())
+    assert not missing, f"not registered: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_passes_the_kit_with_defaults_float64(name):
+    certify({"type": name, "d_model": 32})
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_passes_the_kit_across_chunks_float32(name):
+    certify({"type": name, **SMALL, **SMALL_EXTRA.get(name, {})}, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"type": "gla", "d_model": 30, "n_heads": 4}, r"n_heads \(4\) does not divide d_model \(30\)"),
+        ({"type": "linear_attention", "d_model": 32, "feature_map": "relu"}, r"feature_map"),
+        ({"type": "lightning", "d_model": 32, "decay_scale": -1.0}, r"decay_scale"),
+        ({"type": "gla", "d_model": 32, "gate_logit_normalizer": 0}, r"gate_logit_normalizer"),
+        ({"type": "kda", "d_model": 32, "backend": "flash"}, r"backend 'flash' is attention's"),
+    ],
+    ids=["heads-divide", "feature-map", "decay-sign", "normalizer", "backend"],
+)
+def test_bad_fields_are_named(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_mixer(spec)

@@ -9,12 +9,16 @@ import torch
 from mixerzoo.registry import build_mixer, list_mixers
 from mixerzoo.testing import certify
 
-FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda"]
-# Small float32 settings: 2 heads of 8, chunk 5 (never a divisor of the kit's splits); Based's Taylor map
-# keeps 1 + 4 + 16 features of 4-dim keys.
-SMALL = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
-SMALL_EXTRA = {"based": {"head_dim": 4}}
-
+FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru"]
+# Small float32 settings: chunks of 5 (never a divisor of the kit's splits, so the chunked ops' carry runs),
+# 2 heads where a family has heads; Based's Taylor map keeps 1 + 4 + 16 features of 4-dim keys.
+_MATRIX = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
+SMALL = {name: _MATRIX for name in FAMILIES[:8]} | {
+    "based": {**_MATRIX, "head_dim": 4},
+    "short_conv": {"d_model": 16, "conv_size": 4},
+    "mamba": {"d_model": 16, "d_state": 4, "chunk_size": 5},
+    "rglru": {"d_model": 16, "n_heads": 2, "chunk_size": 5},
+}
 
 def test_every_family_is_registered():
     missing = set(FAMILIES) - set(list_mixers())
@@ -28,7 +32,7 @@ def test_family_passes_the_kit_with_defaults_float64(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_passes_the_kit_across_chunks_float32(name):
-    certify({"type": name, **SMALL, **SMALL_EXTRA.get(name, {})}, dtype=torch.float32)
+    certify({"type": name, **SMALL[name]}, dtype=torch.float32)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,14 @@
 
 from mixerzoo.mixers.attention import Attention, AttentionConfig, KVCache, RingKVCache, RopeConfig
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.elementwise_family import PRESETS as ELEMENTWISE_PRESETS
 from mixerzoo.mixers.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
 from mixerzoo.mixers.linear_family import PRESETS as LINEAR_PRESETS
 from mixerzoo.mixers.linear_family import LinearMixer, LinearMixerConfig, LinearMixerState
 from mixerzoo.mixers.mamba2 import Mamba2, Mamba2Config, Mamba2State
 from mixerzoo.mixers.registry import build_mixer, list_mixers, mixer_class, mixer_config, register_mixer
 
-for _builtin in (Attention, GatedDeltaNet, Mamba2, *LINEAR_PRESETS):
+for _builtin in (Attention, GatedDeltaNet, Mamba2, *LINEAR_PRESETS, *ELEMENTWISE_PRESETS):
     register_mixer(_builtin)
 
 __all__ = [

@@ -1,0 +1,80 @@
+"""Zoo mixers equal transformers' torch paths of the same layers given the same weights (state_dicts load
+without renaming): LFM2's short conv, Mamba1's mixer, RecurrentGemma's recurrent block."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixerzoo.registry import build_mixer
+from mixerzoo.testing import assert_rel_close
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: no oracle")
+
+# float32, one forward of 16-24 tokens through the same ops in another order: rounding ~T * eps32 = 2e-6;
+# 1e-5 relative (measured <= 1e-6).
+TOL = 1e-5
+D_MODEL, LENGTH = 32, 19
+
+
+def _compare(ours, theirs_fn, what):
+    torch.manual_seed(1)
+    x = torch.randn(2, LENGTH, D_MODEL)
+    with torch.no_grad():
+        expected = theirs_fn(x)
+        got, state = ours(x)
+        split, state2 = ours(x[:, :7])  # and in two chunks, through our state
+        rest, _ = ours(x[:, 7:], state2)
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f"{what}: relative error {err:.2e}")
+    assert_rel_close(got, expected, TOL, what=what)
+    assert_rel_close(torch.cat([split, rest], 1), expected, TOL, what=f"{what} in two chunks")
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+
+
+def test_short_conv_equals_transformers_lfm2():
+    from transformers.models.lfm2.configuration_lfm2 import Lfm2Config
+    from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
+
+    config = Lfm2Config(hidden_size=D_MODEL, conv_L_cache=3, conv_bias=True, num_hidden_layers=1,
+                        layer_types=["conv"], num_attention_heads=4, num_key_value_heads=4)
+    theirs = Lfm2ShortConv(config, layer_idx=0).eval()
+    _randomize(theirs)
+    ours = build_mixer({"type": "short_conv", "d_model": D_MODEL, "conv_size": 3, "bias": True})
+    ours.load_state_dict(theirs.state_dict())
+    _compare(ours, lambda x: theirs(x), "short_conv vs Lfm2ShortConv")
+
+
+def test_mamba_equals_transformers_mamba_mixer():
+    from transformers.models.mamba.configuration_mamba import MambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    config = MambaConfig(hidden_size=D_MODEL, state_size=8, conv_kernel=4, expand=2, time_step_rank=4,
+                         num_hidden_layers=1, use_mambapy=False)
+    theirs = MambaMixer(config, layer_idx=0).eval()
+    _randomize(theirs)
+    with torch.no_grad():
+        theirs.A_log.copy_(torch.rand_like(theirs.A_log) * 2)  # A = -exp(A_log): a range of decays
+    ours = build_mixer({"type": "mamba", "d_model": D_MODEL, "d_state": 8, "d_conv": 4, "expand": 2, "dt_rank": 4,
+                        "chunk_size": 8})
+    ours.load_state_dict(theirs.state_dict())
+    _compare(ours, lambda x: theirs(x), "mamba vs MambaMixer")
+
+
+def test_rglru_equals_transformers_recurrent_gemma_block():
+    from transformers.models.recurrent_gemma.configuration_recurrent_gemma import RecurrentGemmaConfig
+    from transformers.models.recurrent_gemma.modeling_recurrent_gemma import RecurrentGemmaRecurrentBlock
+
+    config = RecurrentGemmaConfig(hidden_size=D_MODEL, lru_width=D_MODEL, num_attention_heads=4, conv1d_width=4,
+                                  num_hidden_layers=1, hidden_activation="gelu_pytorch_tanh")
+    theirs = RecurrentGemmaRecurrentBlock(config, layer_idx=0).eval()
+    _randomize(theirs)
+    ours = build_mixer({"type": "rglru", "d_model": D_MODEL, "n_heads": 4, "conv_size": 4, "chunk_size": 8})
+    ours.load_state_dict(theirs.state_dict())
+    positions = torch.arange(LENGTH).expand(2, -1)
+    _compare(ours, lambda x: theirs(x, positions, None, use_cache=False)[0], "rglru vs RecurrentGemmaRecurrentBlock")

@@ -35,6 +35,22 @@ def test_family_passes_the_kit_across_chunks_float32(name):
     certify({"type": name, **SMALL[name]}, dtype=torch.float32)
 
 
+def test_gated_attention_passes_the_kit():
+    certify({"type": "attention", "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "output_gate": True})
+
+
+def test_gated_attention_gates_each_output_channel():
+    mixer = build_mixer({"type": "attention", "d_model": 16, "n_heads": 2, "output_gate": True})
+    x = torch.randn(1, 5, 16)
+    with torch.no_grad():
+        mixer.gate_proj.weight.zero_()  # sigmoid(0) = 1/2 on every channel: half the ungated output
+        gated, _ = mixer(x)
+        plain = build_mixer({"type": "attention", "d_model": 16, "n_heads": 2})
+        plain.load_state_dict({k: v for k, v in mixer.state_dict().items() if not k.startswith("gate_proj")})
+        ungated, _ = plain(x)
+    torch.testing.assert_close(gated, ungated / 2, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

@@ -53,6 +53,8 @@ class AttentionConfig(MixerConfig):
     window: int | None = Field(None, description="sliding window in tokens (itself + window - 1 before); None = full")
     qkv_bias: bool = Field(False, description="bias on the q, k and v projections (Qwen2.5 has one)")
     qk_norm: bool = Field(False, description="RMSNorm on each query and key head")
+    output_gate: bool = Field(False, description="sigmoid(gate_proj x) times the heads' output before o_proj "
+                              "(Qwen3-Next's gated attention)")
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of the q / k RMSNorm (qk_norm)")
     rope: RopeConfig = Field(RopeConfig(), description="rotary position embedding of q and k")
 
@@ -331,6 +333,8 @@ class Attention(Mixer):
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.n_heads * c.dim, c.d_model, bias=False)
+        if c.output_gate:
+            self.gate_proj = nn.Linear(c.d_model, c.n_heads * c.dim, bias=False)
         if c.qk_norm:
             self.q_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
             self.k_norm = nn.RMSNorm(c.dim, eps=c.norm_eps)
@@ -385,7 +389,8 @@ class Attention(Mixer):
             o, state = self._decode_full_masked(q, k, v, state, valid)
         else:
             o, state = self._chunk_full(q, k, v, state, host_seen)
-        y = self.o_proj(o.reshape(batch, length, c.n_heads * c.dim))
+        o = o.reshape(batch, length, c.n_heads * c.dim)
+        y = self.o_proj(o * torch.sigmoid(self.gate_proj(x)) if c.output_gate else o)
         return (y if valid is None else y * valid[..., None]), state
 
     @staticmethod

@@ -18,7 +18,9 @@ from mixerzoo.errors import close_matches
 SIZES = ("tiny", "small", "paper")
 
 # Per size: model shape, and the legend letter -> mixer spec every recipe draws from.
-# F full attention, S sliding-window attention, G Gated DeltaNet, M Mamba2.
+# F full attention, S sliding-window attention, G Gated DeltaNet, M Mamba2; the landmark hybrids' families:
+# A gated full attention (Qwen3-Next), L lightning attention (MiniMax), N Mamba1, R RG-LRU (Griffin),
+# C gated short conv (LFM2), K KDA (Kimi Linear).
 _SHAPES = {
     "tiny": dict(d_model=64, vocab_size=256, n_layers=8, mlp_hidden=128),
     "small": dict(d_model=512, vocab_size=8192, n_layers=8, mlp_hidden=1408),
@@ -30,12 +32,24 @@ _LEGENDS = {
         "S": dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16, qkv_bias=True, window=16),
         "G": dict(type="gated_deltanet", n_heads=2, head_dim=16, expand_v=2, chunk_size=16),
         "M": dict(type="mamba2", d_state=16, head_dim=16, expand=2, chunk_size=16),
+        "A": dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16, output_gate=True, qk_norm=True),
+        "L": dict(type="lightning", n_heads=4, chunk_size=16),
+        "N": dict(type="mamba", d_state=16, expand=2),
+        "R": dict(type="rglru", n_heads=4),
+        "C": dict(type="short_conv", conv_size=3),
+        "K": dict(type="kda", n_heads=2, head_dim=16, chunk_size=16),
     },
     "small": {
         "F": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, qkv_bias=True),
         "S": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, qkv_bias=True, window=512),
         "G": dict(type="gated_deltanet", n_heads=4, head_dim=64, expand_v=2),
         "M": dict(type="mamba2", d_state=64, head_dim=64, expand=2, chunk_size=64),
+        "A": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, output_gate=True, qk_norm=True),
+        "L": dict(type="lightning", n_heads=8),
+        "N": dict(type="mamba", d_state=16, expand=2),
+        "R": dict(type="rglru", n_heads=8),
+        "C": dict(type="short_conv", conv_size=3),
+        "K": dict(type="kda", n_heads=4, head_dim=64),
     },
     "paper": {
         "F": dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128, qkv_bias=True,
@@ -44,6 +58,12 @@ _LEGENDS = {
                   rope=dict(kind="mrope", sections=[16, 24, 24], theta=1e6)),
         "G": dict(type="gated_deltanet", n_heads=16, head_dim=128, expand_v=2, conv_size=4),
         "M": dict(type="mamba2", d_state=128, head_dim=64, expand=2, chunk_size=256),
+        "A": dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128, output_gate=True, qk_norm=True),
+        "L": dict(type="lightning", n_heads=16),
+        "N": dict(type="mamba", d_state=16, expand=2),
+        "R": dict(type="rglru", n_heads=16),
+        "C": dict(type="short_conv", conv_size=3),
+        "K": dict(type="kda", n_heads=16, head_dim=128),
     },
 }
 
@@ -76,12 +96,13 @@ def list_recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def layout(size: str, *, pattern: str | None = None, ratio: dict[str, int] | None = None) -> LayoutSpec:
-    """A spec at `size` from a pattern (or ratio) over the shared legend F / S / G / M."""
+def layout(size: str, *, pattern: str | None = None, ratio: dict[str, int] | None = None,
+           n_layers: int | None = None) -> LayoutSpec:
+    """A spec at `size` from a pattern (or ratio) over the shared legend; `n_layers` overrides the size's depth."""
     shape = _SHAPES[size]
     legend = {letter: spec for letter, spec in _LEGENDS[size].items() if letter in (pattern or "".join(ratio or {}))}
     data = dict(
-        d_model=shape["d_model"], vocab_size=shape["vocab_size"], n_layers=shape["n_layers"], legend=legend,
+        d_model=shape["d_model"], vocab_size=shape["vocab_size"], n_layers=n_layers or shape["n_layers"], legend=legend,
         mlp=dict(type="swiglu", hidden=shape["mlp_hidden"]), norm_eps=1e-6, tie_embeddings=size == "paper",
     )
     data.update(pattern=pattern) if pattern else data.update(ratio=ratio)
@@ -110,3 +131,30 @@ _pattern_recipe("mamba2-swa", "MMMS", "Mamba2 + SWA, 3:1.")
 def _infinitevl_1to7(size: str) -> LayoutSpec:
     """InfiniteVL at SWA:GDN 1:7, SWA layers spread evenly."""
     return layout(size, ratio={"S": 1, "G": 7})
+
+
+def _landmark(name: str, pattern: str, published_layers: int, doc: str) -> None:
+    """A published hybrid: its layer pattern at tiny and small (8 layers), and at paper size with the published
+    layer count (the widths stay the shared size table's)."""
+
+    def factory(size: str) -> LayoutSpec:
+        n_layers = published_layers if size == "paper" else _SHAPES[size]["n_layers"]
+        cut = (pattern * -(-n_layers // len(pattern)))[:n_layers]  # the pattern cut after n_layers, as published
+        return layout(size, pattern=cut, n_layers=n_layers)
+
+    factory.__doc__ = doc
+    register_recipe(name)(factory)
+
+
+_landmark("qwen3-next", "GGGA", 48, "Qwen3-Next (Qwen team, 2025; Qwen3-Next-80B-A3B config.json): 3 Gated DeltaNet "
+          "layers to 1 gated attention layer, 48 layers.")
+_landmark("minimax", "LLLLLLLF", 80, "MiniMax-01 (MiniMax 2025, arXiv:2501.08313): 7 lightning attention layers to "
+          "1 softmax attention layer, 80 layers.")
+_landmark("samba", "NS", 32, "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba1 and sliding-window attention "
+          "alternating (each with its MLP), 32 layers at 3.8B.")
+_landmark("griffin", "RRS", 26, "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU blocks to "
+          "1 local attention block, 26 layers (the pattern cut after 26, as published).")
+_landmark("jamba", "NNNNFNNN", 32, "Jamba (Lieber et al. 2024, arXiv:2403.19887): attention at layer i % 8 == 4 "
+          "among Mamba1 layers, 32 layers (its MoE MLPs await the experts channel mixer).")
+_landmark("lfm2", "CCFCCFCCFCFCFCFC", 16, "LFM2-1.2B (Liquid AI 2025, config.json layer_types): 10 gated short "
+          "conv and 6 GQA attention layers in its published order, 16 layers (the first 8 at tiny and small).")

@@ -313,7 +313,7 @@ def run(args: argparse.Namespace) -> None:
         use_threads(args.threads, 0)
         recipes(args.size)
     elif args.command == "mixers":
-        from mixerzoo.registry.reference import config_reference
+        from mixerzoo.reference import config_reference
 
         print(config_reference(), end="")
     elif args.command == "stream":

@@ -1,7 +1,8 @@
 """The config reference: every config model's fields (type, default, meaning), read from the pydantic models.
 
 `mixerzoo mixers` prints it (plugins included); docs/CONFIG.md is the same text for the
-built-in mixers (`python -m mixerzoo.registry.reference > docs/CONFIG.md`, kept current by a test).
+built-in mixers (`python -m mixerzoo.reference > docs/CONFIG.md`, kept current by a test). It reads every layer's
+config models, so it sits at the top of the package, beside the CLI.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pydantic_core import PydanticUndefined
 
 from mixerzoo.mixers.registry import PLUGIN_GROUP, list_mixers, mixer_class
 
-BUILT_IN_MIXERS = ("attention", "gated_deltanet", "mamba2")
 
 
 def type_name(annotation: typing.Any) -> str:
@@ -88,7 +88,7 @@ def reference_models(*, plugins: bool = True) -> list[tuple[str, str, type[BaseM
     training = "## Training (`mixerzoo distill-layers | distill-logits | sft | long-sft` YAML)"
     out = [(layouts, "LayoutSpec", LayoutSpec), (layouts, "LayerSpec", LayerSpec), (layouts, "MLPSpec (`mlp`)", MLPSpec)]
     for name in list_mixers():
-        if plugins or name in BUILT_IN_MIXERS:
+        if plugins or mixer_class(name).__module__.startswith("mixerzoo."):
             out.append((mixers, f"type: {name}", mixer_class(name).config_class))
             if name == "attention":
                 out.append((mixers, "RopeConfig (attention's `rope`)", RopeConfig))

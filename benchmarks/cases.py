@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 from mixerzoo.blocks import Decoder, random_state
 from mixerzoo.blocks.spec import LayoutSpec
-from mixerzoo.ops import gated_delta_rule, ssd
+from mixerzoo.ops import gated_delta_rule, gated_linear_attention, ssd
 from mixerzoo.registry import recipe
 from mixerzoo.registry.recipes import layout
 from mixerzoo.testing import assert_rel_close
 
-MIXERZOO, TRANSFORMERS, FLA = "mixerzoo", "transformers", "fla naive"
+MIXERZOO, TRANSFORMERS, FLA, FLOOR = "mixerzoo", "transformers", "fla naive", "matmul floor"
 PEER_MODULES = {TRANSFORMERS: "transformers", FLA: "fla"}
 # Relative agreement asserted before timing (max-abs error / max-abs of mixerzoo's output):
 # float32 paths that sum in different orders over at most a few thousand terms.
@@ -412,6 +412,72 @@ def ssd_op(seq_len: int, heads: int, dim: int):
     return setup
 
 
+def matmul_floor(batch_heads: int, seq_len: int, dim_k: int, dim_v: int, chunk: int = 64) -> Callable[[], object]:
+    """The four products any chunked linear recurrence needs per chunk and head (q k^T, scores v, q S, k^T v),
+    batched over every chunk at once: the floor a chunked op cannot go below on this core."""
+    gen = torch.Generator().manual_seed(0)
+    n = batch_heads * -(-seq_len // chunk)
+    q, k = torch.randn(n, chunk, dim_k, generator=gen), torch.randn(n, chunk, dim_k, generator=gen)
+    v, state = torch.randn(n, chunk, dim_v, generator=gen), torch.randn(n, dim_k, dim_v, generator=gen)
+    return lambda: (q @ k.mT @ v, q @ state, k.mT @ v)
+
+
+ZOO_FAMILIES = ("linear attention", "scalar decay", "per-channel decay", "delta rule", "per-channel delta rule")
+
+
+def zoo_op(family: str, seq_len: int, heads: int, dim: int):
+    """A setup timing one forward of the zoo's op for `family` against fla's naive chunked function of the
+    same family (where fla has one) and the matmul floor; agreement on the outputs is checked first."""
+
+    def setup(scale: str):
+        t = seq_len if scale == "full" else 128
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(1, t, heads, dim, generator=gen)
+        k = F.normalize(torch.randn(1, t, heads, dim, generator=gen), dim=-1)
+        v = torch.randn(1, t, heads, dim, generator=gen)
+        g = -torch.rand(1, t, heads, generator=gen) * 0.1
+        gk = -torch.rand(1, t, heads, dim, generator=gen) * 0.1
+        beta = torch.rand(1, t, heads, generator=gen)
+        ours = {
+            "linear attention": lambda: gated_linear_attention(q, k, v, backend="torch")[0],
+            "scalar decay": lambda: gated_linear_attention(q, k, v, g, backend="torch")[0],
+            "per-channel decay": lambda: gated_linear_attention(q, k, v, gk, backend="torch")[0],
+            "delta rule": lambda: gated_delta_rule(q, k, v, None, beta, backend="torch")[0],
+            "per-channel delta rule": lambda: gated_delta_rule(q, k, v, gk, beta, backend="torch")[0],
+        }[family]
+        fns = {MIXERZOO: ours, FLOOR: matmul_floor(heads, t, dim, dim)}
+        if peer_missing(FLA) is None and family != "per-channel decay":  # fla has no naive chunked GLA
+            from fla.ops.delta_rule.naive import delta_rule_chunkwise
+            from fla.ops.kda.naive import naive_chunk_kda
+            from fla.ops.linear_attn.naive import naive_chunk_linear_attn
+            from fla.ops.simple_gla.naive import naive_chunk_simple_gla
+
+            head_first = [x.transpose(1, 2) for x in (q, k, v, beta)]
+            fns[FLA] = {
+                "linear attention": lambda: naive_chunk_linear_attn(q, k, v),
+                "scalar decay": lambda: naive_chunk_simple_gla(q, k, v, g)[0],
+                "delta rule": lambda: delta_rule_chunkwise(*head_first, chunk_size=64)[0].transpose(1, 2),
+                "per-channel delta rule": lambda: naive_chunk_kda(q, k, v, gk, beta)[0],
+            }[family]
+
+        def check() -> None:
+            with torch.no_grad():
+                expected = fns[MIXERZOO]()
+                if FLA in fns:
+                    assert_agree(fns[FLA](), expected, f"fla naive vs mixerzoo, {family}")
+
+        def no_grad(fn):
+            def call():
+                with torch.no_grad():
+                    return fn()
+
+            return call
+
+        return {name: no_grad(fn) for name, fn in fns.items()}, check
+
+    return setup
+
+
 PEERS = (MIXERZOO, TRANSFORMERS, FLA)
 GROUPS: tuple[Group, ...] = (
     Group("full-attention decode @ 8K (Qwen2 shapes)", (MIXERZOO, TRANSFORMERS), qwen2_decode, rounds=30),
@@ -423,6 +489,8 @@ GROUPS: tuple[Group, ...] = (
     Group("GDN fwd+bwd K=V=64 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 64, 64, backward=True), rounds=3, warmup=1),
     Group("GDN fwd+bwd K=128 V=256 T=2048 (H=4)", PEERS, gdn_op(2048, 4, 128, 256, backward=True), rounds=3, warmup=1),
     Group("SSD forward P=N=64 T=4096 (H=4)", (MIXERZOO, FLA), ssd_op(4096, 4, 64), rounds=5, warmup=1),
+    *(Group(f"{family} forward K=V=64 T=4096 (H=4)", (MIXERZOO, FLA, FLOOR) if family != "per-channel decay"
+            else (MIXERZOO, FLOOR), zoo_op(family, 4096, 4, 64), rounds=5, warmup=1) for family in ZOO_FAMILIES),
 )
 CONTEXT_GROUP = Group(
     "decode vs context (small recipes)",

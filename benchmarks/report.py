@@ -19,7 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.cases import CONTEXT_GROUP, CONTEXTS, GROUPS, MIXERZOO, PEERS, RECIPES_VS_CONTEXT, context_label  # noqa: E402
+from benchmarks.cases import (  # noqa: E402
+    CONTEXT_GROUP, CONTEXTS, FLOOR, GROUPS, MIXERZOO, PEERS, RECIPES_VS_CONTEXT, context_label,
+)
 from mixerzoo.mixers.base import atomic_write_bytes  # noqa: E402
 
 
@@ -36,15 +38,16 @@ def seconds(path: Path, stat: str = "median", interleaved: bool = True) -> dict[
 
 def peer_table(rounds: list[dict[tuple[str, str], float]]) -> str:
     """Markdown: group | ms per contender (round 1) | mixerzoo / peer per round."""
-    peers = [p for p in PEERS if p != MIXERZOO]
-    lines = ["| row | " + " | ".join(f"{c} ms" for c in PEERS) + " | " +
+    columns = (*PEERS, FLOOR)
+    peers = [p for p in columns if p != MIXERZOO]
+    lines = ["| row | " + " | ".join(f"{c} ms" for c in columns) + " | " +
              " | ".join(f"mixerzoo / {p}" for p in peers) + " |",
-             "|---|" + "---:|" * (len(PEERS) + len(peers))]
+             "|---|" + "---:|" * (len(columns) + len(peers))]
     for group in GROUPS:
         first = rounds[0]
         if (group.name, MIXERZOO) not in first:
             continue
-        times = [f"{first[group.name, c] * 1e3:.3f}" if (group.name, c) in first else "-" for c in PEERS]
+        times = [f"{first[group.name, c] * 1e3:.3f}" if (group.name, c) in first else "-" for c in columns]
         ratios = []
         for peer in peers:
             cells = [f"{r[group.name, MIXERZOO] / r[group.name, peer]:.2f}x" for r in rounds if (group.name, peer) in r]

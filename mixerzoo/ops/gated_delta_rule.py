@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._chunking import decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
 from mixerzoo.ops._common import check_decay_shape, check_float_tensors, decay_channels, expect_shape, in_spans, without_autocast
 
 _OP = "gated_delta_rule"
@@ -80,6 +80,8 @@ def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
     elif chosen == "reference" or q.shape[1] == 1:
         o, state = _recurrent(q, k, v, g, beta, scale, state)
     else:
+
+        chunk_size = chunk_length(g, chunk_size)
 
         def span(q, k, v, g, beta, state):
             return _chunked(q, k, v, g, beta, scale, state, chunk_size)

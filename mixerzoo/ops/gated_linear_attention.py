@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._chunking import decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
 from mixerzoo.ops._common import (
     check_decay_shape, check_float_tensors, decay_channels, expect_shape, in_spans, without_autocast,
 )
@@ -43,7 +43,7 @@ def gated_linear_attention(
         initial_state: [B, HV, K, V] state before the first token; zeros when None.
         bonus: [HV, K] RWKV-6's bonus u on the current token (then the output reads S_{t-1}).
         backend: "auto", "reference" (loop over time), "torch" (chunked) or "fla" (CUDA kernels).
-        chunk_size: chunk length of the "torch" backend (fla picks its own).
+        chunk_size: chunk length of the "torch" backend (at most 8 for per-channel decays; fla picks its own).
 
     Returns:
         o: [B, T, HV, V] in v's dtype.
@@ -74,10 +74,12 @@ def gated_linear_attention(
             o, state = _recurrent(q_, k_, v_, g_, bonus_, scale, state)
             return o.to(v.dtype), state
 
-        def span(q, k, v, g, state):
-            return _chunked(q, k, v, g, bonus_, scale, state, chunk_size)
+        chunk = chunk_length(g_, chunk_size)
 
-        return in_spans(span, (q_, k_, v_, g_), state, chunk_size, v.dtype)
+        def span(q, k, v, g, state):
+            return _chunked(q, k, v, g, bonus_, scale, state, chunk)
+
+        return in_spans(span, (q_, k_, v_, g_), state, chunk, v.dtype)
 
 
 def _check_inputs(q, k, v, g, initial_state, bonus, chunk_size):
@@ -158,10 +160,10 @@ def _chunked(q, k, v, g, bonus, scale, state, chunk_size):
     for i in range(n_chunks):
         starts.append(state)
         state = torch.addcmul(inject[i], decay_all[i], state)
-    start = torch.stack(starts)  # [N, BHV, K, V]
-    q_in = per_value_head(decay_in, q_c, group)  # [N, BHV, C, K]
-    o = (scores_t.mT @ v_c + q_in @ start) * scale
-    return from_chunks(o, batch, seq_len), state.unflatten(0, (batch, -1))
+    start = torch.stack(starts).flatten(0, 1)  # [N * BHV, K, V]
+    q_in = per_value_head(decay_in, q_c, group).flatten(0, 1)  # [N * BHV, C, K]
+    o = (scores_t.mT @ v_c).flatten(0, 1).baddbmm_(q_in, start, beta=scale, alpha=scale)  # scale (scores v + q S0)
+    return from_chunks(o.unflatten(0, (n_chunks, -1)), batch, seq_len), state.unflatten(0, (batch, -1))
 
 
 def _fla(q, k, v, g, scale, initial_state, bonus):

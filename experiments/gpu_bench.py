@@ -19,7 +19,7 @@ soon as a case finishes, so a run cut off by its time limit keeps what it measur
   stream-compiled  the same at 256 tokens per frame with StreamSession(compile=True), last (compiling
            takes longest).
   prefill  tokens/s of one forward over an 8K and a 32K prompt (logits of every position included).
-  ops      chunked gated_delta_rule and ssd at paper layer shapes, 8K tokens: fla vs torch backend.
+  ops      chunked gated_delta_rule, ssd, GLA and KDA at paper layer shapes, 8K tokens: fla vs torch backend.
   train    training tokens/s (forward, backward, clipping, AdamW; float32 weights, bf16 autocast, as
            `ablate --dtype bfloat16` trains) of a 2-layer MQAR model at Zoology's scale (d_model 128,
            vocabulary 8,192, 512 x 256 tokens) and of every `small` recipe (16 x 2,048 tokens); the
@@ -57,7 +57,7 @@ from mixerzoo.ablate.studies import RunConfig, build_spec
 from mixerzoo.blocks import Decoder, GraphDecoder, LayoutSpec, continue_stream, random_state, state_nbytes
 from mixerzoo.blocks.costs import parameter_count
 from mixerzoo.mixers.base import atomic_write_bytes
-from mixerzoo.ops import gated_delta_rule, ssd
+from mixerzoo.ops import gated_delta_rule, gated_linear_attention, ssd
 from mixerzoo.ops._backend import module_available
 from mixerzoo.registry import recipe
 from mixerzoo.vlm import VLM, StreamSession, process_video, vlm_recipe
@@ -395,8 +395,13 @@ def ops_section(plan: Plan, results: Results) -> None:
     ssd_inputs = (randn(1, length, hm, mamba.head_dim).to(dtype), F.softplus(randn(1, length, hm) - 2),
                   -torch.rand(hm, generator=gen, device=device) * 4 - 0.5,
                   randn(1, length, groups, mamba.d_state).to(dtype), randn(1, length, groups, mamba.d_state).to(dtype))
+    channel = F.logsigmoid(randn(1, length, hv, k) + 3).to(dtype)  # per-channel decays: GLA, KDA
+    gla_inputs = (*gdn_inputs[:3], channel)
+    kda_inputs = (*gdn_inputs[:3], channel, gdn_inputs[4])
     for op, fn, inputs, chunk in (("gated_delta_rule", gated_delta_rule, gdn_inputs, gdn.chunk_size),
-                                  ("ssd", ssd, ssd_inputs, mamba.chunk_size)):
+                                  ("ssd", ssd, ssd_inputs, mamba.chunk_size),
+                                  ("gated_linear_attention (GLA)", gated_linear_attention, gla_inputs, 64),
+                                  ("gated_delta_rule (KDA)", gated_delta_rule, kda_inputs, 64)):
         for backend in backends:
             def case() -> dict:
                 with torch.inference_mode():

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 
-from mixerzoo.ops import attention, gated_delta_rule, ssd
+from mixerzoo.ops import attention, elementwise_recurrence, gated_delta_rule, gated_linear_attention, ssd
 from mixerzoo.ops._backend import module_available
 from mixerzoo.testing import certify
 
@@ -72,6 +72,47 @@ def compare(run, inputs: dict, grad_names: tuple[str, ...], dtype: torch.dtype, 
 def _randn(*shape, gen):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 
+
+ZOO_FORMS = ("linear", "scalar", "channel", "bonus", "deltanet", "kda", "elementwise")
+
+
+@pytest.mark.parametrize("form", ZOO_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", RECURRENT_BACKENDS)
+def test_zoo_ops(backend, dtype, form):
+    """The zoo's ops in each form fla has a kernel for (linear_attn, simple_gla, gla, rwkv6, delta_rule, kda,
+    hgrn), T = 100 (two chunks, not a multiple of 64) from an initial state, against the float64 reference."""
+    gen, (b, t, h, k, v) = torch.Generator(DEVICE).manual_seed(3), (2, 100, 2, 32, 64)
+    q = F.normalize(_randn(b, t, h, k, gen=gen), dim=-1).to(dtype)
+    keys = F.normalize(_randn(b, t, h, k, gen=gen), dim=-1).to(dtype)
+    values = _randn(b, t, h, v, gen=gen).to(dtype)
+    scalar, channel = F.logsigmoid(_randn(b, t, h, gen=gen) + 3), F.logsigmoid(_randn(b, t, h, k, gen=gen) + 3)
+    state = _randn(b, h, k, v, gen=gen)
+    if form == "elementwise":
+        inputs = dict(x=values.flatten(2), g=F.logsigmoid(_randn(b, t, h * v, gen=gen) + 3).to(dtype),
+                      initial_state=_randn(b, h * v, gen=gen))
+
+        def run(backend=backend, **kw):
+            return elementwise_recurrence(**kw, backend=backend)
+
+        return compare(run, inputs, ("x", "g", "initial_state"), dtype, f"elementwise_recurrence {backend}")
+    inputs = dict(q=q, k=keys, v=values, initial_state=state)
+    if form in ("deltanet", "kda"):
+        inputs |= dict(g=None if form == "deltanet" else channel.to(dtype), beta=torch.sigmoid(_randn(b, t, h, gen=gen)).to(dtype))
+
+        def run(backend=backend, **kw):
+            return gated_delta_rule(**kw, backend=backend)
+    else:
+        inputs |= dict(g={"linear": None, "scalar": scalar, "channel": channel, "bonus": channel}[form])
+        inputs["g"] = None if inputs["g"] is None else inputs["g"].to(dtype)
+        if form == "bonus":
+            inputs["bonus"] = 0.5 * _randn(h, k, gen=gen)
+
+        def run(backend=backend, **kw):
+            return gated_linear_attention(**kw, backend=backend)
+
+    grads = tuple(name for name in ("q", "k", "v", "g", "beta", "initial_state") if inputs.get(name) is not None)
+    compare(run, inputs, grads, dtype, f"{form} {backend}")
 
 @pytest.mark.parametrize("length", [1, 100])
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -74,6 +74,8 @@ def test_cuda_backend_tests_pass_on_cpu_with_the_torch_backend(cuda_tests, dtype
     for case in cuda_tests.ATTENTION_CASES:
         cuda_tests.test_attention("torch", dtype, case)
     cuda_tests.test_bidirectional_attention("torch", dtype)
+    for form in cuda_tests.ZOO_FORMS:
+        cuda_tests.test_zoo_ops("torch", dtype, form)
 
 
 def test_cuda_kit_configs_build_with_the_op_tests_head_layout(cuda_tests):

@@ -67,7 +67,8 @@ def _run_page(page: Path, tmp_path: Path) -> dict:
         if lang != "python" or marker.startswith("skip"):
             continue
         try:
-            exec(compile(code, f"{_name(page)}:{line}", "exec"), namespace)
+            # dont_inherit: a block runs as a user's script, without this file's `from __future__ import annotations`
+            exec(compile(code, f"{_name(page)}:{line}", "exec", dont_inherit=True), namespace)
         except Exception as error:
             pytest.fail(f"the {_name(page)} block at line {line} failed: {type(error).__name__}: {error}")
     return namespace

@@ -179,7 +179,7 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     decay_out = decay_t[..., -1, :]  # [N, BHV, C, Kg]: from step j to the chunk end
     decay_all = decay_in[..., -1:, :].mT  # [N, BHV, Kg, 1]: across the chunk, per state row
 
-    gram_t = decayed_scores(k_c, k_c, decay_t, group) * beta_c.mT  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
+    gram_t = decayed_scores(k_c, k_c, decay_t * beta_c.mT[..., None], group)  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
     # X T^T = I gives X = T^-T; the solve reads only the strictly upper part of gram_t
     eye = torch.eye(size, dtype=q.dtype, device=q.device).expand_as(gram_t)
     t_inv = torch.linalg.solve_triangular(gram_t, eye, upper=True, left=False, unitriangular=True).mT

@@ -78,3 +78,24 @@ def test_rglru_equals_transformers_recurrent_gemma_block():
     ours.load_state_dict(theirs.state_dict())
     positions = torch.arange(LENGTH).expand(2, -1)
     _compare(ours, lambda x: theirs(x, positions, None, use_cache=False)[0], "rglru vs RecurrentGemmaRecurrentBlock")
+
+
+def test_lightning_equals_transformers_minimax_lightning_attention():
+    from transformers.models.minimax.configuration_minimax import MiniMaxConfig
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    heads, head_dim = 4, 8
+    config = MiniMaxConfig(hidden_size=D_MODEL, num_attention_heads=heads, head_dim=head_dim, num_key_value_heads=heads,
+                           num_hidden_layers=2, block_size=8, layer_types=["linear_attention", "full_attention"])
+    theirs = MiniMaxLightningAttention(config, layer_idx=0).eval()
+    _randomize(theirs)
+    factor = 1 - 0 / (config.num_hidden_layers - 1 + 1e-5) + 1e-5  # MiniMax's slope factor at layer 0
+    ours = build_mixer({"type": "lightning", "d_model": D_MODEL, "n_heads": heads, "head_dim": head_dim,
+                        "decay_scale": factor, "norm_eps": theirs.norm.variance_epsilon, "chunk_size": 8})
+    q, k, v = theirs.qkv_proj.weight.view(heads, 3, head_dim, D_MODEL).unbind(1)  # per head: q | k | v rows
+    ours.load_state_dict({
+        "q_proj.weight": q.reshape(-1, D_MODEL), "k_proj.weight": k.reshape(-1, D_MODEL),
+        "v_proj.weight": v.reshape(-1, D_MODEL), "g_proj.weight": theirs.output_gate.weight,
+        "o_norm.weight": theirs.norm.weight, "o_proj.weight": theirs.out_proj.weight,
+    })
+    _compare(ours, lambda x: theirs(x, None, None)[0], "lightning vs MiniMaxLightningAttention")

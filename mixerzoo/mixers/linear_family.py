@@ -99,6 +99,8 @@ class LinearMixer(Mixer):
     state_class = LinearMixerState
     dense_valid = True
     feature_map_on: ClassVar[str] = "qk"  # which of q, k take `_features`
+    norm_over_heads: ClassVar[bool] = False  # one RMSNorm over all heads' outputs (MiniMax) instead of one per head
+    scaled: ClassVar[bool] = True  # the op's scale feature_dim ** -0.5 (False: 1, as lightning attention)
 
     def __init__(self, config: LinearMixerConfig):
         super().__init__(config)
@@ -113,7 +115,7 @@ class LinearMixer(Mixer):
             self.v_conv1d = nn.Conv1d(value_width, value_width, c.conv_size, groups=value_width, bias=False)
         if c.output_gate != "none":
             self.g_proj = nn.Linear(c.d_model, value_width, bias=False)
-        self.o_norm = nn.RMSNorm(c.value_dim, eps=c.norm_eps)
+        self.o_norm = nn.RMSNorm(value_width if self.norm_over_heads else c.value_dim, eps=c.norm_eps)
         self.o_proj = nn.Linear(value_width, c.d_model, bias=False)
 
     def init_state(self, batch_size, *, device=None, dtype=None):
@@ -139,7 +141,7 @@ class LinearMixer(Mixer):
         q, k, v = qkv.split([key_width, key_width, value_width], dim=-1)
         q, k = (t.unflatten(-1, (c.n_heads, c.key_dim)) for t in (q, k))  # [B, T, H, K]
         q, k = (self._features(t) if name in self.feature_map_on else t for name, t in (("q", q), ("k", k)))
-        v = v.unflatten(-1, (c.n_heads, c.value_dim))  # [B, T, H, V]
+        v = self._values(v.unflatten(-1, (c.n_heads, c.value_dim)))  # [B, T, H, V]
         g, beta = self._decay(x, k), self._beta(x)
         if valid is not None:  # a pad neither decays nor writes
             pad = ~valid[..., None]
@@ -148,7 +150,7 @@ class LinearMixer(Mixer):
                 beta = beta.masked_fill(pad, 0.0)
             v = v.masked_fill(pad[..., None], 0.0)
         o, recurrent = self._mix(q, k, v, g, beta, state.recurrent)
-        o = self.o_norm(o)
+        o = self.o_norm(o.flatten(-2)).unflatten(-1, o.shape[-2:]) if self.norm_over_heads else self.o_norm(o)
         if c.output_gate != "none":
             gate = self.g_proj(x).unflatten(-1, (c.n_heads, c.value_dim))
             o = o * (F.silu(gate) if c.output_gate == "silu" else torch.sigmoid(gate))
@@ -163,7 +165,7 @@ class LinearMixer(Mixer):
     def _mix(self, q, k, v, g, beta, recurrent):
         """The op: q, k [B, T, H, K']; v [B, T, H, V]; g None / [B, T, H] / [B, T, H, K']; beta [B, T, H]."""
         c = self.config
-        scale = c.feature_dim**-0.5
+        scale = c.feature_dim**-0.5 if self.scaled else 1.0
         if c.delta:
             return gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=recurrent, backend=c.backend,
                                     chunk_size=c.chunk_size)
@@ -173,6 +175,10 @@ class LinearMixer(Mixer):
     def _features(self, t: torch.Tensor) -> torch.Tensor:
         """The feature map on q or k [B, T, H, K] -> [B, T, H, K']; identity by default."""
         return t
+
+    def _values(self, v: torch.Tensor) -> torch.Tensor:
+        """The activation on v [B, T, H, V]; identity by default."""
+        return v
 
     def _decay(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """Log decay None / [B, T, H] / [B, T, H, K'] from the input x [B, T, d] (and the mapped keys)."""
@@ -278,8 +284,8 @@ class RetNet(LinearMixer):
 
 
 class LightningConfig(LinearMixerConfig):
-    """MiniMax-01's lightning attention: SiLU on q, k, v, a fixed per-head decay exp(-s_h) with
-    s_h = (2^(-8 / H))^(h + 1) * decay_scale, and a sigmoid output gate."""
+    """MiniMax-01's lightning attention: SiLU on q, k, v, unscaled, a fixed per-head decay exp(-s_h) with
+    s_h = (2^(-8 / H))^(h + 1) * decay_scale, one RMSNorm over all heads and a sigmoid output gate."""
 
     type: Literal["lightning"] = Field("lightning", description="the mixer type")
     output_gate: Literal["none", "silu", "sigmoid"] = Field("sigmoid", description="gate on the normalised output")
@@ -290,6 +296,8 @@ class Lightning(LinearMixer):
     """Lightning attention with MiniMax's fixed slopes."""
 
     config_class = LightningConfig
+    norm_over_heads = True
+    scaled = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -299,6 +307,9 @@ class Lightning(LinearMixer):
 
     def _features(self, t):
         return F.silu(t)
+
+    def _values(self, v):
+        return F.silu(v)
 
     def _decay(self, x, k):
         return self.log_decay.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(*x.shape[:2], -1)

@@ -66,3 +66,38 @@ def test_gated_attention_gates_each_output_channel():
 def test_bad_fields_are_named(spec, match):
     with pytest.raises(ValueError, match=match):
         build_mixer(spec)
+
+
+LANDMARKS = ["qwen3-next", "minimax", "samba", "griffin", "jamba", "lfm2"]
+
+
+@pytest.mark.parametrize("name", LANDMARKS)
+def test_landmark_recipe_prefills_in_chunks_as_in_one_call(name):
+    """Each landmark hybrid at tiny size: a prefill split 5 + 7 gives the logits of one 12-token call
+    (float32, relative 1e-4 as the kit's), and its state holds the bytes its spec predicts."""
+    from mixerzoo.blocks import Decoder, state_nbytes
+    from mixerzoo.registry import recipe
+    from mixerzoo.testing import assert_rel_close
+
+    torch.manual_seed(0)
+    model = Decoder(recipe(name, "tiny")).eval()
+    ids = torch.randint(0, model.spec.vocab_size, (2, 12))
+    with torch.no_grad():
+        whole, state = model(ids)
+        first, part = model(ids[:, :5])
+        rest, _ = model(ids[:, 5:], part)
+    assert_rel_close(torch.cat([first, rest], 1), whole, 1e-4, what=f"{name}: chunked prefill logits")
+    assert state.nbytes == state_nbytes(model, 12, batch_size=2), f"{name}: state bytes"
+
+
+def test_landmark_recipes_have_their_published_depth_and_order():
+    from mixerzoo.registry import recipe
+
+    letters = {"qwen3-next": "GGGA" * 12, "minimax": "LLLLLLLF" * 10, "jamba": "NNNNFNNN" * 4,
+               "griffin": ("RRS" * 9)[:26], "lfm2": "CCFCCFCCFCFCFCFC", "samba": "NS" * 16}
+    kinds = {"G": ("gated_deltanet",), "A": ("attention", True), "L": ("lightning",), "F": ("attention", False),
+             "N": ("mamba",), "S": ("attention", False), "R": ("rglru",), "C": ("short_conv",)}
+    for name, pattern in letters.items():
+        layers = recipe(name, "paper").layers
+        got = [(m.type, m.output_gate) if m.type == "attention" else (m.type,) for m in (layer.mixer for layer in layers)]
+        assert got == [kinds[letter] for letter in pattern], name

@@ -39,6 +39,19 @@ PEER_MODULES = {TRANSFORMERS: "transformers", FLA: "fla"}
 AGREEMENT = 1e-4
 
 
+def without_grad(fns: dict[str, Callable[[], object]]) -> dict[str, Callable[[], object]]:
+    """Each contender called under torch.no_grad (a forward-only row)."""
+
+    def wrap(fn):
+        def call():
+            with torch.no_grad():
+                return fn()
+
+        return call
+
+    return {name: wrap(fn) for name, fn in fns.items()}
+
+
 def peer_missing(contender: str) -> str | None:
     """Why `contender` cannot run here (its package is not installed), or None."""
     module = PEER_MODULES.get(contender)
@@ -400,14 +413,7 @@ def ssd_op(seq_len: int, heads: int, dim: int):
                     for i, (a, e) in enumerate(zip(fn(), expected)):
                         assert_agree(a, e, f"{name} vs mixerzoo ssd, output {i}")
 
-        def no_grad(fn):
-            def call():
-                with torch.no_grad():
-                    return fn()
-
-            return call
-
-        return {name: no_grad(fn) for name, fn in fns.items()}, check
+        return without_grad(fns), check
 
     return setup
 
@@ -466,14 +472,7 @@ def zoo_op(family: str, seq_len: int, heads: int, dim: int):
                 if FLA in fns:
                     assert_agree(fns[FLA](), expected, f"fla naive vs mixerzoo, {family}")
 
-        def no_grad(fn):
-            def call():
-                with torch.no_grad():
-                    return fn()
-
-            return call
-
-        return {name: no_grad(fn) for name, fn in fns.items()}, check
+        return without_grad(fns), check
 
     return setup
 

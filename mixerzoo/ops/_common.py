@@ -31,6 +31,29 @@ def expect_shape(op: str, t: torch.Tensor, name: str, layout: str, shape: tuple[
         raise ValueError(f"{op}: {name} must be {layout} = {list(shape)}, got {list(t.shape)}")
 
 
+def check_linear_recurrence(op: str, q, k, v, g, initial_state, chunk_size: int, **others) -> tuple[int, ...]:
+    """Validate the inputs every matrix-state op shares (q, k [B, T, H, K]; v [B, T, HV, V]; g; initial_state
+    [B, HV, K, V]; chunk_size) and the dtypes and devices of `others` too; return (B, T, H, K, HV, V)."""
+    check_float_tensors(op, {"q": q, "k": k, "v": v, "g": g, **others, "initial_state": initial_state})
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be [B, T, H, K], got {list(q.shape)}")
+    batch, seq_len, heads, dim_k = q.shape
+    expect_shape(op, k, "k", "[B, T, H, K]", (batch, seq_len, heads, dim_k))
+    if v.dim() != 4 or v.shape[:2] != (batch, seq_len):
+        raise ValueError(f"{op}: v must be [B, T, HV, V] with [B, T] = {[batch, seq_len]}, got {list(v.shape)}")
+    value_heads, dim_v = v.shape[2:]
+    if value_heads % heads:
+        raise ValueError(f"{op}: v has HV = {value_heads} heads, not a multiple of the H = {heads} heads of q and k")
+    check_decay_shape(op, g, "HV", (batch, seq_len, value_heads), dim_k)
+    if initial_state is not None:
+        expect_shape(op, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
+    if seq_len == 0:
+        raise ValueError(f"{op}: T must be at least 1, got q of shape {list(q.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    return batch, seq_len, heads, dim_k, value_heads, dim_v
+
+
 def check_decay_shape(op: str, g: torch.Tensor | None, heads: str, lead: tuple[int, int, int], dim_k: int) -> None:
     """g is None, a scalar decay [B, T, h] or a per-key-channel decay [B, T, h, K]; raise naming it otherwise."""
     if g is None or tuple(g.shape) in (lead, (*lead, dim_k)):

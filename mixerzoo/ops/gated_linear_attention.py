@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
-from mixerzoo.ops._common import (
-    check_decay_shape, check_float_tensors, decay_channels, expect_shape, in_spans, without_autocast,
-)
+from mixerzoo.ops._common import check_linear_recurrence, decay_channels, expect_shape, in_spans, without_autocast
 
 _OP = "gated_linear_attention"
 
@@ -84,26 +82,10 @@ def gated_linear_attention(
 
 def _check_inputs(q, k, v, g, initial_state, bonus, chunk_size):
     """Validate shapes, dtypes and devices; return (B, T, H, K, HV, V)."""
-    check_float_tensors(_OP, {"q": q, "k": k, "v": v, "g": g, "initial_state": initial_state, "bonus": bonus})
-    if q.dim() != 4:
-        raise ValueError(f"{_OP}: q must be [B, T, H, K], got {list(q.shape)}")
-    batch, seq_len, heads, dim_k = q.shape
-    expect_shape(_OP, k, "k", "[B, T, H, K]", (batch, seq_len, heads, dim_k))
-    if v.dim() != 4 or v.shape[:2] != (batch, seq_len):
-        raise ValueError(f"{_OP}: v must be [B, T, HV, V] with [B, T] = {[batch, seq_len]}, got {list(v.shape)}")
-    value_heads, dim_v = v.shape[2:]
-    if value_heads % heads:
-        raise ValueError(f"{_OP}: v has HV = {value_heads} heads, not a multiple of the H = {heads} heads of q and k")
-    check_decay_shape(_OP, g, "HV", (batch, seq_len, value_heads), dim_k)
-    if initial_state is not None:
-        expect_shape(_OP, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
+    shape = check_linear_recurrence(_OP, q, k, v, g, initial_state, chunk_size, bonus=bonus)
     if bonus is not None:
-        expect_shape(_OP, bonus, "bonus", "[HV, K]", (value_heads, dim_k))
-    if seq_len == 0:
-        raise ValueError(f"{_OP}: T must be at least 1, got q of shape {list(q.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    return batch, seq_len, heads, dim_k, value_heads, dim_v
+        expect_shape(_OP, bonus, "bonus", "[HV, K]", (shape[4], shape[3]))
+    return shape
 
 
 def _recurrent(q, k, v, g, bonus, scale, state):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mixerzoo.ops import elementwise_recurrence, gated_delta_rule, gated_linear_attention
+from mixerzoo.ops import elementwise_recurrence, gated_delta_product, gated_delta_rule, gated_linear_attention
 from mixerzoo.testing import assert_rel_close
 
 # Relative error (max |a - b| / max |b|) bounds by dtype.
@@ -26,6 +26,7 @@ FLA_TOL = 2e-5
 naive = pytest.importorskip("fla.ops.gla.naive", reason="flash-linear-attention (fla) is not installed: no oracle")
 warnings.filterwarnings("ignore", message="Triton is not supported")
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
+from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product  # noqa: E402
 from fla.ops.hgrn.naive import naive_recurrent_hgrn  # noqa: E402
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
 from fla.ops.linear_attn.naive import naive_recurrent_linear_attn  # noqa: E402
@@ -139,6 +140,23 @@ def test_delta_rule_with_channel_decay_equals_fla_kda(s, group):
                                  output_final_state=True)
     _both(gated_delta_rule, dict(q=x["q"], k=x["k"], v=v, g=gk, beta=beta, initial_state=state), oracle,
           f"kda (value heads x{group})", s["chunk"])
+
+
+@given(shapes, st.integers(1, 3))
+def test_gated_delta_product_equals_fla(s, householder):
+    x = _inputs(**s)
+    sub = {name: x[name].repeat_interleave(householder, dim=1) for name in ("k", "v", "beta")}  # [B, T n, ...]
+    noise = torch.randn(sub["k"].shape, generator=torch.Generator().manual_seed(s["seed"]), dtype=torch.float64)
+    sub["k"] = F.normalize(sub["k"] + 0.3 * noise, dim=-1)  # the sub-steps' keys differ
+    oracle = naive_recurrent_gated_delta_product(
+        *_f32(x["q"], sub["k"], sub["v"], x["g"], sub["beta"]), scale=s["dim_k"] ** -0.5,
+        initial_state=x["state"].float(), output_final_state=True, num_householder=householder)
+
+    def op(**kw):
+        return gated_delta_product(**kw, num_householder=householder)
+
+    _both(op, dict(q=x["q"], k=sub["k"], v=sub["v"], g=x["g"], beta=sub["beta"], initial_state=x["state"]), oracle,
+          f"gated deltaproduct (n = {householder})", s["chunk"])
 
 
 @given(shapes)

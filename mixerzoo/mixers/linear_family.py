@@ -21,7 +21,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState, cached_cat, fused_linear, recurrent_dtype, step_size_bias
-from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, gated_delta_rule, gated_linear_attention
+from mixerzoo.ops import ATTENTION_ONLY_BACKENDS, causal_conv1d, gated_delta_product, gated_delta_rule, gated_linear_attention
 
 _L2_EPS = 1e-6  # as fla's l2norm
 
@@ -63,14 +63,24 @@ class LinearMixerConfig(MixerConfig):
         return int(self.key_dim * self.expand_v)
 
     def mixing_flops_per_token(self, context: int) -> int:
-        """Recurrent form per head: decay (KV, when decaying), write (2KV; the delta rule's error 2KV more), read (2KV)."""
-        per_entry = 4 + (self.decays) + (2 if self.delta else 0)
+        """Recurrent form per head: decay (KV, when decaying), read (2KV), and per write 2KV (the delta rule's error 2KV more)."""
+        per_entry = 2 + self.decays + self.householder * (4 if self.delta else 2)
         return per_entry * self.n_heads * self.feature_dim * self.value_dim
 
     @property
     def decays(self) -> bool:
         """Whether the state decays per token."""
         return True
+
+    @property
+    def householder(self) -> int:
+        """Writes per token (keys, values and write strengths per token): 1 but for Gated DeltaProduct."""
+        return 1
+
+    @property
+    def conv_width(self) -> int:
+        """Channels of q, k and v side by side: H K + n H (K + V) for n writes per token."""
+        return self.n_heads * (self.key_dim + self.householder * (self.key_dim + self.value_dim))
 
     @property
     def delta(self) -> bool:
@@ -80,8 +90,7 @@ class LinearMixerConfig(MixerConfig):
     def state_nbytes(self, n_tokens: int, batch_size: int = 1, *, dtype: torch.dtype = torch.float32) -> int:
         """Conv tail (activation dtype) plus the recurrent matrix (at least float32): constant."""
         item = torch.empty((), dtype=dtype).element_size()
-        width = self.n_heads * (2 * self.key_dim + self.value_dim)
-        tails = max(self.conv_size - 1, 0) * width * item
+        tails = max(self.conv_size - 1, 0) * self.conv_width * item
         return batch_size * (tails + self.n_heads * self.feature_dim * self.value_dim * max(item, 4))
 
 
@@ -89,7 +98,7 @@ class LinearMixerConfig(MixerConfig):
 class LinearMixerState(MixerState):
     """The conv tail of q, k and v (last conv_size - 1 valid inputs; width 0 without convs) and the matrix."""
 
-    conv: torch.Tensor  # [B, max(W - 1, 0), H (2 K + V)]
+    conv: torch.Tensor  # [B, max(W - 1, 0), conv_width]
     recurrent: torch.Tensor = dataclasses.field(metadata={"float32": True})  # [B, H, K', V], float32 (float64 runs)
 
 
@@ -105,14 +114,14 @@ class LinearMixer(Mixer):
     def __init__(self, config: LinearMixerConfig):
         super().__init__(config)
         c = config
-        key_width, value_width = c.n_heads * c.key_dim, c.n_heads * c.value_dim
+        key_width, value_width, n = c.n_heads * c.key_dim, c.n_heads * c.value_dim, c.householder
         self.q_proj = nn.Linear(c.d_model, key_width, bias=False)
-        self.k_proj = nn.Linear(c.d_model, key_width, bias=False)
-        self.v_proj = nn.Linear(c.d_model, value_width, bias=False)
+        self.k_proj = nn.Linear(c.d_model, n * key_width, bias=False)
+        self.v_proj = nn.Linear(c.d_model, n * value_width, bias=False)
         if c.conv_size:
             self.q_conv1d = nn.Conv1d(key_width, key_width, c.conv_size, groups=key_width, bias=False)
-            self.k_conv1d = nn.Conv1d(key_width, key_width, c.conv_size, groups=key_width, bias=False)
-            self.v_conv1d = nn.Conv1d(value_width, value_width, c.conv_size, groups=value_width, bias=False)
+            self.k_conv1d = nn.Conv1d(n * key_width, n * key_width, c.conv_size, groups=n * key_width, bias=False)
+            self.v_conv1d = nn.Conv1d(n * value_width, n * value_width, c.conv_size, groups=n * value_width, bias=False)
         if c.output_gate != "none":
             self.g_proj = nn.Linear(c.d_model, value_width, bias=False)
         self.o_norm = nn.RMSNorm(value_width if self.norm_over_heads else c.value_dim, eps=c.norm_eps)
@@ -123,25 +132,24 @@ class LinearMixer(Mixer):
         c = self.config
         device = self.o_proj.weight.device if device is None else device
         dtype = self.o_proj.weight.dtype if dtype is None else dtype
-        width = c.n_heads * (2 * c.key_dim + c.value_dim)
-        conv = torch.zeros(batch_size, max(c.conv_size - 1, 0), width, device=device, dtype=dtype)
+        conv = torch.zeros(batch_size, max(c.conv_size - 1, 0), c.conv_width, device=device, dtype=dtype)
         matrix = torch.zeros(batch_size, c.n_heads, c.feature_dim, c.value_dim, device=device, dtype=recurrent_dtype(dtype))
         return LinearMixerState(conv=conv, recurrent=matrix)
 
     def _forward(self, x, state, positions, valid):
         c = self.config
         batch, length, _ = x.shape
-        key_width, value_width = c.n_heads * c.key_dim, c.n_heads * c.value_dim
+        key_width, value_width, n = c.n_heads * c.key_dim, c.n_heads * c.value_dim, c.householder
         qkv = fused_linear(self, "qkv", (self.q_proj, self.k_proj, self.v_proj), x)
         conv = state.conv
         if c.conv_size:
             weight = cached_cat(self, "conv.weight", [m.weight for m in (self.q_conv1d, self.k_conv1d, self.v_conv1d)])
             qkv, conv = causal_conv1d(qkv, weight[:, 0], state.conv, valid, backend=self._conv_backend)
             qkv = F.silu(qkv)
-        q, k, v = qkv.split([key_width, key_width, value_width], dim=-1)
-        q, k = (t.unflatten(-1, (c.n_heads, c.key_dim)) for t in (q, k))  # [B, T, H, K]
+        q, k, v = qkv.split([key_width, n * key_width, n * value_width], dim=-1)
+        q, k = (t.unflatten(-1, (-1, c.key_dim)) for t in (q, k))  # [B, T, H, K], [B, T, n H, K]
         q, k = (self._features(t) if name in self.feature_map_on else t for name, t in (("q", q), ("k", k)))
-        v = self._values(v.unflatten(-1, (c.n_heads, c.value_dim)))  # [B, T, H, V]
+        v = self._values(v.unflatten(-1, (-1, c.value_dim)))  # [B, T, n H, V]
         g, beta = self._decay(x, k), self._beta(x)
         if valid is not None:  # a pad neither decays nor writes
             pad = ~valid[..., None]
@@ -437,4 +445,48 @@ class KDA(DeltaNet):
         return -self.A_log.exp()[:, None] * F.softplus(logits)  # [B, T, H, K]
 
 
-PRESETS: tuple[type[LinearMixer], ...] = (LinearAttention, Based, RetNet, Lightning, GLA, HGRN2, DeltaNet, KDA)
+class GatedDeltaProductConfig(DeltaNetConfig):
+    """Gated DeltaProduct (Siems et al. 2025, arXiv:2502.10297): num_householder delta-rule writes per token
+    (each its own key, value and beta) after Gated DeltaNet's scalar decay -exp(A_log) softplus(a_proj x + dt_bias)."""
+
+    type: Literal["gated_deltaproduct"] = Field("gated_deltaproduct", description="the mixer type")
+    num_householder: int = Field(2, ge=1, description="delta-rule writes (Householder steps) per token")
+    output_gate: Literal["none", "silu", "sigmoid"] = Field("silu", description="gate on the normalised output")
+
+    @property
+    def householder(self) -> int:
+        """Writes per token."""
+        return self.num_householder
+
+    @property
+    def decays(self) -> bool:
+        """Gated DeltaProduct decays per token."""
+        return True
+
+
+class GatedDeltaProduct(DeltaNet):
+    """Gated DeltaProduct over gated_delta_product."""
+
+    config_class = GatedDeltaProductConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        c = config
+        self.b_proj = nn.Linear(c.d_model, c.num_householder * c.n_heads, bias=False)
+        self.a_proj = nn.Linear(c.d_model, c.n_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(c.n_heads).uniform_(0, 16).log())
+        self.dt_bias = nn.Parameter(step_size_bias(c.n_heads))
+
+    def _decay(self, x, k):
+        return -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
+
+    def _mix(self, q, k, v, g, beta, recurrent):
+        c = self.config
+        steps = [t.unflatten(2, (c.num_householder, c.n_heads)).flatten(1, 2) for t in (k, v, beta)]  # [B, T n, H, ..]
+        return gated_delta_product(q, *steps[:2], g, steps[2], num_householder=c.num_householder,
+                                   initial_state=recurrent, backend=c.backend, chunk_size=c.chunk_size)
+
+
+PRESETS: tuple[type[LinearMixer], ...] = (
+    LinearAttention, Based, RetNet, Lightning, GLA, HGRN2, DeltaNet, KDA, GatedDeltaProduct,
+)

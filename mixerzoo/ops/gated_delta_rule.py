@@ -224,3 +224,46 @@ def _fla(q, k, v, g, beta, scale, initial_state, chunk_size):
     else:
         o, state = chunk_gated_delta_rule(q, k, v, g=g, beta=beta, chunk_size=chunk_size, **common)
     return o.to(v.dtype), state.to(torch.float32)
+
+
+def gated_delta_product(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor,
+    *,
+    num_householder: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaProduct (Siems et al. 2025): n = num_householder delta-rule steps per token.
+
+    Per token t: S = D_t S_{t-1}, then for j < n: S = S + beta_tj k_tj (v_tj - S^T k_tj)^T; o_t = scale S^T q_t.
+    It is gated_delta_rule over the T n sub-steps (the decay on each token's first, the query on its last),
+    so every backend of that op runs it.
+
+    Args:
+        q: [B, T, H, K]; k: [B, T n, H, K] and v: [B, T n, HV, V], token t's sub-steps at t n .. t n + n - 1.
+        g: None, [B, T, HV] or [B, T, HV, K] log decay per token; beta: [B, T n, HV].
+        Others as in gated_delta_rule.
+
+    Returns:
+        o: [B, T, HV, V]; state: [B, HV, K, V].
+    """
+    if isinstance(num_householder, bool) or not isinstance(num_householder, int) or num_householder < 1:
+        raise ValueError(f"gated_delta_product: num_householder must be a positive int, got {num_householder!r}")
+    n = num_householder
+    if q.dim() != 4 or k.dim() != 4 or k.shape[1] != q.shape[1] * n:
+        raise ValueError(f"gated_delta_product: k must be [B, T * num_householder, H, K] = "
+                         f"[.., {q.shape[1] * n if q.dim() == 4 else 'T n'}, ..] for q {list(q.shape)}, got {list(k.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    queries = F.pad(q.unsqueeze(2), (0, 0, 0, 0, n - 1, 0)).flatten(1, 2)  # [B, T n, H, K]: q_t on sub-step n - 1
+    if g is not None:
+        g = F.pad(g.unsqueeze(2), (0, 0) * (g.dim() - 2) + (0, n - 1)).flatten(1, 2)  # decay on sub-step 0
+    o, state = gated_delta_rule(queries, k, v, g, beta, scale=scale, initial_state=initial_state, backend=backend,
+                                chunk_size=chunk_size)
+    return o[:, n - 1 :: n], state

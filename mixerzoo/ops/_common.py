@@ -6,9 +6,31 @@ from typing import Callable
 
 import torch
 
+from mixerzoo.ops._backend import choose_backend
+
 # Chunks the "torch" backends batch at once: spans of this many chunks run one after the other with
 # the state carried, so the batched temporaries stay small (cache-resident, bounded for a long prefill).
 SPAN_CHUNKS = 16
+
+
+def recurrent_backend(op: str, requested: str, inputs: tuple[torch.Tensor | None, ...]) -> tuple[str, torch.dtype]:
+    """The concrete backend of a recurrent op ("fla", else "torch", else "reference") and its compute dtype
+    (float64 when any input is float64, else float32); "auto" passes over fla for float64 inputs, which its
+    kernels do not take, and asking for fla with them is an error."""
+    present = [t for t in inputs if t is not None]
+    dtype = torch.float64 if torch.float64 in {t.dtype for t in present} else torch.float32
+    chosen = choose_backend(op, requested, present[0], supported=("fla", "torch", "reference"))
+    if chosen == "fla" and dtype == torch.float64:
+        if requested != "auto":
+            raise ValueError(f"{op}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
+        chosen = "torch"
+    return chosen, dtype
+
+
+def check_chunk_size(op: str, chunk_size: int) -> None:
+    """chunk_size is a positive int (not a bool); raise naming it otherwise."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def check_float_tensors(op: str, named: dict[str, torch.Tensor | None]) -> None:
@@ -49,8 +71,7 @@ def check_linear_recurrence(op: str, q, k, v, g, initial_state, chunk_size: int,
         expect_shape(op, initial_state, "initial_state", "[B, HV, K, V]", (batch, value_heads, dim_k, dim_v))
     if seq_len == 0:
         raise ValueError(f"{op}: T must be at least 1, got q of shape {list(q.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(op, chunk_size)
     return batch, seq_len, heads, dim_k, value_heads, dim_v
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops._chunking import flushed_exp, segment_decay, to_chunks
-from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
+from mixerzoo.ops._common import (
+    check_chunk_size, check_float_tensors, expect_shape, in_spans, recurrent_backend, without_autocast,
+)
 
 _OP = "elementwise_recurrence"
 
@@ -39,14 +40,8 @@ def elementwise_recurrence(
     expect_shape(_OP, g, "g", "[B, T, D]", (batch, seq_len, width))
     if initial_state is not None:
         expect_shape(_OP, initial_state, "initial_state", "[B, D]", (batch, width))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
-    dtype = torch.float64 if torch.float64 in (x.dtype, g.dtype) else torch.float32
-    chosen = choose_backend(_OP, backend, x, supported=("fla", "torch", "reference"))
-    if chosen == "fla" and dtype == torch.float64:
-        if backend != "auto":
-            raise ValueError(f"{_OP}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
-        chosen = "torch"
+    check_chunk_size(_OP, chunk_size)
+    chosen, dtype = recurrent_backend(_OP, backend, (x, g))
     if chosen == "fla":
         from fla.ops.hgrn import chunk_hgrn
 

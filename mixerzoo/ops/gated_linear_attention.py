@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixerzoo.ops._backend import choose_backend
 from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
-from mixerzoo.ops._common import check_linear_recurrence, decay_channels, expect_shape, in_spans, without_autocast
+from mixerzoo.ops._common import (
+    check_linear_recurrence, decay_channels, expect_shape, in_spans, recurrent_backend, without_autocast,
+)
 
 _OP = "gated_linear_attention"
 
@@ -50,13 +51,7 @@ def gated_linear_attention(
     batch, seq_len, heads, dim_k, value_heads, dim_v = _check_inputs(q, k, v, g, initial_state, bonus, chunk_size)
     if scale is None:
         scale = dim_k**-0.5
-    inputs = (q, k, v, g, bonus)
-    dtype = torch.float64 if torch.float64 in {t.dtype for t in inputs if t is not None} else torch.float32
-    chosen = choose_backend(_OP, backend, q, supported=("fla", "torch", "reference"))
-    if chosen == "fla" and dtype == torch.float64:
-        if backend != "auto":
-            raise ValueError(f"{_OP}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
-        chosen = "torch"
+    chosen, dtype = recurrent_backend(_OP, backend, (q, k, v, g, bonus))
     if chosen == "fla":
         return _fla(q, k, v, g, scale, initial_state, bonus)
 

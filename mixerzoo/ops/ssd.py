@@ -6,8 +6,9 @@ import functools
 
 import torch
 
-from mixerzoo.ops._backend import choose_backend
-from mixerzoo.ops._common import check_float_tensors, expect_shape, in_spans, without_autocast
+from mixerzoo.ops._common import (
+    check_chunk_size, check_float_tensors, expect_shape, in_spans, recurrent_backend, without_autocast,
+)
 from mixerzoo.ops._chunking import flushed_exp, segment_decay, to_chunks
 
 _OP = "ssd"
@@ -43,12 +44,7 @@ def ssd(
         state: [Bt, H, P, N] in float64 when any input is float64, else float32.
     """
     batch, seq_len, heads, dim_p, groups, dim_n = _check_inputs(x, dt, A, B, C, initial_state, chunk_size)
-    dtype = torch.float64 if torch.float64 in {t.dtype for t in (x, dt, A, B, C)} else torch.float32
-    chosen = choose_backend(_OP, backend, x, supported=("fla", "torch", "reference"))
-    if chosen == "fla" and dtype == torch.float64:
-        if backend != "auto":
-            raise ValueError(f"{_OP}: backend 'fla' does not take float64 inputs; use 'torch' or 'reference'")
-        chosen = "torch"
+    chosen, dtype = recurrent_backend(_OP, backend, (x, dt, A, B, C))
     if chosen == "fla":
         return _fla(x, dt, A, B, C, initial_state, chunk_size)
 
@@ -86,8 +82,7 @@ def _check_inputs(x, dt, A, B, C, initial_state, chunk_size):
         expect_shape(_OP, initial_state, "initial_state", "[Bt, H, P, N]", (batch, heads, dim_p, dim_n))
     if seq_len == 0:
         raise ValueError(f"{_OP}: T must be at least 1, got x of shape {list(x.shape)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{_OP}: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(_OP, chunk_size)
     return batch, seq_len, heads, dim_p, groups, dim_n
 
 

@@ -64,6 +64,23 @@ def segment_decay(g: torch.Tensor) -> torch.Tensor:
     return flushed_exp(segments, upper[..., None])
 
 
+def per_channel_heads(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor, group: int):
+    """(q, k, group) for decays g [B, T, HV, Kg]: per-channel decays are per value head, so q and k
+    [B, T, H, K] are then read per value head (group 1); a scalar decay keeps them grouped."""
+    if g.shape[-1] > 1 and group > 1:
+        return q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2), 1
+    return q, k, group
+
+
+def chunk_decays(g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A chunked log decay g [N, BH, C, Kg] -> (pairwise [N, BH, C(j), C(i), Kg] as `segment_decay`,
+    log decay summed from the chunk start [N, BH, C, Kg], its exp (from the chunk start to step i),
+    decay from step j to the chunk end [N, BH, C, Kg], decay across the chunk per state row [N, BH, Kg, 1])."""
+    pairwise, cum = segment_decay(g), g.cumsum(-2)
+    decay_in = flushed_exp(cum)
+    return pairwise, cum, decay_in, pairwise[..., -1, :], decay_in[..., -1:, :].mT
+
+
 def decayed_scores(targets: torch.Tensor, sources: torch.Tensor, decay: torch.Tensor, group: int = 1) -> torch.Tensor:
     """sum_k targets_ik sources_jk decay_jik at (j, i): [.., C, K] x [.., C, K] x [.., C, C, Kg] -> [.., C, C].
 

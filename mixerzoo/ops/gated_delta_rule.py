@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._chunking import (
+    chunk_decays, chunk_length, decayed_scores, from_chunks, per_channel_heads, per_value_head, to_chunks,
+)
 from mixerzoo.ops._common import (
     check_linear_recurrence, decay_channels, expect_shape, in_spans, recurrent_backend, without_autocast,
 )
@@ -142,10 +144,7 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     """
     batch, seq_len, heads, dim_k = k.shape
     value_heads, dim_v = v.shape[2:]
-    group = value_heads // heads
-    if g.shape[-1] > 1 and group > 1:  # per-channel decays are per value head: read q, k per value head
-        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
-        group = 1
+    q, k, group = per_channel_heads(q, k, g, value_heads // heads)
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
 
@@ -153,10 +152,9 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     g_c, beta_c = to_chunks(g, size), to_chunks(beta, size)[..., None]  # [N, BHV, C, Kg], [N, BHV, C, 1]; pads 0
     # Matrices over a chunk's steps are kept transposed, [.., source j, target i], which the solve and the
     # products below take as they are.
-    decay_t = segment_decay(g_c)  # [N, BHV, C, C, Kg]: exp(G_i - G_j) at (j, i) for j <= i, else 0
-    decay_in = flushed_exp(g_c.cumsum(-2))  # [N, BHV, C, Kg]: from the chunk start to step i
-    decay_out = decay_t[..., -1, :]  # [N, BHV, C, Kg]: from step j to the chunk end
-    decay_all = decay_in[..., -1:, :].mT  # [N, BHV, Kg, 1]: across the chunk, per state row
+    # exp(G_i - G_j) at (j, i) for j <= i (else 0); from the chunk start to step i; from step j to the chunk end;
+    # across the chunk
+    decay_t, _, decay_in, decay_out, decay_all = chunk_decays(g_c)
 
     gram_t = decayed_scores(k_c, k_c, decay_t * beta_c.mT[..., None], group)  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
     # X T^T = I gives X = T^-T; the solve reads only the strictly upper part of gram_t

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mixerzoo.ops._chunking import chunk_length, decayed_scores, flushed_exp, from_chunks, per_value_head, segment_decay, to_chunks
+from mixerzoo.ops._chunking import (
+    chunk_decays, chunk_length, decayed_scores, flushed_exp, from_chunks, per_channel_heads, per_value_head, to_chunks,
+)
 from mixerzoo.ops._common import (
     check_linear_recurrence, decay_channels, expect_shape, in_spans, recurrent_backend, without_autocast,
 )
@@ -109,21 +111,15 @@ def _chunked(q, k, v, g, bonus, scale, state, chunk_size):
     """
     batch, seq_len, heads, dim_k = k.shape
     value_heads, dim_v = v.shape[2:]
-    group = value_heads // heads
-    if g.shape[-1] > 1 and group > 1:  # per-channel decays are per value head: read q, k per value head
-        q, k = (t.repeat_interleave(group, dim=2) for t in (q, k))
-        group = 1
+    q, k, group = per_channel_heads(q, k, g, value_heads // heads)
     size = min(chunk_size, seq_len)
     n_chunks = -(-seq_len // size)
 
     q_c, k_c, v_c, g_c = (to_chunks(t, size) for t in (q, k, v, g))  # [N, BH, C, K] x2, [N, BHV, C, V], [.., Kg]
-    decay_t = segment_decay(g_c)  # [N, BHV, C(j), C(i), Kg]: exp(G_i - G_j) for j <= i, else 0
-    cum = g_c.cumsum(-2)  # [N, BHV, C, Kg]
-    decay_out = decay_t[..., -1, :]  # [N, BHV, C, Kg]: from step j to the chunk end
-    decay_all = flushed_exp(cum[..., -1:, :]).mT  # [N, BHV, Kg, 1]: across the chunk, per state row
+    # exp(G_i - G_j) at (j, i) for j <= i, else 0; G from the chunk start; from step j to the chunk end; across it
+    decay_t, cum, decay_in, decay_out, decay_all = chunk_decays(g_c)
     if bonus is None:
         scores_t = decayed_scores(q_c, k_c, decay_t, group)  # [N, BHV, C, C] at (j, i)
-        decay_in = flushed_exp(cum)
     else:  # query i reads the state up to i - 1: the decays shifted by one step
         scores_t = decayed_scores(q_c, k_c, F.pad(decay_t[..., :-1, :], (0, 0, 1, 0)), group)
         u = bonus.repeat(batch, 1)[:, None]  # [B HV, 1, K]

@@ -348,8 +348,7 @@ class Attention(Mixer):
         """Empty cache (full; a StaticKVCache of `capacity` slots when given) or an empty ring of
         `window` slots (sliding), in the activation dtype."""
         c = self.config
-        device = self.o_proj.weight.device if device is None else device
-        dtype = self.o_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         slots = 0 if c.window is None else c.window
         kv = torch.zeros(batch_size, c.kv_heads, slots, c.dim, device=device, dtype=dtype)
         seen = torch.zeros(batch_size, dtype=torch.long, device=device)

@@ -411,6 +411,13 @@ class Mixer(nn.Module):
         """The state before any token, for `batch_size` rows; `dtype` is the activation dtype."""
         raise NotImplementedError
 
+    def state_placement(
+        self, device: torch.device | str | None, dtype: torch.dtype | None
+    ) -> tuple[torch.device | str, torch.dtype]:
+        """The device and activation dtype a new state takes: those given, else the residual projection's weight's."""
+        weight = getattr(self, self.residual_projection).weight
+        return (weight.device if device is None else device), (weight.dtype if dtype is None else dtype)
+
     def forward(
         self,
         x: torch.Tensor,

@@ -81,8 +81,7 @@ class ShortConv(Mixer):
 
     def init_state(self, batch_size, *, device=None, dtype=None):
         """A zero conv tail in the activation dtype."""
-        device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         return ShortConvState(conv=torch.zeros(batch_size, self.config.conv_size - 1, self.config.d_model,
                                                device=device, dtype=dtype))
 
@@ -162,8 +161,7 @@ class Mamba(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail (activation dtype) and zero SSM state (float32, or float64)."""
         c = self.config
-        device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         return MambaState(conv=torch.zeros(batch_size, c.d_conv - 1, c.d_inner, device=device, dtype=dtype),
                           ssm=torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=recurrent_dtype(dtype)))
 
@@ -253,8 +251,7 @@ class RGLRU(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail and recurrence; no row started."""
         c = self.config
-        device = self.linear_out.weight.device if device is None else device
-        dtype = self.linear_out.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         return RGLRUState(conv=torch.zeros(batch_size, c.conv_size - 1, c.width, device=device, dtype=dtype),
                           recurrent=torch.zeros(batch_size, c.width, device=device, dtype=recurrent_dtype(dtype)),
                           started=torch.zeros(batch_size, dtype=torch.bool, device=device))

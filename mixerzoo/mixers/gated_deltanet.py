@@ -119,8 +119,7 @@ class GatedDeltaNet(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail (activation dtype) and a zero recurrent matrix (float32, or float64)."""
         c = self.config
-        device = self.o_proj.weight.device if device is None else device
-        dtype = self.o_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
 
         conv = torch.zeros(batch_size, c.conv_size - 1, self._conv_width, device=device, dtype=dtype)
         matrix = torch.zeros(batch_size, c.value_heads, c.key_dim, c.value_dim, device=device, dtype=recurrent_dtype(dtype))

@@ -130,8 +130,7 @@ class LinearMixer(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail (activation dtype) and a zero matrix (float32, or float64)."""
         c = self.config
-        device = self.o_proj.weight.device if device is None else device
-        dtype = self.o_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         conv = torch.zeros(batch_size, max(c.conv_size - 1, 0), c.conv_width, device=device, dtype=dtype)
         matrix = torch.zeros(batch_size, c.n_heads, c.feature_dim, c.value_dim, device=device, dtype=recurrent_dtype(dtype))
         return LinearMixerState(conv=conv, recurrent=matrix)
@@ -277,18 +276,31 @@ class RetNetConfig(LinearMixerConfig):
     type: Literal["retnet"] = Field("retnet", description="the mixer type")
 
 
-class RetNet(LinearMixer):
+class _FixedDecay(LinearMixer):
+    """A preset whose decay is a constant per head (`head_log_decay`), held as a buffer."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("log_decay", self.head_log_decay(config).float(), persistent=False)
+
+    @staticmethod
+    def head_log_decay(config) -> torch.Tensor:
+        """The log decay of each head [H], computed in float64."""
+        raise NotImplementedError
+
+    def _decay(self, x, k):
+        return self.log_decay.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(*x.shape[:2], -1)
+
+
+class RetNet(_FixedDecay):
     """Multi-scale retention: a head-wise fixed decay, swish-gated normalised output."""
 
     config_class = RetNetConfig
 
-    def __init__(self, config):
-        super().__init__(config)
+    @staticmethod
+    def head_log_decay(config):
         heads = torch.arange(config.n_heads, dtype=torch.float64)
-        self.register_buffer("log_decay", torch.log1p(-(2.0 ** (-5.0 - heads))).float(), persistent=False)
-
-    def _decay(self, x, k):
-        return self.log_decay.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(*x.shape[:2], -1)
+        return torch.log1p(-(2.0 ** (-5.0 - heads)))
 
 
 class LightningConfig(LinearMixerConfig):
@@ -300,27 +312,23 @@ class LightningConfig(LinearMixerConfig):
     decay_scale: float = Field(1.0, gt=0, description="MiniMax's per-layer factor on the slopes (1 - l / (L - 1) + 1e-5 at layer l)")
 
 
-class Lightning(LinearMixer):
+class Lightning(_FixedDecay):
     """Lightning attention with MiniMax's fixed slopes."""
 
     config_class = LightningConfig
     norm_over_heads = True
     scaled = False
 
-    def __init__(self, config):
-        super().__init__(config)
+    @staticmethod
+    def head_log_decay(config):
         base = 2.0 ** (-8.0 / config.n_heads)
-        slopes = base ** torch.arange(1, config.n_heads + 1, dtype=torch.float64) * config.decay_scale
-        self.register_buffer("log_decay", (-slopes).float(), persistent=False)
+        return -(base ** torch.arange(1, config.n_heads + 1, dtype=torch.float64)) * config.decay_scale
 
     def _features(self, t):
         return F.silu(t)
 
     def _values(self, v):
         return F.silu(v)
-
-    def _decay(self, x, k):
-        return self.log_decay.to(torch.float64 if x.dtype == torch.float64 else torch.float32).expand(*x.shape[:2], -1)
 
 
 class GLAConfig(LinearMixerConfig):
@@ -401,7 +409,7 @@ class DeltaNet(LinearMixer):
 
     def __init__(self, config):
         super().__init__(config)
-        self.b_proj = nn.Linear(config.d_model, config.n_heads, bias=False)
+        self.b_proj = nn.Linear(config.d_model, config.householder * config.n_heads, bias=False)  # a beta per write
 
     def _features(self, t):
         return l2_normalize(t)
@@ -472,7 +480,6 @@ class GatedDeltaProduct(DeltaNet):
     def __init__(self, config):
         super().__init__(config)
         c = config
-        self.b_proj = nn.Linear(c.d_model, c.num_householder * c.n_heads, bias=False)
         self.a_proj = nn.Linear(c.d_model, c.n_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(c.n_heads).uniform_(0, 16).log())
         self.dt_bias = nn.Parameter(step_size_bias(c.n_heads))

@@ -147,8 +147,7 @@ class Mamba2(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail in the activation dtype and zero SSM state in float32 (float64 for float64)."""
         c = self.config
-        device = self.out_proj.weight.device if device is None else device
-        dtype = self.out_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         conv = torch.zeros(batch_size, c.d_conv - 1, c.conv_channels, device=device, dtype=dtype)
         ssm = torch.zeros(
             batch_size, c.n_heads, c.head_dim, c.d_state, device=device, dtype=recurrent_dtype(dtype)

@@ -90,8 +90,7 @@ class RWKV6(Mixer):
     def init_state(self, batch_size, *, device=None, dtype=None):
         """A zero previous token (activation dtype) and a zero matrix (float32, or float64)."""
         c = self.config
-        device = self.o_proj.weight.device if device is None else device
-        dtype = self.o_proj.weight.dtype if dtype is None else dtype
+        device, dtype = self.state_placement(device, dtype)
         return RWKV6State(
             shift=torch.zeros(batch_size, 1, c.d_model, device=device, dtype=dtype),
             recurrent=torch.zeros(batch_size, c.n_heads, c.head_dim, c.head_dim, device=device,

@@ -109,9 +109,16 @@ def layout(size: str, *, pattern: str | None = None, ratio: dict[str, int] | Non
     return LayoutSpec.model_validate(data)
 
 
-def _pattern_recipe(name: str, pattern: str, doc: str) -> None:
+def _pattern_recipe(name: str, pattern: str, doc: str, published_layers: int | None = None) -> None:
+    """Register `name`: `pattern` repeated over each size's depth; a published hybrid (`published_layers`) takes
+    that depth at paper size (the widths stay the shared size table's), its pattern cut after the last layer."""
+
     def factory(size: str) -> LayoutSpec:
-        return layout(size, pattern=pattern)
+        if published_layers is None:
+            return layout(size, pattern=pattern)
+        n_layers = published_layers if size == "paper" else _SHAPES[size]["n_layers"]
+        cut = (pattern * -(-n_layers // len(pattern)))[:n_layers]  # the pattern cut after n_layers, as published
+        return layout(size, pattern=cut, n_layers=n_layers)
 
     factory.__doc__ = doc
     register_recipe(name)(factory)
@@ -133,28 +140,18 @@ def _infinitevl_1to7(size: str) -> LayoutSpec:
     return layout(size, ratio={"S": 1, "G": 7})
 
 
-def _landmark(name: str, pattern: str, published_layers: int, doc: str) -> None:
-    """A published hybrid: its layer pattern at tiny and small (8 layers), and at paper size with the published
-    layer count (the widths stay the shared size table's)."""
-
-    def factory(size: str) -> LayoutSpec:
-        n_layers = published_layers if size == "paper" else _SHAPES[size]["n_layers"]
-        cut = (pattern * -(-n_layers // len(pattern)))[:n_layers]  # the pattern cut after n_layers, as published
-        return layout(size, pattern=cut, n_layers=n_layers)
-
-    factory.__doc__ = doc
-    register_recipe(name)(factory)
-
-
-_landmark("qwen3-next", "GGGA", 48, "Qwen3-Next (Qwen team, 2025; Qwen3-Next-80B-A3B config.json): 3 Gated DeltaNet "
-          "layers to 1 gated attention layer, 48 layers.")
-_landmark("minimax", "LLLLLLLF", 80, "MiniMax-01 (MiniMax 2025, arXiv:2501.08313): 7 lightning attention layers to "
-          "1 softmax attention layer, 80 layers.")
-_landmark("samba", "NS", 32, "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba1 and sliding-window attention "
-          "alternating (each with its MLP), 32 layers at 3.8B.")
-_landmark("griffin", "RRS", 26, "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU blocks to "
-          "1 local attention block, 26 layers (the pattern cut after 26, as published).")
-_landmark("jamba", "NNNNFNNN", 32, "Jamba (Lieber et al. 2024, arXiv:2403.19887): attention at layer i % 8 == 4 "
-          "among Mamba1 layers, 32 layers (its MoE MLPs await the experts channel mixer).")
-_landmark("lfm2", "CCFCCFCCFCFCFCFC", 16, "LFM2-1.2B (Liquid AI 2025, config.json layer_types): 10 gated short "
-          "conv and 6 GQA attention layers in its published order, 16 layers (the first 8 at tiny and small).")
+# Published hybrids (tiny / small at their 8 layers, paper at the published depth).
+_pattern_recipe("qwen3-next", "GGGA", "Qwen3-Next (Qwen team, 2025; Qwen3-Next-80B-A3B config.json): 3 Gated "
+                "DeltaNet layers to 1 gated attention layer, 48 layers.", published_layers=48)
+_pattern_recipe("minimax", "LLLLLLLF", "MiniMax-01 (MiniMax 2025, arXiv:2501.08313): 7 lightning attention layers "
+                "to 1 softmax attention layer, 80 layers.", published_layers=80)
+_pattern_recipe("samba", "NS", "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba1 and sliding-window attention "
+                "alternating (each with its MLP), 32 layers at 3.8B.", published_layers=32)
+_pattern_recipe("griffin", "RRS", "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU "
+                "blocks to 1 local attention block, 26 layers (the pattern cut after 26, as published).",
+                published_layers=26)
+_pattern_recipe("jamba", "NNNNFNNN", "Jamba (Lieber et al. 2024, arXiv:2403.19887): attention at layer i % 8 == 4 "
+                "among Mamba1 layers, 32 layers (its MoE MLPs await the experts channel mixer).", published_layers=32)
+_pattern_recipe("lfm2", "CCFCCFCCFCFCFCFC", "LFM2-1.2B (Liquid AI 2025, config.json layer_types): 10 gated short "
+                "conv and 6 GQA attention layers in its published order, 16 layers (the first 8 at tiny and "
+                "small).", published_layers=16)

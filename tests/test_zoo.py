@@ -102,3 +102,13 @@ def test_landmark_recipes_have_their_published_depth_and_order():
         layers = recipe(name, "paper").layers
         got = [(m.type, m.output_gate) if m.type == "attention" else (m.type,) for m in (layer.mixer for layer in layers)]
         assert got == [kinds[letter] for letter in pattern], name
+
+
+def test_rglru_starts_with_griffins_slow_decays():
+    """Griffin initialises the RG-LRU's base decay a = exp(-softplus(lambda)) in [0.9, 0.999] (a^2 uniform there):
+    a fresh block remembers over tens to thousands of tokens, not one."""
+    import torch.nn.functional as F
+
+    gates = build_mixer({"type": "rglru", "d_model": 256}).rg_lru
+    base = torch.exp(-F.softplus(gates.recurrent_param.detach()))
+    assert 0.9 <= base.min() and base.max() <= 0.999, (base.min().item(), base.max().item())

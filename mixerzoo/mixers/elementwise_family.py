@@ -227,7 +227,7 @@ class RGLRUState(MixerState):
 
     conv: torch.Tensor  # [B, W - 1, lru_width]
     recurrent: torch.Tensor = dataclasses.field(metadata={"float32": True})  # [B, lru_width]
-    started: torch.Tensor = dataclasses.field(default=None)  # [B] bool
+    started: torch.Tensor  # [B] bool
 
 
 class RGLRU(Mixer):
@@ -281,7 +281,9 @@ class _RGLRUGates(nn.Module):
         super().__init__()
         self.exponent = exponent
         width = n_heads * block
-        self.recurrent_param = nn.Parameter(torch.empty(width).uniform_(0.9**2, 0.999**2).log().mul(0.5).neg().expm1().log().neg())
+        # Griffin's init: the base decay a = exp(-softplus(recurrent_param)) with a^2 uniform in [0.9^2, 0.999^2]
+        base = torch.empty(width).uniform_(0.9**2, 0.999**2).sqrt()
+        self.recurrent_param = nn.Parameter(torch.log(1 / base - 1))  # softplus of it is -log a
         self.input_gate_weight = nn.Parameter(torch.randn(n_heads, block, block) * block**-0.5)
         self.input_gate_bias = nn.Parameter(torch.zeros(n_heads, block))
         self.recurrent_gate_weight = nn.Parameter(torch.randn(n_heads, block, block) * block**-0.5)

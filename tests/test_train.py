@@ -143,6 +143,22 @@ def test_lora_trains_only_adapters_and_folds_into_plain_linears():
     assert not torch.allclose(adapted, reference)
 
 
+@pytest.mark.parametrize("recipe", ["infinitevl", "mamba2", "lfm2"])
+def test_lora_on_the_residual_projection_keeps_every_mixer_running(recipe):
+    """A LoRA-wrapped o_proj / out_proj (the projection a mixer's new state reads its device and dtype from)
+    still lets the model make fresh states: with and without them given, and for packed documents."""
+    torch.manual_seed(0)
+    model = build_model(ModelSource(recipe=recipe, vlm=False))
+    apply_lora(model, LoRAConfig(targets=["o_proj", "out_proj"], rank=2))
+    ids = torch.randint(0, 200, (2, 10))
+    logits, state = model(ids)
+    assert torch.isfinite(logits).all()
+    for layer in model.layers:
+        layer.mixer.init_state(2)  # no device or dtype given: read from the wrapped projection
+    packed = model(ids, documents=torch.tensor([[0] * 4 + [1] * 6, [0] * 10]))
+    assert torch.isfinite(packed[0] if isinstance(packed, tuple) else packed).all()
+
+
 def _png(path: Path, seed: int) -> None:
     from PIL import Image
 

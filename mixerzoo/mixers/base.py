@@ -414,9 +414,12 @@ class Mixer(nn.Module):
     def state_placement(
         self, device: torch.device | str | None, dtype: torch.dtype | None
     ) -> tuple[torch.device | str, torch.dtype]:
-        """The device and activation dtype a new state takes: those given, else the residual projection's weight's."""
-        weight = getattr(self, self.residual_projection).weight
-        return (weight.device if device is None else device), (weight.dtype if dtype is None else dtype)
+        """The device and activation dtype a new state takes: those given, else the residual projection's
+        parameters' (read only when needed, so a wrapped projection, e.g. LoRA, works either way)."""
+        if device is None or dtype is None:
+            reference = next(getattr(self, self.residual_projection).parameters())
+            device, dtype = (reference.device if device is None else device), (reference.dtype if dtype is None else dtype)
+        return device, dtype
 
     def forward(
         self,

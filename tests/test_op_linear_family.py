@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mixerzoo.ops import elementwise_recurrence, gated_delta_product, gated_delta_rule, gated_linear_attention
+from mixerzoo.ops import dplr_delta_rule, elementwise_recurrence, gated_delta_product, gated_delta_rule, gated_linear_attention
 from mixerzoo.testing import assert_rel_close
 
 # Relative error (max |a - b| / max |b|) bounds by dtype.
@@ -26,6 +26,7 @@ FLA_TOL = 2e-5
 naive = pytest.importorskip("fla.ops.gla.naive", reason="flash-linear-attention (fla) is not installed: no oracle")
 warnings.filterwarnings("ignore", message="Triton is not supported")
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
+from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence  # noqa: E402
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product  # noqa: E402
 from fla.ops.hgrn.naive import naive_recurrent_hgrn  # noqa: E402
 from fla.ops.kda.naive import naive_recurrent_kda  # noqa: E402
@@ -157,6 +158,34 @@ def test_gated_delta_product_equals_fla(s, householder):
 
     _both(op, dict(q=x["q"], k=sub["k"], v=sub["v"], g=x["g"], beta=sub["beta"], initial_state=x["state"]), oracle,
           f"gated deltaproduct (n = {householder})", s["chunk"])
+
+
+@given(shapes, st.sampled_from([1, 2]))
+def test_dplr_delta_rule_equals_fla_dplr(s, group):
+    """RWKV-7's form: a = -kk, b = kk * gate for a unit key kk, so the transition D + b a^T is a contraction."""
+    x = _inputs(**s)
+    gen = torch.Generator().manual_seed(s["seed"] + 1)
+    kk = F.normalize(torch.randn(x["k"].shape, generator=gen, dtype=torch.float64), dim=-1)
+    a, b = -kk, kk * torch.rand(kk.shape, generator=gen, dtype=torch.float64)
+    v, gk = (x[name].repeat_interleave(group, dim=2) for name in ("v", "gk"))  # value heads
+    state = x["state"].repeat_interleave(group, dim=1)
+    keyed = [t.repeat_interleave(group, dim=2) for t in (x["q"], x["k"], a, b)]
+    o, final = dplr_recurrence(*_head_first(*keyed[:2], v, *keyed[2:], gk), initial_state=state.float())
+    _both(dplr_delta_rule, dict(q=x["q"], k=x["k"], v=v, a=a, b=b, g=gk, initial_state=state),
+          (o.transpose(1, 2), final), f"dplr (value heads x{group})", s["chunk"])
+
+
+@given(shapes)
+def test_dplr_delta_rule_holds_the_gated_delta_rule(s):
+    """With a scalar decay, a_t = -beta_t exp(g_t) k_t, b_t = k_t and values beta_t v_t, the DPLR transition
+    is the gated delta rule's (I - beta k k^T) D_t and its write beta k v^T: an independent algebraic check."""
+    x = _inputs(**s)
+    beta = x["beta"][..., None]
+    a = -beta * x["g"].exp()[..., None] * x["k"]
+    dplr = dplr_delta_rule(x["q"], x["k"], beta * x["v"], a, x["k"], x["g"], initial_state=x["state"],
+                           chunk_size=s["chunk"])
+    delta = gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["state"], backend="reference")
+    _check(dplr, delta, TOL64, "dplr (a = -beta exp(g) k, b = k) vs gated delta rule")
 
 
 @given(shapes)

@@ -9,7 +9,7 @@ import torch
 from mixerzoo.registry import build_mixer, list_mixers
 from mixerzoo.testing import certify
 
-FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "gated_deltaproduct"]
+FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "rwkv7", "gated_deltaproduct"]
 # Small float32 settings: chunks of 5 (never a divisor of the kit's splits, so the chunked ops' carry runs),
 # 2 heads where a family has heads; Based's Taylor map keeps 1 + 4 + 16 features of 4-dim keys.
 _MATRIX = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
@@ -20,6 +20,8 @@ SMALL = {name: _MATRIX for name in FAMILIES[:8]} | {
     "rglru": {"d_model": 16, "n_heads": 2, "chunk_size": 5},
     "gated_deltaproduct": {**_MATRIX, "num_householder": 3},
     "rwkv6": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "mix_low_rank": 4, "decay_low_rank": 4},
+    "rwkv7": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "decay_low_rank": 4, "rate_low_rank": 4,
+              "gate_low_rank": 4},
 }
 
 def test_every_family_is_registered():

@@ -71,7 +71,72 @@ def test_bad_fields_are_named(spec, match):
         build_mixer(spec)
 
 
-LANDMARKS = ["qwen3-next", "minimax", "samba", "griffin", "jamba", "lfm2"]
+_PARALLEL = {"type": "parallel", "d_model": 32, "output_scales": [0.5, 1.5],
+             "mixers": [{"type": "attention", "n_heads": 4, "n_kv_heads": 2}, {"type": "mamba2"}]}
+
+
+def test_parallel_layer_passes_the_kit():
+    certify(_PARALLEL)
+    certify({"type": "parallel", "d_model": 16, "mixers": [{"type": "attention", "n_heads": 2, "window": 3},
+                                                           {"type": "gated_deltanet", "n_heads": 2, "chunk_size": 5}]},
+            dtype=torch.float32)
+
+
+def test_parallel_layer_sums_its_scaled_branches():
+    torch.manual_seed(0)
+    layer = build_mixer(_PARALLEL).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, state = layer(x)
+        alone = [branch(x)[0] for branch in layer.branches]
+    torch.testing.assert_close(y, 0.5 * alone[0] + 1.5 * alone[1], rtol=0, atol=0)
+    assert [type(b).__name__ for b in state.branches] == ["KVCache", "Mamba2State"]
+    assert state.nbytes == layer.config.state_nbytes(9, 2, dtype=torch.float64)
+
+
+def test_parallel_state_saves_loads_and_reports_its_growing_branch(tmp_path):
+    """A decoder with parallel layers: its state round-trips through a file bit for bit and continues the
+    same; a CUDA-graph decoder is refused while the attention branch's cache grows, and names it."""
+    from mixerzoo.blocks import Decoder
+    from mixerzoo.blocks.cuda_graph import check_fixed_shapes
+    from mixerzoo.registry import recipe
+
+    torch.manual_seed(0)
+    model = Decoder(recipe("falcon-h1", "tiny")).eval()
+    ids = torch.randint(0, model.spec.vocab_size, (2, 7))
+    with torch.no_grad():
+        _, state = model(ids)
+        state.save(tmp_path / "state.safetensors", model.spec)
+        loaded = model.load_state(tmp_path / "state.safetensors")
+        assert state.flat_tensors().keys() == loaded.flat_tensors().keys()
+        assert all(torch.equal(a, b) for a, b in zip(state.flat_tensors().values(), loaded.flat_tensors().values()))
+        step = ids[:, :1]
+        assert torch.equal(model(step, state)[0], model(step, loaded)[0])
+    with pytest.raises(ValueError, match=r"layer 0 \(parallel\) .*fields \['0.k', '0.v'\]"):
+        check_fixed_shapes(model, state)
+    check_fixed_shapes(model, state.with_capacity(16))
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({**_PARALLEL, "output_scales": [1.0]}, r"output_scales has 1 entries for 2 mixers"),
+        ({**_PARALLEL, "mixers": [_PARALLEL, {"type": "mamba2"}]}, r"mixers\[0\]: a parallel branch cannot"),
+        ({**_PARALLEL, "mixers": [{"type": "gated_deltanet", "d_model": 16, "n_heads": 2}, {"type": "mamba2"}]},
+         r"mixers\[0\] \(gated_deltanet\) has d_model 16, the layer 32"),
+        ({**_PARALLEL, "mixers": [{"type": "mamba2", "head_dim": 7}, {"type": "mamba2"}]},
+         r"mixers\[0\] \(mamba2\): .*head_dim \(7\) must divide"),
+        ({**_PARALLEL, "mixers": [{"type": "mamba3"}, {"type": "mamba2"}]}, r"mixers\[0\]: .*unknown mixer type 'mamba3'"),
+        ({**_PARALLEL, "backend": "torch"}, r"branches set their own backends"),
+    ],
+    ids=["scales", "nested", "width", "branch-field", "unknown-type", "backend"],
+)
+def test_bad_parallel_fields_are_named(spec, match):
+    with pytest.raises(ValueError, match=match):
+        build_mixer(spec)
+
+
+LANDMARKS = ["qwen3-next", "minimax", "samba", "griffin", "jamba", "lfm2", "rwkv7", "falcon-h1"]
 
 
 @pytest.mark.parametrize("name", LANDMARKS)
@@ -97,9 +162,11 @@ def test_landmark_recipes_have_their_published_depth_and_order():
     from mixerzoo.registry import recipe
 
     letters = {"qwen3-next": "GGGA" * 12, "minimax": "LLLLLLLF" * 10, "jamba": "NNNNFNNN" * 4,
-               "griffin": ("RRS" * 9)[:26], "lfm2": "CCFCCFCCFCFCFCFC", "samba": "NS" * 16}
+               "griffin": ("RRS" * 9)[:26], "lfm2": "CCFCCFCCFCFCFCFC", "samba": "NS" * 16,
+               "rwkv7": "W" * 24, "falcon-h1": "H" * 44}
     kinds = {"G": ("gated_deltanet",), "A": ("attention", True), "L": ("lightning",), "F": ("attention", False),
-             "N": ("mamba",), "S": ("attention", False), "R": ("rglru",), "C": ("short_conv",)}
+             "N": ("mamba",), "S": ("attention", False), "R": ("rglru",), "C": ("short_conv",), "W": ("rwkv7",),
+             "H": ("parallel",)}
     for name, pattern in letters.items():
         layers = recipe(name, "paper").layers
         got = [(m.type, m.output_gate) if m.type == "attention" else (m.type,) for m in (layer.mixer for layer in layers)]

@@ -9,7 +9,6 @@ KV cache is preallocated for `capacity` tokens (a StaticKVCache, written in plac
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -20,7 +19,7 @@ def check_fixed_shapes(model: Decoder, state: DecoderState) -> None:
     """Raise ValueError naming the first layer whose state grows with the tokens seen (a full-attention
     KVCache not yet given a capacity)."""
     for i, (block, layer) in enumerate(zip(model.layers, state.layers)):
-        growing = [f.name for f in dataclasses.fields(layer) if f.metadata.get("variable_dims")]
+        growing = layer.growing_fields()
         if growing:
             raise ValueError(
                 f"GraphDecoder: layer {i} ({block.mixer.config.type}) keeps a state that grows with every token "

@@ -16,7 +16,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.errors import finite_tensors, open_safetensors
-from mixerzoo.mixers import Mixer, MixerState, build_mixer
+from mixerzoo.mixers import Mixer, MixerState, ParallelState, build_mixer
 from mixerzoo.mixers.base import (
     activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, device_check, fused_linear,
 )
@@ -134,7 +134,7 @@ class DecoderState:
         layers = []
         for i, block in enumerate(model.layers):
             prefix = f"layers.{i}."
-            layers.append(block.mixer.state_class(**{k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
+            layers.append(block.mixer.state_from_tensors({k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix)}))
         return cls(layers, tensors["seen"])
 
     def save(self, path: str | os.PathLike, spec: LayoutSpec) -> None:
@@ -227,7 +227,7 @@ class Decoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
-        outputs = [getattr(block.mixer, block.mixer.residual_projection, None) for block in self.layers]
+        outputs = [projection for block in self.layers for projection in block.mixer.residual_outputs()]
         outputs += [block.mlp.down_proj for block in self.layers if hasattr(block, "mlp")]
         for projection in outputs:  # one residual branch each
             if isinstance(projection, nn.Linear):
@@ -335,6 +335,8 @@ def random_state(model: Decoder, context: int, *, batch_size: int = 1, scale: fl
     empty = model.init_state(batch_size)
 
     def fill(layer_state: MixerState) -> MixerState:
+        if isinstance(layer_state, ParallelState):
+            return ParallelState([fill(branch) for branch in layer_state.branches])
         tensors = {}
         for field in dataclasses.fields(layer_state):
             t = getattr(layer_state, field.name)

@@ -185,6 +185,10 @@ class MixerState:
 
         return dataclasses.replace(self, **{k: mark(t) for k, t in self.tensors().items()})
 
+    def growing_fields(self) -> list[str]:
+        """The fields whose size depends on the tokens seen (a full-attention cache)."""
+        return [f.name for f in dataclasses.fields(self) if f.metadata.get("variable_dims")]
+
     def with_capacity(self, capacity: int) -> "MixerState":
         """This state with every tensor that grows with the tokens preallocated for `capacity` tokens
         per row, so that no shape changes from step to step (CUDA graphs, torch.compile). A state of
@@ -238,6 +242,16 @@ class MixerState:
     @classmethod
     def load(cls, path: str | os.PathLike, config: MixerConfig, *, device: torch.device | str = "cpu") -> Self:
         """Read a state written by `save`; refuses a file made for another config or state kind."""
+        tensors = cls.read_tensors(path, config, device=device)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if tensors.keys() != names:
+            raise ValueError(f"{path}: tensors {sorted(tensors)} do not match {cls.__name__} fields {sorted(names)}")
+        return cls(**tensors)
+
+    @classmethod
+    def read_tensors(cls, path: str | os.PathLike, config: MixerConfig, *,
+                     device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """The named tensors of a state file written by `save` for this state kind and `config` (checked)."""
         with open_safetensors(path, device=str(device)) as f:
             metadata = f.metadata() or {}
             if metadata.get("format") != _STATE_FORMAT:
@@ -249,11 +263,7 @@ class MixerState:
                 diff = {k: (saved.get(k), wanted.get(k)) for k in sorted(saved.keys() | wanted.keys())
                         if saved.get(k) != wanted.get(k)}
                 raise ValueError(f"{path}: state was saved for another mixer config; (saved, given) differ at {diff}")
-            tensors = finite_tensors(f, path)
-        names = {f.name for f in dataclasses.fields(cls)}
-        if tensors.keys() != names:
-            raise ValueError(f"{path}: tensors {sorted(tensors)} do not match {cls.__name__} fields {sorted(names)}")
-        return cls(**tensors)
+            return finite_tensors(f, path)
 
 
 def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
@@ -421,6 +431,19 @@ class Mixer(nn.Module):
             device, dtype = (reference.device if device is None else device), (reference.dtype if dtype is None else dtype)
         return device, dtype
 
+    def residual_outputs(self) -> list[nn.Module]:
+        """The projections whose outputs join the residual stream (the `residual_projection`)."""
+        projection = getattr(self, self.residual_projection, None)
+        return [] if projection is None else [projection]
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> MixerState:
+        """This mixer's state from its named tensors (`state.tensors()`, as saved)."""
+        names = {f.name for f in dataclasses.fields(self.state_class)}
+        if tensors.keys() != names:
+            raise ValueError(f"{type(self).__name__}: tensors {sorted(tensors)} do not match "
+                             f"{self.state_class.__name__} fields {sorted(names)}")
+        return self.state_class(**tensors)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -509,4 +532,4 @@ class Mixer(nn.Module):
 
     def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> MixerState:
         """Read a state saved with `state.save(path, mixer.config)`; refuses another config's state."""
-        return self.state_class.load(path, self.config, device=device)
+        return self.state_from_tensors(self.state_class.read_tensors(path, self.config, device=device))

@@ -20,7 +20,7 @@ SIZES = ("tiny", "small", "paper")
 # Per size: model shape, and the legend letter -> mixer spec every recipe draws from.
 # F full attention, S sliding-window attention, G Gated DeltaNet, M Mamba2; the landmark hybrids' families:
 # A gated full attention (Qwen3-Next), L lightning attention (MiniMax), N Mamba1, R RG-LRU (Griffin),
-# C gated short conv (LFM2), K KDA (Kimi Linear).
+# C gated short conv (LFM2), K KDA (Kimi Linear), W RWKV-7, H attention beside Mamba2 in one layer (Falcon-H1).
 _SHAPES = {
     "tiny": dict(d_model=64, vocab_size=256, n_layers=8, mlp_hidden=128),
     "small": dict(d_model=512, vocab_size=8192, n_layers=8, mlp_hidden=1408),
@@ -38,6 +38,8 @@ _LEGENDS = {
         "R": dict(type="rglru", n_heads=4),
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=2, head_dim=16, chunk_size=16),
+        "W": dict(type="rwkv7", n_heads=2),
+        "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16), dict(type="mamba2", d_state=16, head_dim=16, expand=2, chunk_size=16)]),
     },
     "small": {
         "F": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, qkv_bias=True),
@@ -50,6 +52,8 @@ _LEGENDS = {
         "R": dict(type="rglru", n_heads=8),
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=4, head_dim=64),
+        "W": dict(type="rwkv7", n_heads=8),
+        "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64), dict(type="mamba2", d_state=64, head_dim=64, expand=2, chunk_size=64)]),
     },
     "paper": {
         "F": dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128, qkv_bias=True,
@@ -64,6 +68,8 @@ _LEGENDS = {
         "R": dict(type="rglru", n_heads=16),
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=16, head_dim=128),
+        "W": dict(type="rwkv7", n_heads=32),
+        "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128), dict(type="mamba2", d_state=128, head_dim=64, expand=2, chunk_size=256)]),
     },
 }
 
@@ -155,3 +161,9 @@ _pattern_recipe("jamba", "NNNNFNNN", "Jamba (Lieber et al. 2024, arXiv:2403.1988
 _pattern_recipe("lfm2", "CCFCCFCCFCFCFCFC", "LFM2-1.2B (Liquid AI 2025, config.json layer_types): 10 gated short "
                 "conv and 6 GQA attention layers in its published order, 16 layers (the first 8 at tiny and "
                 "small).", published_layers=16)
+_pattern_recipe("rwkv7", "W", "RWKV-7 Goose (Peng et al. 2025, arXiv:2503.14456): every layer RWKV-7 time mixing with "
+                "64-dim heads at small and paper size (its squared-ReLU channel mixing is the shared SwiGLU here, "
+                "and the cross-layer value residual is left out), 24 layers as the 1.5B model.", published_layers=24)
+_pattern_recipe("falcon-h1", "H", "Falcon-H1 (TII 2025, arXiv:2507.22448; Falcon-H1-7B config.json): attention and "
+                "Mamba2 side by side in every layer, their outputs summed, 44 layers as the 7B model.",
+                published_layers=44)

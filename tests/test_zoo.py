@@ -9,7 +9,7 @@ import torch
 from mixerzoo.registry import build_mixer, list_mixers
 from mixerzoo.testing import certify
 
-FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "rwkv7", "gated_deltaproduct"]
+FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "rwkv7", "gated_deltaproduct", "mla"]
 # Small float32 settings: chunks of 5 (never a divisor of the kit's splits, so the chunked ops' carry runs),
 # 2 heads where a family has heads; Based's Taylor map keeps 1 + 4 + 16 features of 4-dim keys.
 _MATRIX = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
@@ -20,6 +20,8 @@ SMALL = {name: _MATRIX for name in FAMILIES[:8]} | {
     "rglru": {"d_model": 16, "n_heads": 2, "chunk_size": 5},
     "gated_deltaproduct": {**_MATRIX, "num_householder": 3},
     "rwkv6": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "mix_low_rank": 4, "decay_low_rank": 4},
+    "mla": {"d_model": 16, "n_heads": 2, "kv_lora_rank": 8, "q_lora_rank": 6, "qk_nope_head_dim": 4,
+            "qk_rope_head_dim": 4, "v_head_dim": 4},
     "rwkv7": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "decay_low_rank": 4, "rate_low_rank": 4,
               "gate_low_rank": 4},
 }
@@ -136,7 +138,7 @@ def test_bad_parallel_fields_are_named(spec, match):
         build_mixer(spec)
 
 
-LANDMARKS = ["qwen3-next", "minimax", "samba", "griffin", "jamba", "lfm2", "rwkv7", "falcon-h1"]
+LANDMARKS = ["qwen3-next", "minimax", "samba", "griffin", "jamba", "lfm2", "rwkv7", "falcon-h1", "kimi-linear"]
 
 
 @pytest.mark.parametrize("name", LANDMARKS)
@@ -163,10 +165,11 @@ def test_landmark_recipes_have_their_published_depth_and_order():
 
     letters = {"qwen3-next": "GGGA" * 12, "minimax": "LLLLLLLF" * 10, "jamba": "NNNNFNNN" * 4,
                "griffin": ("RRS" * 9)[:26], "lfm2": "CCFCCFCCFCFCFCFC", "samba": "NS" * 16,
-               "rwkv7": "W" * 24, "falcon-h1": "H" * 44}
+               "rwkv7": "W" * 24, "falcon-h1": "H" * 44,
+               "kimi-linear": "KKKD" * 6 + "KKD"}
     kinds = {"G": ("gated_deltanet",), "A": ("attention", True), "L": ("lightning",), "F": ("attention", False),
              "N": ("mamba",), "S": ("attention", False), "R": ("rglru",), "C": ("short_conv",), "W": ("rwkv7",),
-             "H": ("parallel",)}
+             "H": ("parallel",), "K": ("kda",), "D": ("mla",)}
     for name, pattern in letters.items():
         layers = recipe(name, "paper").layers
         got = [(m.type, m.output_gate) if m.type == "attention" else (m.type,) for m in (layer.mixer for layer in layers)]
@@ -181,3 +184,21 @@ def test_rglru_starts_with_griffins_slow_decays():
     gates = build_mixer({"type": "rglru", "d_model": 256}).rg_lru
     base = torch.exp(-F.softplus(gates.recurrent_param.detach()))
     assert 0.9 <= base.min() and base.max() <= 0.999, (base.min().item(), base.max().item())
+
+
+def test_mla_decodes_the_same_from_a_preallocated_latent_cache():
+    """MLA's cache (one latent and one rotary key per token) preallocated for 16 tokens (what CUDA graphs and
+    compiled steps take) gives the outputs of the growing cache, prefill and steps alike."""
+    torch.manual_seed(0)
+    mixer = build_mixer({"type": "mla", "d_model": 32, "kv_lora_rank": 12}).double()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        growing, fixed = mixer.init_state(2), mixer.init_state(2, capacity=16)
+        outputs = {"growing": [], "fixed": []}
+        for start, stop in ((0, 5), (5, 6), (6, 7), (7, 9)):
+            y, growing = mixer(x[:, start:stop], growing)
+            outputs["growing"].append(y)
+            y, fixed = mixer(x[:, start:stop], fixed)
+            outputs["fixed"].append(y)
+    torch.testing.assert_close(torch.cat(outputs["fixed"], 1), torch.cat(outputs["growing"], 1), rtol=1e-12, atol=1e-12)
+    assert list(growing.k.shape) == [2, 1, 9, 12] and list(growing.v.shape) == [2, 1, 9, 16]

@@ -99,3 +99,36 @@ def test_lightning_equals_transformers_minimax_lightning_attention():
         "o_norm.weight": theirs.norm.weight, "o_proj.weight": theirs.out_proj.weight,
     })
     _compare(ours, lambda x: theirs(x, None, None)[0], "lightning vs MiniMaxLightningAttention")
+
+
+def _causal_mask(length: int) -> torch.Tensor:
+    """transformers' additive 4-D causal mask [1, 1, T, T] for the eager attention path."""
+    return torch.full((length, length), float("-inf")).triu(1)[None, None]
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 12])
+def test_mla_equals_transformers_deepseek_v3_attention(q_lora_rank):
+    """Our latent-space MLA (and its expanded reference) against DeepseekV3Attention's eager path, which
+    expands every head's keys and values (rotate-half RoPE: rope_interleave false)."""
+    from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+    config = DeepseekV3Config(hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                              q_lora_rank=q_lora_rank, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                              rope_interleave=False, num_hidden_layers=1, attention_bias=False)
+    config._attn_implementation = "eager"
+    theirs = DeepseekV3Attention(config, layer_idx=0).eval()
+    _randomize(theirs)
+    rotary = DeepseekV3RotaryEmbedding(config)
+    spec = {"type": "mla", "d_model": D_MODEL, "n_heads": 4, "kv_lora_rank": 16, "q_lora_rank": q_lora_rank,
+            "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6,
+            "rope": {"theta": config.rope_parameters["rope_theta"]}}
+    positions = torch.arange(LENGTH).expand(2, -1)
+
+    def expected(x):
+        return theirs(x, rotary(x, positions), _causal_mask(LENGTH))[0]
+
+    for backend in ("torch", "reference"):
+        ours = build_mixer({**spec, "backend": backend})
+        ours.load_state_dict(theirs.state_dict())
+        _compare(ours, expected, f"mla ({backend}, q_lora_rank {q_lora_rank}) vs DeepseekV3Attention")

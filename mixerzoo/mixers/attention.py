@@ -250,9 +250,9 @@ class KVCache(_HostCounted, MixerState):
         longest = int(self.seen.max()) if self.seen.numel() else 0
         if capacity < max(longest, 1):
             raise ValueError(f"KVCache.with_capacity: capacity {capacity} is below the {longest} tokens a row holds")
-        b, h, length, d = self.k.shape
+        length = self.k.shape[2]
         keep = min(length, capacity)
-        k, v = (t.new_zeros(b, h, capacity + 1, d) for t in (self.k, self.v))  # + the pads' slot
+        k, v = (t.new_zeros(*t.shape[:2], capacity + 1, t.shape[3]) for t in (self.k, self.v))  # + the pads' slot
         k[:, :, :keep], v[:, :, :keep] = self.k[:, :, :keep], self.v[:, :, :keep]
         return StaticKVCache(k=k, v=v, seen=self.seen.clone())
 
@@ -379,7 +379,7 @@ class Attention(Mixer):
         elif c.backend == "reference" or (valid is not None or host_seen is None) and length > 1:
             valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if valid is None else valid
             o = self._attend_rowwise(q, k, v, state, valid)
-            state = self._write(state, k, v, valid, index())
+            state = store_tokens(state, k, v, valid, index(), self.config.window)
         elif c.window is not None and length == 1:
             o, state = self._decode_ring(q, k, v, state, valid)
         elif c.window is not None:
@@ -448,37 +448,6 @@ class Attention(Mixer):
             values = torch.cat([past_v, v[rows[:, None], picks]], dim=1)
             o[rows[:, None], picks] = attention(q[rows[:, None], picks], keys, values, window=c.window, backend=c.backend)
         return o
-
-    def _write(self, state, k, v, valid, index):
-        """The state after storing the chunk's valid keys and values (the input state is untouched);
-        reads the counts back (host syncs), so the host knows them again afterwards."""
-        c = self.config
-        seen = state.seen + valid.sum(1)
-        counts = seen.tolist()
-        host_seen = counts[0] if counts and all(n == counts[0] for n in counts) else None
-        rows, cols = valid.nonzero(as_tuple=True)
-        if c.window is not None:
-            keep = valid & (index >= seen[:, None] - c.window)  # only the last W tokens reach the ring
-            rows, cols = keep.nonzero(as_tuple=True)
-            slots = index[rows, cols] % c.window
-            new_k, new_v = state.k.clone(), state.v.clone()
-            new_k[rows, :, slots], new_v[rows, :, slots] = k[rows, cols], v[rows, cols]
-            return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
-        length = state.k.shape[2]
-        slots = index[rows, cols] - length  # [N]: slot relative to the current end; < 0 inside a shorter row
-        grow = max(max(counts, default=0) - length, 0)
-        shape = (k.shape[0], c.kv_heads, grow, c.dim)
-        if host_seen is not None and host_seen != length + grow:
-            host_seen = None  # the cache is longer than every row (pads grew it before)
-        if bool((slots >= 0).all()):  # appends only: a block past the end, written in place where free
-            block_k, block_v = k.new_zeros(shape), v.new_zeros(shape)
-            block_k[rows, :, slots], block_v[rows, :, slots] = k[rows, cols], v[rows, cols]
-            return state.append(block_k, block_v, seen).counted(host_seen)
-        # a shorter row writes below the end, inside the input state's view: copy first
-        new_k = torch.cat([state.k, k.new_zeros(shape)], dim=2)
-        new_v = torch.cat([state.v, v.new_zeros(shape)], dim=2)
-        new_k[rows, :, slots + length], new_v[rows, :, slots + length] = k[rows, cols], v[rows, cols]
-        return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
 
     def _chunk_full(self, q, k, v, state, host_seen: int):
         """T tokens in every row after host_seen in every row: append in place past the end, attend causally."""
@@ -601,6 +570,39 @@ class Attention(Mixer):
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
             None if host_seen is None else host_seen + 1
         )
+
+
+def store_tokens(state, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, index: torch.Tensor,
+                 window: int | None):
+    """A KVCache (window None) or RingKVCache after storing the chunk's valid keys k [B, T, Hk, Dk] and
+    values v [B, T, Hv, Dv] at their token numbers `index` [B, T] (the input state is untouched); reads the
+    counts back (host syncs), so the host knows them again afterwards."""
+    seen = state.seen + valid.sum(1)
+    counts = seen.tolist()
+    host_seen = counts[0] if counts and all(n == counts[0] for n in counts) else None
+    rows, cols = valid.nonzero(as_tuple=True)
+    if window is not None:
+        keep = valid & (index >= seen[:, None] - window)  # only the last W tokens reach the ring
+        rows, cols = keep.nonzero(as_tuple=True)
+        slots = index[rows, cols] % window
+        new_k, new_v = state.k.clone(), state.v.clone()
+        new_k[rows, :, slots], new_v[rows, :, slots] = k[rows, cols], v[rows, cols]
+        return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
+    length = state.k.shape[2]
+    slots = index[rows, cols] - length  # [N]: slot relative to the current end; < 0 inside a shorter row
+    grow = max(max(counts, default=0) - length, 0)
+    shape_k, shape_v = ((t.shape[0], t.shape[2], grow, t.shape[3]) for t in (k, v))
+    if host_seen is not None and host_seen != length + grow:
+        host_seen = None  # the cache is longer than every row (pads grew it before)
+    if bool((slots >= 0).all()):  # appends only: a block past the end, written in place where free
+        block_k, block_v = k.new_zeros(shape_k), v.new_zeros(shape_v)
+        block_k[rows, :, slots], block_v[rows, :, slots] = k[rows, cols], v[rows, cols]
+        return state.append(block_k, block_v, seen).counted(host_seen)
+    # a shorter row writes below the end, inside the input state's view: copy first
+    new_k = torch.cat([state.k, k.new_zeros(shape_k)], dim=2)
+    new_v = torch.cat([state.v, v.new_zeros(shape_v)], dim=2)
+    new_k[rows, :, slots + length], new_v[rows, :, slots + length] = k[rows, cols], v[rows, cols]
+    return dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(host_seen)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,7 +20,8 @@ SIZES = ("tiny", "small", "paper")
 # Per size: model shape, and the legend letter -> mixer spec every recipe draws from.
 # F full attention, S sliding-window attention, G Gated DeltaNet, M Mamba2; the landmark hybrids' families:
 # A gated full attention (Qwen3-Next), L lightning attention (MiniMax), N Mamba1, R RG-LRU (Griffin),
-# C gated short conv (LFM2), K KDA (Kimi Linear), W RWKV-7, H attention beside Mamba2 in one layer (Falcon-H1).
+# C gated short conv (LFM2), K KDA (Kimi Linear), W RWKV-7, D multi-head latent attention (NoPE, as
+# Kimi Linear's), H attention beside Mamba2 in one layer (Falcon-H1).
 _SHAPES = {
     "tiny": dict(d_model=64, vocab_size=256, n_layers=8, mlp_hidden=128),
     "small": dict(d_model=512, vocab_size=8192, n_layers=8, mlp_hidden=1408),
@@ -39,6 +40,7 @@ _LEGENDS = {
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=2, head_dim=16, chunk_size=16),
         "W": dict(type="rwkv7", n_heads=2),
+        "D": dict(type="mla", n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, rope=dict(kind="none")),
         "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16), dict(type="mamba2", d_state=16, head_dim=16, expand=2, chunk_size=16)]),
     },
     "small": {
@@ -53,6 +55,8 @@ _LEGENDS = {
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=4, head_dim=64),
         "W": dict(type="rwkv7", n_heads=8),
+        "D": dict(type="mla", n_heads=8, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                  rope=dict(kind="none")),
         "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64), dict(type="mamba2", d_state=64, head_dim=64, expand=2, chunk_size=64)]),
     },
     "paper": {
@@ -69,6 +73,8 @@ _LEGENDS = {
         "C": dict(type="short_conv", conv_size=3),
         "K": dict(type="kda", n_heads=16, head_dim=128),
         "W": dict(type="rwkv7", n_heads=32),
+        "D": dict(type="mla", n_heads=16, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  rope=dict(kind="none")),
         "H": dict(type="parallel", mixers=[dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128), dict(type="mamba2", d_state=128, head_dim=64, expand=2, chunk_size=256)]),
     },
 }
@@ -167,3 +173,6 @@ _pattern_recipe("rwkv7", "W", "RWKV-7 Goose (Peng et al. 2025, arXiv:2503.14456)
 _pattern_recipe("falcon-h1", "H", "Falcon-H1 (TII 2025, arXiv:2507.22448; Falcon-H1-7B config.json): attention and "
                 "Mamba2 side by side in every layer, their outputs summed, 44 layers as the 7B model.",
                 published_layers=44)
+_pattern_recipe("kimi-linear", "KKKD" * 6 + "KKD", "Kimi Linear (Moonshot AI 2025, arXiv:2510.26692; Kimi-Linear-48B-A3B "
+                "config.json full_attn_layers [4, 8, ..., 24, 27]): 3 KDA layers to 1 NoPE MLA layer, the last layer "
+                "MLA, 27 layers (its MoE MLPs await the experts channel mixer).", published_layers=27)

@@ -9,7 +9,7 @@ import torch
 from mixerzoo.registry import build_mixer, list_mixers
 from mixerzoo.testing import certify
 
-FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "rwkv7", "gated_deltaproduct", "mla"]
+FAMILIES = ["linear_attention", "based", "retnet", "lightning", "gla", "hgrn2", "deltanet", "kda", "short_conv", "mamba", "rglru", "rwkv6", "rwkv7", "gated_deltaproduct", "mla", "hyena"]
 # Small float32 settings: chunks of 5 (never a divisor of the kit's splits, so the chunked ops' carry runs),
 # 2 heads where a family has heads; Based's Taylor map keeps 1 + 4 + 16 features of 4-dim keys.
 _MATRIX = {"d_model": 16, "n_heads": 2, "chunk_size": 5}
@@ -20,6 +20,7 @@ SMALL = {name: _MATRIX for name in FAMILIES[:8]} | {
     "rglru": {"d_model": 16, "n_heads": 2, "chunk_size": 5},
     "gated_deltaproduct": {**_MATRIX, "num_householder": 3},
     "rwkv6": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "mix_low_rank": 4, "decay_low_rank": 4},
+    "hyena": {"d_model": 16, "order": 3, "filter_hidden": 8, "filter_features": 5, "filter_length": 16},
     "mla": {"d_model": 16, "n_heads": 2, "kv_lora_rank": 8, "q_lora_rank": 6, "qk_nope_head_dim": 4,
             "qk_rope_head_dim": 4, "v_head_dim": 4},
     "rwkv7": {"d_model": 16, "n_heads": 2, "chunk_size": 5, "decay_low_rank": 4, "rate_low_rank": 4,
@@ -92,7 +93,7 @@ def test_parallel_layer_sums_its_scaled_branches():
         y, state = layer(x)
         alone = [branch(x)[0] for branch in layer.branches]
     torch.testing.assert_close(y, 0.5 * alone[0] + 1.5 * alone[1], rtol=0, atol=0)
-    assert [type(b).__name__ for b in state.branches] == ["KVCache", "Mamba2State"]
+    assert [type(b).__name__ for b in state.parts] == ["KVCache", "Mamba2State"]
     assert state.nbytes == layer.config.state_nbytes(9, 2, dtype=torch.float64)
 
 
@@ -202,3 +203,30 @@ def test_mla_decodes_the_same_from_a_preallocated_latent_cache():
             outputs["fixed"].append(y)
     torch.testing.assert_close(torch.cat(outputs["fixed"], 1), torch.cat(outputs["growing"], 1), rtol=1e-12, atol=1e-12)
     assert list(growing.k.shape) == [2, 1, 9, 12] and list(growing.v.shape) == [2, 1, 9, 16]
+
+
+def test_hyena_equals_its_operator_written_with_conv1d():
+    """The Hyena operator recomputed with torch's conv1d (short convs and long causal convolutions as direct
+    depthwise convolutions, independent of the mixer's FFT and its state): one call and two chunks."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    d, length = 16, 23
+    mixer = build_mixer({"type": "hyena", "d_model": d, "order": 3, "filter_length": 32}).double()
+    x = torch.randn(2, length, d, dtype=torch.float64)
+    with torch.no_grad():
+        streams = mixer.in_proj(x).transpose(1, 2)  # [B, C, T]
+        width = mixer.short_conv.shape[1]
+        streams = F.conv1d(F.pad(streams, (width - 1, 0)), mixer.short_conv[:, None], mixer.short_bias,
+                           groups=streams.shape[1])
+        *gates, v = streams.split(d, dim=1)
+        filters = mixer.filters(length, x.device, x.dtype)  # [N - 1, T, d]
+        for o, gate in enumerate(reversed(gates[1:])):
+            u = v * gate
+            v = F.conv1d(F.pad(u, (length - 1, 0)), filters[o].T.flip(-1)[:, None], groups=d) + mixer.long_bias[o][:, None] * u
+        expected = mixer.out_proj((v * gates[0]).transpose(1, 2))
+        whole, _ = mixer(x)
+        first, state = mixer(x[:, :9])
+        rest, _ = mixer(x[:, 9:], state)
+    torch.testing.assert_close(whole, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([first, rest], 1), expected, rtol=1e-10, atol=1e-12)

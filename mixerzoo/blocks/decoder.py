@@ -16,7 +16,7 @@ from typing_extensions import Self
 
 from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
 from mixerzoo.errors import finite_tensors, open_safetensors
-from mixerzoo.mixers import Mixer, MixerState, ParallelState, build_mixer
+from mixerzoo.mixers import Mixer, MixerState, CompositeState, build_mixer
 from mixerzoo.mixers.base import (
     activation_dtype, atomic_save_safetensors, check_count, check_input_dtype, device_check, fused_linear,
 )
@@ -335,8 +335,8 @@ def random_state(model: Decoder, context: int, *, batch_size: int = 1, scale: fl
     empty = model.init_state(batch_size)
 
     def fill(layer_state: MixerState) -> MixerState:
-        if isinstance(layer_state, ParallelState):
-            return ParallelState([fill(branch) for branch in layer_state.branches])
+        if isinstance(layer_state, CompositeState):
+            return CompositeState([fill(branch) for branch in layer_state.parts])
         tensors = {}
         for field in dataclasses.fields(layer_state):
             t = getattr(layer_state, field.name)

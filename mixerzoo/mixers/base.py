@@ -266,6 +266,74 @@ class MixerState:
             return finite_tensors(f, path)
 
 
+@dataclasses.dataclass
+class CompositeState(MixerState):
+    """A state made of other states, in order: a parallel layer's parts, or a mixer's parts (Hyena's short
+    conv tail beside its growing history). Its tensors are named "{part}.{field}"."""
+
+    parts: list[MixerState]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every part's tensors, named "{part}.{field}"."""
+        return {f"{i}.{name}": t for i, b in enumerate(self.parts) for name, t in b.tensors().items()}
+
+    def growing_fields(self) -> list[str]:
+        """The parts' fields that grow with the tokens seen, named "{part}.{field}"."""
+        return [f"{i}.{name}" for i, b in enumerate(self.parts) for name in b.growing_fields()]
+
+    def _each(self, method: str, *args) -> Self:
+        return CompositeState([getattr(b, method)(*args) for b in self.parts])
+
+    def clone(self) -> Self:
+        """An independent copy of every part."""
+        return self._each("clone")
+
+    def contiguous(self) -> Self:
+        """Every part in its canonical contiguous layout."""
+        return self._each("contiguous")
+
+    def canonical(self) -> Self:
+        """Every part with the strides of fresh tensors (see MixerState.canonical)."""
+        return self._each("canonical")
+
+    def to(self, device=None, dtype=None) -> Self:
+        """Every part moved and cast (see MixerState.to)."""
+        return CompositeState([b.to(device=device, dtype=dtype) for b in self.parts])
+
+    def with_capacity(self, capacity: int) -> Self:
+        """Every growing part preallocated for `capacity` tokens per row."""
+        return self._each("with_capacity", capacity)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
+        """The sub-batch of `rows` in every part."""
+        return self._each("select", rows)
+
+    def poisoned(self, rows: torch.Tensor, before: MixerState) -> Self:
+        """The rows `rows` marked non-finite in every part."""
+        return CompositeState([b.poisoned(rows, old) for b, old in zip(self.parts, before.parts)])
+
+    @classmethod
+    def concat(cls, states: Sequence[Self]) -> Self:
+        """One batch of `states`' rows, part by part."""
+        if not states:
+            raise ValueError("concat needs at least one state")
+        return cls([type(group[0]).concat(list(group)) for group in zip(*(s.parts for s in states))])
+
+    def check_compatible(self, expected: MixerState, *, owner: str) -> None:
+        """Raise unless every part is compatible with the part `expected` holds."""
+        if type(self) is not type(expected) or len(self.parts) != len(expected.parts):
+            raise TypeError(f"{owner}: expected a CompositeState of {len(getattr(expected, 'parts', []))} "
+                            f"parts, got a {type(self).__name__}")
+        for i, (got, want) in enumerate(zip(self.parts, expected.parts)):
+            got.check_compatible(want, owner=f"{owner} part {i}")
+
+
+    @staticmethod
+    def split_tensors(tensors: dict[str, torch.Tensor], n_parts: int) -> list[dict[str, torch.Tensor]]:
+        """Named tensors ("{part}.{field}", as `tensors()` gives) -> each part's own, by field name."""
+        return [{k[len(f"{i}."):]: t for k, t in tensors.items() if k.startswith(f"{i}.")} for i in range(n_parts)]
+
+
 def cached_cat(owner: nn.Module, name: str, tensors: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     """torch.cat(tensors, dim) of `owner`'s parameters, kept on `owner` under `name` while they are unchanged.
 

@@ -1,10 +1,10 @@
 """Several mixers side by side in one layer (Falcon-H1's attention beside Mamba2): each reads the same
-input, their outputs are summed, each times its multiplier, and the state is the branches' states."""
+input, their outputs are summed, each times its multiplier, and the state is the branches' states
+(a CompositeState)."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, SerializeAsAny, ValidationError, model_validator
@@ -12,7 +12,7 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.errors import describe_validation_error
-from mixerzoo.mixers.base import Mixer, MixerConfig, MixerState
+from mixerzoo.mixers.base import CompositeState, Mixer, MixerConfig
 from mixerzoo.mixers.registry import build_mixer, mixer_config
 
 
@@ -76,72 +76,11 @@ class ParallelConfig(MixerConfig):
         return sum(m.mixing_flops_per_token(context) for m in self.mixers)
 
 
-@dataclasses.dataclass
-class ParallelState(MixerState):
-    """The state of each branch, in the config's order; its tensors are named "{branch}.{field}"."""
-
-    branches: list[MixerState]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Every branch's tensors, named "{branch}.{field}"."""
-        return {f"{i}.{name}": t for i, b in enumerate(self.branches) for name, t in b.tensors().items()}
-
-    def growing_fields(self) -> list[str]:
-        """The branches' fields that grow with the tokens seen, named "{branch}.{field}"."""
-        return [f"{i}.{name}" for i, b in enumerate(self.branches) for name in b.growing_fields()]
-
-    def _each(self, method: str, *args) -> Self:
-        return ParallelState([getattr(b, method)(*args) for b in self.branches])
-
-    def clone(self) -> Self:
-        """An independent copy of every branch."""
-        return self._each("clone")
-
-    def contiguous(self) -> Self:
-        """Every branch in its canonical contiguous layout."""
-        return self._each("contiguous")
-
-    def canonical(self) -> Self:
-        """Every branch with the strides of fresh tensors (see MixerState.canonical)."""
-        return self._each("canonical")
-
-    def to(self, device=None, dtype=None) -> Self:
-        """Every branch moved and cast (see MixerState.to)."""
-        return ParallelState([b.to(device=device, dtype=dtype) for b in self.branches])
-
-    def with_capacity(self, capacity: int) -> Self:
-        """Every growing branch preallocated for `capacity` tokens per row."""
-        return self._each("with_capacity", capacity)
-
-    def select(self, rows: Sequence[int] | torch.Tensor) -> Self:
-        """The sub-batch of `rows` in every branch."""
-        return self._each("select", rows)
-
-    def poisoned(self, rows: torch.Tensor, before: MixerState) -> Self:
-        """The rows `rows` marked non-finite in every branch."""
-        return ParallelState([b.poisoned(rows, old) for b, old in zip(self.branches, before.branches)])
-
-    @classmethod
-    def concat(cls, states: Sequence[Self]) -> Self:
-        """One batch of `states`' rows, branch by branch."""
-        if not states:
-            raise ValueError("concat needs at least one state")
-        return cls([type(group[0]).concat(list(group)) for group in zip(*(s.branches for s in states))])
-
-    def check_compatible(self, expected: MixerState, *, owner: str) -> None:
-        """Raise unless every branch is compatible with the branch `expected` holds."""
-        if type(self) is not type(expected) or len(self.branches) != len(expected.branches):
-            raise TypeError(f"{owner}: expected a ParallelState of {len(getattr(expected, 'branches', []))} "
-                            f"branches, got a {type(self).__name__}")
-        for i, (got, want) in enumerate(zip(self.branches, expected.branches)):
-            got.check_compatible(want, owner=f"{owner} branch {i}")
-
-
 class Parallel(Mixer):
     """Mixers side by side on the same input, their scaled outputs summed."""
 
     config_class = ParallelConfig
-    state_class = ParallelState
+    state_class = CompositeState
     dense_valid = True
 
     def __init__(self, config: ParallelConfig):
@@ -158,19 +97,18 @@ class Parallel(Mixer):
 
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Each branch's fresh state."""
-        return ParallelState([b.init_state(batch_size, device=device, dtype=dtype) for b in self.branches])
+        return CompositeState([b.init_state(batch_size, device=device, dtype=dtype) for b in self.branches])
 
-    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> ParallelState:
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor]) -> CompositeState:
         """The state from its named tensors ("{branch}.{field}"), each branch's by that branch."""
-        return ParallelState([
-            branch.state_from_tensors({k[len(f"{i}."):]: t for k, t in tensors.items() if k.startswith(f"{i}.")})
-            for i, branch in enumerate(self.branches)])
+        parts = CompositeState.split_tensors(tensors, len(self.branches))
+        return CompositeState([branch.state_from_tensors(part) for branch, part in zip(self.branches, parts)])
 
     def _forward(self, x, state, positions, valid):
         y, states = None, []
-        for branch, scale, branch_state in zip(self.branches, self.config.scales, state.branches):
+        for branch, scale, branch_state in zip(self.branches, self.config.scales, state.parts):
             out, branch_state = branch(x, branch_state, positions=positions, valid=valid)
             out = out if scale == 1.0 else out * scale
             y = out if y is None else y + out
             states.append(branch_state)
-        return y, ParallelState(states)
+        return y, CompositeState(states)

@@ -17,7 +17,7 @@ SPEC = {"type": "attention", "d_model": 16, "n_heads": 2, "window": 4}
         ({**SPEC, "n_heads": 4, "n_kv_heads": 3}, r"multiple of n_kv_heads \(3\)"),
         ({**SPEC, "windw": 4}, "windw"),
         ({**SPEC, "rope": {"kind": "mrope"}}, "sections is required"),
-        ({**SPEC, "rope": {"kind": "mrope", "sections": [1, 1, 1]}}, "must sum to head_dim // 2 = 4"),
+        ({**SPEC, "rope": {"kind": "mrope", "sections": [1, 1, 1]}}, "must sum to the rotated dims // 2 = 4"),
         ({**SPEC, "d_model": 0}, "d_model"),
     ],
 )

@@ -132,3 +132,31 @@ def test_mla_equals_transformers_deepseek_v3_attention(q_lora_rank):
         ours = build_mixer({**spec, "backend": backend})
         ours.load_state_dict(theirs.state_dict())
         _compare(ours, expected, f"mla ({backend}, q_lora_rank {q_lora_rank}) vs DeepseekV3Attention")
+
+
+def test_gated_attention_equals_transformers_qwen3_next_attention():
+    """attention with output_gate, qk_norm and partial rotary (rope.fraction 0.25) against Qwen3NextAttention's
+    eager path. Its q_proj holds each head's query and gate side by side and its RMSNorms scale by 1 + w: the
+    weights are split and offset, nothing else."""
+    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
+
+    heads, kv_heads, head_dim = 4, 2, 16
+    config = Qwen3NextConfig(hidden_size=D_MODEL, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                             head_dim=head_dim, partial_rotary_factor=0.25, num_hidden_layers=1,
+                             layer_types=["full_attention"], attention_bias=False)
+    config._attn_implementation = "eager"
+    theirs = Qwen3NextAttention(config, layer_idx=0).eval()
+    _randomize(theirs)
+    rotary = Qwen3NextRotaryEmbedding(config)
+    ours = build_mixer({"type": "attention", "d_model": D_MODEL, "n_heads": heads, "n_kv_heads": kv_heads,
+                        "head_dim": head_dim, "output_gate": True, "qk_norm": True, "norm_eps": config.rms_norm_eps,
+                        "rope": {"theta": config.rope_parameters["rope_theta"], "fraction": 0.25}})
+    weights = theirs.state_dict()
+    query, gate = weights.pop("q_proj.weight").unflatten(0, (heads, 2 * head_dim)).chunk(2, dim=1)
+    weights |= {"q_proj.weight": query.flatten(0, 1), "gate_proj.weight": gate.flatten(0, 1),
+                "q_norm.weight": 1 + weights["q_norm.weight"], "k_norm.weight": 1 + weights["k_norm.weight"]}
+    ours.load_state_dict(weights)
+    positions = torch.arange(LENGTH).expand(2, -1)
+    _compare(ours, lambda x: theirs(x, rotary(x, positions), _causal_mask(LENGTH))[0],
+             "gated attention vs Qwen3NextAttention")

@@ -33,6 +33,8 @@ class RopeConfig(StrictModel):
         description="rotary embedding: none, rope (1-D positions) or mrope (Qwen2.5-VL temporal / height / width sections)")
     theta: float = Field(10000.0, gt=0, description="rotary base frequency")
     sections: tuple[int, ...] | None = Field(None, description="M-RoPE: frequencies per stream (t, h, w)")
+    fraction: float = Field(1.0, gt=0, le=1, description="share of each head's dims that rotate, the first ones "
+                            "(partial rotary: Qwen3-Next 0.25); the rest pass unrotated")
 
     @model_validator(mode="after")
     def _sections_match_kind(self) -> Self:
@@ -68,11 +70,18 @@ class AttentionConfig(MixerConfig):
             raise ValueError(
                 f"n_heads ({self.n_heads}) does not divide d_model ({self.d_model}); set head_dim explicitly"
             )
-        if self.rope.kind != "none" and self.dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim, got {self.dim}")
-        if self.rope.kind == "mrope" and sum(self.rope.sections) != self.dim // 2:
-            raise ValueError(f"rope.sections {list(self.rope.sections)} must sum to head_dim // 2 = {self.dim // 2}")
+        if self.rope.kind != "none" and (self.rotary_dim % 2 or self.rotary_dim < 2):
+            raise ValueError(f"rotary embeddings need an even number >= 2 of rotated dims, got {self.rotary_dim} "
+                             f"(head_dim {self.dim} x rope.fraction {self.rope.fraction})")
+        if self.rope.kind == "mrope" and sum(self.rope.sections) != self.rotary_dim // 2:
+            raise ValueError(f"rope.sections {list(self.rope.sections)} must sum to the rotated dims // 2 = "
+                             f"{self.rotary_dim // 2}")
         return self
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of each head that rotary embeddings rotate."""
+        return int(self.dim * self.rope.fraction)
 
     @property
     def kv_heads(self) -> int:
@@ -369,7 +378,11 @@ class Attention(Mixer):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         if c.rope.kind != "none":  # q and k rotated together
             position = self._positions(positions, index, batch, length)
-            qk = rotate(qk, *rotary_tables(position, c.dim, theta=c.rope.theta, sections=c.rope.sections, dtype=qk.dtype))
+            tables = rotary_tables(position, c.rotary_dim, theta=c.rope.theta, sections=c.rope.sections, dtype=qk.dtype)
+            if c.rotary_dim == c.dim:
+                qk = rotate(qk, *tables)
+            else:  # partial rotary: the leading dims turn, the rest pass
+                qk = torch.cat([rotate(qk[..., : c.rotary_dim], *tables), qk[..., c.rotary_dim :]], dim=-1)
         q, k = qk.split([c.n_heads, c.kv_heads], dim=2)
 
         if isinstance(state, StaticKVCache):

@@ -49,6 +49,8 @@ class MLAConfig(MixerConfig):
     def _shapes_fit(self) -> Self:
         if self.backend not in ("auto", "torch", "reference"):
             raise ValueError(f"backend {self.backend!r}: mla runs 'auto', 'torch' (latent space) or 'reference'")
+        if self.rope.fraction != 1:
+            raise ValueError(f"rope.fraction {self.rope.fraction}: mla rotates exactly its qk_rope_head_dim dims")
         if self.rope.kind != "none" and self.qk_rope_head_dim % 2:
             raise ValueError(f"rotary embeddings need an even qk_rope_head_dim, got {self.qk_rope_head_dim}")
         if self.rope.kind == "mrope" and sum(self.rope.sections) != self.qk_rope_head_dim // 2:

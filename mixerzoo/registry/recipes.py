@@ -19,9 +19,9 @@ SIZES = ("tiny", "small", "paper")
 
 # Per size: model shape, and the legend letter -> mixer spec every recipe draws from.
 # F full attention, S sliding-window attention, G Gated DeltaNet, M Mamba2; the landmark hybrids' families:
-# A gated full attention (Qwen3-Next), L lightning attention (MiniMax), N Mamba1, R RG-LRU (Griffin),
-# C gated short conv (LFM2), K KDA (Kimi Linear), W RWKV-7, D multi-head latent attention (NoPE, as
-# Kimi Linear's), H attention beside Mamba2 in one layer (Falcon-H1).
+# A gated full attention, a quarter of each head rotary (Qwen3-Next), L lightning attention (MiniMax),
+# N Mamba1, R RG-LRU (Griffin), C gated short conv (LFM2), K KDA (Kimi Linear), W RWKV-7, D multi-head
+# latent attention (NoPE, as Kimi Linear's), H attention beside Mamba2 in one layer (Falcon-H1).
 _SHAPES = {
     "tiny": dict(d_model=64, vocab_size=256, n_layers=8, mlp_hidden=128),
     "small": dict(d_model=512, vocab_size=8192, n_layers=8, mlp_hidden=1408),
@@ -33,7 +33,8 @@ _LEGENDS = {
         "S": dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16, qkv_bias=True, window=16),
         "G": dict(type="gated_deltanet", n_heads=2, head_dim=16, expand_v=2, chunk_size=16),
         "M": dict(type="mamba2", d_state=16, head_dim=16, expand=2, chunk_size=16),
-        "A": dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16, output_gate=True, qk_norm=True),
+        "A": dict(type="attention", n_heads=4, n_kv_heads=2, head_dim=16, output_gate=True, qk_norm=True,
+                  rope=dict(fraction=0.25)),
         "L": dict(type="lightning", n_heads=4, chunk_size=16),
         "N": dict(type="mamba", d_state=16, expand=2),
         "R": dict(type="rglru", n_heads=4),
@@ -48,7 +49,8 @@ _LEGENDS = {
         "S": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, qkv_bias=True, window=512),
         "G": dict(type="gated_deltanet", n_heads=4, head_dim=64, expand_v=2),
         "M": dict(type="mamba2", d_state=64, head_dim=64, expand=2, chunk_size=64),
-        "A": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, output_gate=True, qk_norm=True),
+        "A": dict(type="attention", n_heads=8, n_kv_heads=2, head_dim=64, output_gate=True, qk_norm=True,
+                  rope=dict(fraction=0.25)),
         "L": dict(type="lightning", n_heads=8),
         "N": dict(type="mamba", d_state=16, expand=2),
         "R": dict(type="rglru", n_heads=8),
@@ -66,7 +68,8 @@ _LEGENDS = {
                   rope=dict(kind="mrope", sections=[16, 24, 24], theta=1e6)),
         "G": dict(type="gated_deltanet", n_heads=16, head_dim=128, expand_v=2, conv_size=4),
         "M": dict(type="mamba2", d_state=128, head_dim=64, expand=2, chunk_size=256),
-        "A": dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128, output_gate=True, qk_norm=True),
+        "A": dict(type="attention", n_heads=16, n_kv_heads=2, head_dim=128, output_gate=True, qk_norm=True,
+                  rope=dict(fraction=0.25)),
         "L": dict(type="lightning", n_heads=16),
         "N": dict(type="mamba", d_state=16, expand=2),
         "R": dict(type="rglru", n_heads=16),

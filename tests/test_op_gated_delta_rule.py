@@ -23,6 +23,10 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 # fla's naive recurrence casts everything to float32 whatever the input, so its own rounding is
 # ~T * eps32; ours in float32 and in float64 are held to the float32 bound against it (measured <= 2e-6).
 FLA_TOL = 1e-5
+# The decay's gradient is a sum over a state's K V products of both signs: fla's float32 rounds each term to
+# eps32 = 6e-8 of the terms' size, which cancellation leaves up to ~K V eps32 of the result (K V <= 16 x 16
+# here: 1.5e-5). Measured 1.3e-5 at T = 1, g_max = 1e-3 (our float64 reference against it), so 1e-4.
+FLA_TOL_DG = 1e-4
 _GDR = importlib.import_module("mixerzoo.ops.gated_delta_rule")  # the module (the package re-exports the function)
 
 INPUTS = ("q", "k", "v", "g", "beta", "initial_state")
@@ -145,7 +149,8 @@ def test_matches_fla_naive_recurrent(fla_naive, case):
             case["seed"],
         )
         for name in expected:
-            assert_rel_close(actual[name], expected[name], FLA_TOL, f"{backend} {dtype} {name}")
+            tol = FLA_TOL_DG if name == "dg" else FLA_TOL
+            assert_rel_close(actual[name], expected[name], tol, f"{backend} {dtype} {name}")
 
 
 @given(case=cases, split=st.floats(0.0, 1.0), chunk_size=st.sampled_from([16, 32, 64]))

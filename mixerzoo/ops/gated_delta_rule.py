@@ -156,7 +156,11 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     # across the chunk
     decay_t, _, decay_in, decay_out, decay_all = chunk_decays(g_c)
 
-    gram_t = decayed_scores(k_c, k_c, decay_t * beta_c.mT[..., None], group)  # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i)
+    # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i); beta scales the targets where they are per value head
+    if group == 1:
+        gram_t = decayed_scores(beta_c * k_c, k_c, decay_t)
+    else:
+        gram_t = decayed_scores(k_c, k_c, decay_t * beta_c.mT[..., None], group)
     # X T^T = I gives X = T^-T; the solve reads only the strictly upper part of gram_t
     eye = torch.eye(size, dtype=q.dtype, device=q.device).expand_as(gram_t)
     t_inv = torch.linalg.solve_triangular(gram_t, eye, upper=True, left=False, unitriangular=True).mT

@@ -68,7 +68,7 @@ def segment_decay(g: torch.Tensor) -> torch.Tensor:
         cum = g.cumsum(-2)
         floor = math.log(torch.finfo(g.dtype).tiny) / 2
         segments = cum[..., None, :, :] - cum[..., :, None, :]  # (j, i): G_i - G_j
-        return segments.clamp_(floor, 0).exp_().mul_(upper[..., None])
+        return torch.exp(segments.clamp_(floor, 0)) * upper[..., None]
     segments = (g[..., None, :, :] * upper.triu(1)[..., None]).cumsum(-2)  # (j, i): g_m summed over j < m <= i
     return flushed_exp(segments, upper[..., None])
 

@@ -213,3 +213,35 @@ def test_elementwise_recurrence_equals_fla_hgrn(s):
 def test_bad_inputs_name_the_tensor(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _gradients(op, inputs: dict, seed: int) -> list[torch.Tensor]:
+    """The outputs and every input's gradient under a random linear loss on (o, final state)."""
+    leaves = {n: t.clone().requires_grad_(True) for n, t in inputs.items()}
+    o, state = op(**leaves)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() + (
+        state * torch.randn(state.shape, generator=gen, dtype=state.dtype)).sum()
+    return [o, state, *torch.autograd.grad(loss, list(leaves.values()))]
+
+
+@given(shapes, st.sampled_from(["gla", "rwkv6", "kda", "dplr"]))
+def test_chunked_gradients_equal_the_reference_loop(s, family):
+    """Gradients through the chunked per-channel forms (their decay tables, solves and carries) equal the
+    float64 loop's, every input's: the bug class of an in-place op autograd needs."""
+    x = _inputs(**s)
+    kk = F.normalize(x["q"], dim=-1)
+    op, inputs = {
+        "gla": (gated_linear_attention, dict(q=x["q"], k=x["k"], v=x["v"], g=x["gk"], initial_state=x["state"])),
+        "rwkv6": (gated_linear_attention, dict(q=x["q"], k=x["k"], v=x["v"], g=x["gk"], bonus=x["u"],
+                                               initial_state=x["state"])),
+        "kda": (gated_delta_rule, dict(q=x["q"], k=x["k"], v=x["v"], g=x["gk"], beta=x["beta"],
+                                       initial_state=x["state"])),
+        "dplr": (dplr_delta_rule, dict(q=x["q"], k=x["k"], v=x["v"], a=-kk, b=kk * x["beta"][..., None],
+                                       g=x["gk"], initial_state=x["state"])),
+    }[family]
+    ours = _gradients(lambda **kw: op(**kw, backend="torch", chunk_size=s["chunk"]), inputs, s["seed"])
+    reference = _gradients(lambda **kw: op(**kw, backend="reference"), inputs, s["seed"])
+    names = ["o", "final state", *(f"d{n}" for n in inputs)]
+    for name, a, b in zip(names, ours, reference):
+        assert_rel_close(a, b, TOL64, f"{family} {name}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mixerzoo.blocks import Decoder, random_state
 from mixerzoo.blocks.spec import LayoutSpec
-from mixerzoo.ops import gated_delta_rule, gated_linear_attention, ssd
+from mixerzoo.ops import dplr_delta_rule, gated_delta_rule, gated_linear_attention, ssd
 from mixerzoo.registry import recipe
 from mixerzoo.registry.recipes import layout
 from mixerzoo.testing import assert_rel_close
@@ -428,7 +428,7 @@ def matmul_floor(batch_heads: int, seq_len: int, dim_k: int, dim_v: int, chunk: 
     return lambda: (q @ k.mT @ v, q @ state, k.mT @ v)
 
 
-ZOO_FAMILIES = ("linear attention", "scalar decay", "per-channel decay", "delta rule", "per-channel delta rule")
+ZOO_FAMILIES = ("linear attention", "scalar decay", "per-channel decay", "delta rule", "per-channel delta rule", "DPLR")
 
 
 def zoo_op(family: str, seq_len: int, heads: int, dim: int):
@@ -444,26 +444,32 @@ def zoo_op(family: str, seq_len: int, heads: int, dim: int):
         g = -torch.rand(1, t, heads, generator=gen) * 0.1
         gk = -torch.rand(1, t, heads, dim, generator=gen) * 0.1
         beta = torch.rand(1, t, heads, generator=gen)
+        removal = F.normalize(torch.randn(1, t, heads, dim, generator=gen), dim=-1)  # RWKV-7's a = -kk, b = kk a_t
+        a, b = -removal, removal * torch.rand(1, t, heads, dim, generator=gen)
         ours = {
             "linear attention": lambda: gated_linear_attention(q, k, v, backend="torch")[0],
             "scalar decay": lambda: gated_linear_attention(q, k, v, g, backend="torch")[0],
             "per-channel decay": lambda: gated_linear_attention(q, k, v, gk, backend="torch")[0],
             "delta rule": lambda: gated_delta_rule(q, k, v, None, beta, backend="torch")[0],
             "per-channel delta rule": lambda: gated_delta_rule(q, k, v, gk, beta, backend="torch")[0],
+            "DPLR": lambda: dplr_delta_rule(q, k, v, a, b, gk, backend="torch")[0],
         }[family]
         fns = {MIXERZOO: ours, FLOOR: matmul_floor(heads, t, dim, dim)}
         if peer_missing(FLA) is None and family != "per-channel decay":  # fla has no naive chunked GLA
             from fla.ops.delta_rule.naive import delta_rule_chunkwise
+            from fla.ops.generalized_delta_rule.dplr.naive import dplr_chunkwise
             from fla.ops.kda.naive import naive_chunk_kda
             from fla.ops.linear_attn.naive import naive_chunk_linear_attn
             from fla.ops.simple_gla.naive import naive_chunk_simple_gla
 
             head_first = [x.transpose(1, 2) for x in (q, k, v, beta)]
+            dplr_inputs = [x.transpose(1, 2) for x in (q, k, v, a, b, gk)]
             fns[FLA] = {
                 "linear attention": lambda: naive_chunk_linear_attn(q, k, v),
                 "scalar decay": lambda: naive_chunk_simple_gla(q, k, v, g)[0],
                 "delta rule": lambda: delta_rule_chunkwise(*head_first, chunk_size=64)[0].transpose(1, 2),
                 "per-channel delta rule": lambda: naive_chunk_kda(q, k, v, gk, beta)[0],
+                "DPLR": lambda: dplr_chunkwise(*dplr_inputs, chunk_size=32)[0].transpose(1, 2),
             }[family]
 
         def check() -> None:

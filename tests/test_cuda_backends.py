@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import settings
 
-from mixerzoo.ops import attention, elementwise_recurrence, gated_delta_rule, gated_linear_attention, ssd
+from mixerzoo.ops import attention, dplr_delta_rule, elementwise_recurrence, gated_delta_rule, gated_linear_attention, ssd
 from mixerzoo.ops._backend import module_available
 from mixerzoo.testing import certify
 
@@ -73,7 +73,7 @@ def _randn(*shape, gen):
     return torch.randn(*shape, generator=gen, device=DEVICE)
 
 
-ZOO_FORMS = ("linear", "scalar", "channel", "bonus", "deltanet", "kda", "elementwise")
+ZOO_FORMS = ("linear", "scalar", "channel", "bonus", "deltanet", "kda", "dplr", "elementwise")
 
 
 @pytest.mark.parametrize("form", ZOO_FORMS)
@@ -81,7 +81,7 @@ ZOO_FORMS = ("linear", "scalar", "channel", "bonus", "deltanet", "kda", "element
 @pytest.mark.parametrize("backend", RECURRENT_BACKENDS)
 def test_zoo_ops(backend, dtype, form):
     """The zoo's ops in each form fla has a kernel for (linear_attn, simple_gla, gla, rwkv6, delta_rule, kda,
-    hgrn), T = 100 (two chunks, not a multiple of 64) from an initial state, against the float64 reference."""
+    dplr, hgrn), T = 100 (two chunks, not a multiple of 64) from an initial state, against the float64 reference."""
     gen, (b, t, h, k, v) = torch.Generator(DEVICE).manual_seed(3), (2, 100, 2, 32, 64)
     q = F.normalize(_randn(b, t, h, k, gen=gen), dim=-1).to(dtype)
     keys = F.normalize(_randn(b, t, h, k, gen=gen), dim=-1).to(dtype)
@@ -97,7 +97,14 @@ def test_zoo_ops(backend, dtype, form):
 
         return compare(run, inputs, ("x", "g", "initial_state"), dtype, f"elementwise_recurrence {backend}")
     inputs = dict(q=q, k=keys, v=values, initial_state=state)
-    if form in ("deltanet", "kda"):
+    if form == "dplr":  # RWKV-7's factors: a = -kk, b = kk * rate
+        removal = F.normalize(_randn(b, t, h, k, gen=gen), dim=-1)
+        inputs |= dict(a=(-removal).to(dtype), b=(removal * torch.sigmoid(_randn(b, t, h, k, gen=gen))).to(dtype),
+                       g=channel.to(dtype))
+
+        def run(backend=backend, **kw):
+            return dplr_delta_rule(**kw, backend=backend)
+    elif form in ("deltanet", "kda"):
         inputs |= dict(g=None if form == "deltanet" else channel.to(dtype), beta=torch.sigmoid(_randn(b, t, h, gen=gen)).to(dtype))
 
         def run(backend=backend, **kw):
@@ -111,7 +118,7 @@ def test_zoo_ops(backend, dtype, form):
         def run(backend=backend, **kw):
             return gated_linear_attention(**kw, backend=backend)
 
-    grads = tuple(name for name in ("q", "k", "v", "g", "beta", "initial_state") if inputs.get(name) is not None)
+    grads = tuple(name for name in ("q", "k", "v", "a", "b", "g", "beta", "initial_state") if inputs.get(name) is not None)
     compare(run, inputs, grads, dtype, f"{form} {backend}")
 
 @pytest.mark.parametrize("length", [1, 100])

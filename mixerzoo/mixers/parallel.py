@@ -17,8 +17,9 @@ from mixerzoo.mixers.registry import build_mixer, mixer_config
 
 
 class ParallelConfig(MixerConfig):
-    """Mixers run side by side on one input; y = sum_i output_scales[i] * mixers[i](x). Each branch takes
-    the layer's d_model (a branch may leave it out) and its own backend."""
+    """Mixers run side by side on one input; y is the sum over branches of each branch's output times its
+    entry of output_scales. Each branch takes the layer's d_model (a branch may leave it out) and its own
+    backend."""
 
     type: Literal["parallel"] = Field("parallel", description="the mixer type")
     mixers: list[SerializeAsAny[MixerConfig]] = Field(

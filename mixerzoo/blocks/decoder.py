@@ -209,7 +209,8 @@ class Decoder(nn.Module):
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
-        sections = [len(getattr(getattr(layer.mixer, "rope", None), "sections", None) or ()) for layer in spec.layers]
+        sections = [len(getattr(getattr(mixer, "rope", None), "sections", None) or ())
+                    for layer in spec.layers for mixer in layer.mixer.branches()]
         self.rope_streams = max(sections, default=0)  # S of M-RoPE positions [S, B, T]; 0 without M-RoPE
         self.init_weights()
 
@@ -250,6 +251,13 @@ class Decoder(nn.Module):
         layers = [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.layers]
         state = DecoderState(layers, torch.zeros(batch_size, dtype=torch.long, device=device))
         return state if capacity is None else state.with_capacity(capacity)
+
+    def save_pretrained(self, path: str | os.PathLike) -> str:
+        """Write the transformers folder of this model's family, or mixerzoo's own (see blocks.hub); returns
+        the model_type written."""
+        from mixerzoo.blocks.hub import save_pretrained
+
+        return save_pretrained(self, path)
 
     def load_state(self, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> DecoderState:
         """A state saved with `state.save(path, model.spec)`."""

@@ -60,6 +60,10 @@ class MixerConfig(StrictModel):
         """FLOPs one token spends mixing with the past (beyond its projections) after `context` tokens."""
         raise NotImplementedError
 
+    def branches(self) -> list["MixerConfig"]:
+        """The mixers this config runs side by side: itself (a parallel layer: its branches)."""
+        return [self]
+
     def identity(self) -> dict:
         """The fields a saved state must agree on (everything but the backend)."""
         return self.model_dump(mode="json", exclude={"backend"})

@@ -59,6 +59,11 @@ class MLAConfig(MixerConfig):
         return self
 
     @property
+    def rotary_dim(self) -> int:
+        """The dims rotary embeddings rotate: the rotary key and each query's rotary part."""
+        return self.qk_rope_head_dim
+
+    @property
     def qk_head_dim(self) -> int:
         """Per-head query / key dim: the non-rotary and rotary parts."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim

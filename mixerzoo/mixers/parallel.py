@@ -58,6 +58,10 @@ class ParallelConfig(MixerConfig):
             raise ValueError(f"backend {self.backend!r}: a parallel layer's branches set their own backends")
         return self
 
+    def branches(self) -> list[MixerConfig]:
+        """The branch mixers."""
+        return list(self.mixers)
+
     @property
     def scales(self) -> list[float]:
         """The multiplier of each branch's output."""

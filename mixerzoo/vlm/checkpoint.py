@@ -1,17 +1,14 @@
-"""Reading Hugging Face checkpoint directories (config.json + safetensors, sharded or not) and
-mapping Qwen2.5-VL / InfiniteVL-release names and configs onto mixerzoo's."""
+"""Mapping Qwen2.5-VL / InfiniteVL-release checkpoint names and configs onto mixerzoo's (folders are read by
+blocks.hub.read_checkpoint)."""
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from mixerzoo.blocks import LayoutSpec
-from mixerzoo.errors import open_safetensors
 
 # HF names (transformers 4.x on-disk and 5.x in-memory layouts) -> ours, first match wins.
 _RENAMES = [
@@ -25,27 +22,6 @@ _RENAMES = [
     (r"^(?:model\.language_model\.|model\.)layers\.(\d+)\.mlp\.(.+)$", r"decoder.layers.\1.mlp.\2"),
     (r"^lm_head\.weight$", r"decoder.lm_head.weight"),
 ]
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """config.json and every tensor of a checkpoint directory (one file or an index of shards)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-    config = json.loads(config_file.read_text())
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        with open_safetensors(path / shard) as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return config, tensors
 
 
 def rename(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ import torch
 from mixerzoo.blocks import Decoder, LayoutSpec
 from mixerzoo.mixers import Attention, GatedDeltaNet
 from mixerzoo.registry import recipe as recipe_spec
-from mixerzoo.vlm.checkpoint import decoder_spec, read_checkpoint, rename
+from mixerzoo.blocks.hub import read_checkpoint
+from mixerzoo.vlm.checkpoint import decoder_spec, rename
 from mixerzoo.vlm.model import VLM, VLMSpec
 from mixerzoo.vlm.processor import ProcessorConfig
 from mixerzoo.vlm.vision import VisionConfig

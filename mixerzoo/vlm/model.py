@@ -44,9 +44,11 @@ class VLMSpec(StrictModel):
             raise ValueError(f"vision.out_hidden_size ({self.vision.out_hidden_size}) must equal "
                              f"decoder.d_model ({self.decoder.d_model})")
         for i, layer in enumerate(self.decoder.layers):
-            rope = getattr(layer.mixer, "rope", None)
-            if rope is not None and rope.kind != "mrope":
-                raise ValueError(f"decoder layer {i}: a VLM needs rope kind 'mrope' on attention layers, got {rope.kind!r}")
+            for mixer in layer.mixer.branches():
+                rope = getattr(mixer, "rope", None)
+                if rope is not None and rope.kind == "rope":
+                    raise ValueError(f"decoder layer {i} ({mixer.type}): a VLM needs rope kind 'mrope' (or 'none') "
+                                     f"on its rotary layers, got 'rope'")
         vocab = self.decoder.vocab_size
         p = self.processor
         for name in ("vision_start_id", "vision_end_id", "image_pad_id", "video_pad_id"):

@@ -24,15 +24,18 @@ def list_vlm_recipes() -> list[str]:
 
 
 def with_mrope(decoder: LayoutSpec) -> LayoutSpec:
-    """Attention layers switched to M-RoPE (sections t:h:w = 2:3:3 of head_dim / 2), theta kept."""
-    layers = []
-    for layer in decoder.layers:
-        data = layer.model_dump()
-        rope = data["mixer"].get("rope")
-        if rope is not None and rope["kind"] != "mrope":
-            half = layer.mixer.dim // 2
-            data["mixer"]["rope"] = dict(kind="mrope", theta=rope["theta"], sections=[half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8])
-        layers.append(data)
+    """Rotary layers (a parallel layer's branches too) switched to M-RoPE (sections t:h:w = 2:3:3 of the rotated
+    dims / 2), theta and the rotated share kept; NoPE layers stay NoPE."""
+    def switched(mixer, data: dict) -> dict:
+        if mixer.type == "parallel":
+            return {**data, "mixers": [switched(m, d) for m, d in zip(mixer.mixers, data["mixers"])]}
+        rope = data.get("rope")
+        if rope is None or rope["kind"] != "rope":
+            return data
+        half = mixer.rotary_dim // 2
+        return {**data, "rope": {**rope, "kind": "mrope", "sections": [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]}}
+
+    layers = [{**layer.model_dump(), "mixer": switched(layer.mixer, layer.mixer.model_dump())} for layer in decoder.layers]
     return LayoutSpec.model_validate({**decoder.model_dump(exclude={"layers"}), "layers": layers})
 
 

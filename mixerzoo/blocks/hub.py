@@ -1,0 +1,331 @@
+"""Checkpoints in and out of transformers: `from_pretrained(dir)` builds the Decoder whose layout reproduces a
+transformers causal-LM folder (config.json + safetensors, sharded or not), `save_pretrained(model, dir)`
+writes the folder transformers loads back with equal logits.
+
+Families: llama, qwen2, qwen3 (dense attention) and qwen3_next (Gated DeltaNet and gated attention, dense
+MLPs). A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mixerzoo.blocks.decoder import Decoder
+from mixerzoo.blocks.spec import LayoutSpec
+from mixerzoo.errors import open_safetensors
+from mixerzoo.mixers.base import atomic_save_safetensors, atomic_write_bytes
+
+NATIVE = "mixerzoo"  # model_type of mixerzoo's own folder format
+Tensors = dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and every tensor of a checkpoint directory (one file or an index of shards)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    config = json.loads(config_file.read_text())
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        with open_safetensors(path / shard) as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return config, tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One transformers model family: its config -> our spec, its weights <-> ours, our spec -> its config."""
+
+    spec: Callable[[dict[str, Any]], LayoutSpec]
+    to_ours: Callable[[Tensors, LayoutSpec], Tensors]
+    to_theirs: Callable[[Tensors, LayoutSpec], Tensors]
+    config: Callable[[LayoutSpec], dict[str, Any]]
+    architecture: str
+
+
+def _require(config: dict[str, Any], key: str, model_type: str) -> Any:
+    if key not in config:
+        raise KeyError(f"{model_type} config.json has no {key!r}")
+    return config[key]
+
+
+def _rope_theta(config: dict[str, Any]) -> float:
+    """The rotary base of a config (transformers 5's rope_parameters or 4.x's rope_theta); other rope types refused."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"config.json rope type {kind!r}: only the default rotary embedding maps to mixerzoo")
+    return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _model(config: dict[str, Any], layers: list[dict]) -> LayoutSpec:
+    return LayoutSpec.model_validate({
+        "d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": layers,
+        "norm_eps": config.get("rms_norm_eps", 1e-6), "tie_embeddings": bool(config.get("tie_word_embeddings", False))})
+
+
+# Names shared by every family: embeddings, norms, MLPs and the head; the token mixer's prefix differs.
+_SHARED = [(r"model\.embed_tokens\.", "embed."), (r"model\.norm\.", "norm."), (r"lm_head\.", "lm_head."),
+           (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.mixer_norm."),
+           (r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
+           (r"model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
+           (r"model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.")]
+
+
+# The same names, ours -> theirs.
+_SHARED_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.norm."), (r"lm_head\.", "lm_head."),
+                (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
+                (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+                (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+                (r"layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn.")]
+
+
+def _renamed(tensors: Tensors, rules: list[tuple[str, str]], what: str) -> Tensors:
+    """Every tensor renamed by the first rule whose pattern starts its name; a name no rule takes is an error."""
+    out = {}
+    for name, tensor in tensors.items():
+        for pattern, target in rules:
+            if re.match(pattern, name):
+                out[re.sub(pattern, target, name, count=1)] = tensor
+                break
+        else:
+            raise KeyError(f"{what} tensor {name!r} maps to no mixerzoo weight")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- dense families
+
+def _dense_family(model_type: str, *, qkv_bias: bool, qk_norm: bool, architecture: str) -> Family:
+    def spec(config: dict[str, Any]) -> LayoutSpec:
+        if config.get("attention_bias", qkv_bias) != qkv_bias and model_type == "llama":
+            raise ValueError("llama config.json attention_bias true: its o_proj bias has no mixerzoo counterpart")
+        if config.get("mlp_bias"):
+            raise ValueError(f"{model_type} config.json mlp_bias true: mixerzoo's SwiGLU maps only bias-free MLPs")
+        heads = _require(config, "num_attention_heads", model_type)
+        mixer = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads", heads),
+                 "head_dim": config.get("head_dim") or config["hidden_size"] // heads, "qkv_bias": qkv_bias,
+                 "qk_norm": qk_norm, "norm_eps": config.get("rms_norm_eps", 1e-6), "rope": {"theta": _rope_theta(config)}}
+        if config.get("sliding_window") and config.get("use_sliding_window"):
+            raise ValueError(f"{model_type} config.json use_sliding_window: per-layer windows are not mapped yet")
+        layer = {"mixer": mixer, "mlp": {"type": "swiglu", "hidden": _require(config, "intermediate_size", model_type)}}
+        return _model(config, [layer] * _require(config, "num_hidden_layers", model_type))
+
+    def config(spec: LayoutSpec) -> dict[str, Any]:
+        attn, mlp = spec.layers[0].mixer, spec.layers[0].mlp
+        return {"model_type": model_type, "architectures": [architecture], "vocab_size": spec.vocab_size,
+                "hidden_size": spec.d_model, "intermediate_size": mlp.hidden, "num_hidden_layers": spec.n_layers,
+                "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads, "head_dim": attn.dim,
+                "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings, "hidden_act": "silu",
+                "attention_bias": qkv_bias if model_type == "llama" else False, "max_position_embeddings": 32768,
+                "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta}}
+
+    return Family(spec, lambda t, s: _renamed(t, _SHARED, model_type), lambda t, s: _renamed(t, _SHARED_BACK, "mixerzoo"),
+                  config, architecture)
+
+
+def _dense_holds(spec: LayoutSpec, *, qkv_bias: bool, qk_norm: bool) -> bool:
+    """Whether every layer is the same plain full attention + SwiGLU a dense family writes."""
+    first = spec.layers[0]
+    return all(layer.model_dump() == first.model_dump() for layer in spec.layers) and first.mlp.type == "swiglu" and not first.mlp.bias and (
+        first.mixer.type == "attention" and first.mixer.window is None and not first.mixer.output_gate
+        and first.mixer.qkv_bias == qkv_bias and first.mixer.qk_norm == qk_norm and first.mixer.rope.kind == "rope"
+        and first.mixer.rope.fraction == 1)
+
+
+# ------------------------------------------------------------------------------------------------ qwen3_next
+
+def _qwen3_next_spec(config: dict[str, Any]) -> LayoutSpec:
+    if config.get("num_experts", 0) and len(config.get("mlp_only_layers", [])) < config["num_hidden_layers"]:
+        raise ValueError("qwen3_next config.json num_experts > 0: its MoE MLPs await mixerzoo's experts channel mixer")
+    eps = config.get("rms_norm_eps", 1e-6)
+    key_dim, value_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
+    gdn = {"type": "gated_deltanet", "n_heads": config["linear_num_key_heads"], "head_dim": key_dim,
+           "n_v_heads": config["linear_num_value_heads"], "expand_v": value_dim / key_dim,
+           "conv_size": config["linear_conv_kernel_dim"], "norm_eps": eps}
+    heads = config["num_attention_heads"]
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config["num_key_value_heads"],
+                 "head_dim": config.get("head_dim") or config["hidden_size"] // heads, "output_gate": True,
+                 "qk_norm": True, "norm_eps": eps,
+                 "rope": {"theta": _rope_theta(config), "fraction": config.get("partial_rotary_factor", 0.25)}}
+    kinds = {"linear_attention": gdn, "full_attention": attention}
+    layers = []
+    for i, kind in enumerate(_require(config, "layer_types", "qwen3_next")):
+        if kind not in kinds:
+            raise ValueError(f"qwen3_next config.json layer_types[{i}] = {kind!r}: not linear_attention or full_attention")
+        layers.append({"mixer": kinds[kind], "mlp": {"type": "swiglu", "hidden": config["intermediate_size"]}})
+    return _model(config, layers)
+
+
+def _centred(name: str) -> bool:
+    """Qwen3-Next's RMSNorms that scale by 1 + w (all but the Gated DeltaNet's output norm)."""
+    return bool(re.search(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$", name))
+
+
+def _qwen3_next_to_ours(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    theirs = {name: (1 + t if _centred(name) else t) for name, t in tensors.items()}
+    ours = {}
+    for i, layer in enumerate(spec.layers):
+        prefix, mine = f"model.layers.{i}.", f"layers.{i}.mixer."
+        c = layer.mixer
+        if c.type == "attention":
+            query, gate = theirs.pop(prefix + "self_attn.q_proj.weight").unflatten(0, (c.n_heads, 2 * c.dim)).chunk(2, 1)
+            ours |= {mine + "q_proj.weight": query.flatten(0, 1), mine + "gate_proj.weight": gate.flatten(0, 1)}
+            continue
+        take = {name[len(prefix + "linear_attn."):]: theirs.pop(name) for name in list(theirs)
+                if name.startswith(prefix + "linear_attn.")}
+        ours |= {mine + name: t for name, t in _gdn_to_ours(take, c).items()}
+    return ours | _renamed(theirs, _SHARED, "qwen3_next")
+
+
+def _gdn_to_ours(theirs: Tensors, c) -> Tensors:
+    """A Qwen3-Next Gated DeltaNet's tensors (per key head: q, k, v, z in in_proj_qkvz; b, a in in_proj_ba;
+    one conv over q, k, v channels) -> our GatedDeltaNet's."""
+    group, k, v = c.value_heads // c.n_heads, c.key_dim, c.value_dim
+    q, kk, vv, z = theirs["in_proj_qkvz.weight"].unflatten(0, (c.n_heads, -1)).split([k, k, group * v, group * v], 1)
+    b, a = theirs["in_proj_ba.weight"].unflatten(0, (c.n_heads, -1)).split([group, group], 1)
+    conv_q, conv_k, conv_v = theirs["conv1d.weight"].split([c.n_heads * k, c.n_heads * k, c.value_heads * v])
+    flat = {"q_proj": q, "k_proj": kk, "v_proj": vv, "g_proj": z, "b_proj": b, "a_proj": a}
+    return {f"{name}.weight": t.flatten(0, 1) for name, t in flat.items()} | {
+        "q_conv1d.weight": conv_q, "k_conv1d.weight": conv_k, "v_conv1d.weight": conv_v, "A_log": theirs["A_log"],
+        "dt_bias": theirs["dt_bias"], "o_norm.weight": theirs["norm.weight"], "o_proj.weight": theirs["out_proj.weight"]}
+
+
+def _gdn_to_theirs(ours: Tensors, c) -> Tensors:
+    """The inverse of `_gdn_to_ours`."""
+    per_head = [ours[f"{name}.weight"].unflatten(0, (c.n_heads, -1)) for name in ("q_proj", "k_proj", "v_proj", "g_proj")]
+    ba = [ours[f"{name}.weight"].unflatten(0, (c.n_heads, -1)) for name in ("b_proj", "a_proj")]
+    return {"in_proj_qkvz.weight": torch.cat(per_head, 1).flatten(0, 1), "in_proj_ba.weight": torch.cat(ba, 1).flatten(0, 1),
+            "conv1d.weight": torch.cat([ours[f"{n}_conv1d.weight"] for n in "qkv"]), "A_log": ours["A_log"],
+            "dt_bias": ours["dt_bias"], "norm.weight": ours["o_norm.weight"], "out_proj.weight": ours["o_proj.weight"]}
+
+
+def _qwen3_next_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    ours, theirs = dict(tensors), {}
+    for i, layer in enumerate(spec.layers):
+        mine, prefix = f"layers.{i}.mixer.", f"model.layers.{i}."
+        c = layer.mixer
+        if c.type == "attention":
+            query = ours.pop(mine + "q_proj.weight").unflatten(0, (c.n_heads, c.dim))
+            gate = ours.pop(mine + "gate_proj.weight").unflatten(0, (c.n_heads, c.dim))
+            theirs[prefix + "self_attn.q_proj.weight"] = torch.cat([query, gate], 1).flatten(0, 1)
+            continue
+        take = {name[len(mine):]: ours.pop(name) for name in list(ours) if name.startswith(mine)}
+        theirs |= {prefix + "linear_attn." + name: t for name, t in _gdn_to_theirs(take, c).items()}
+    theirs |= _renamed(ours, _SHARED_BACK, "mixerzoo")
+    return {name: (t - 1 if _centred(name) else t) for name, t in theirs.items()}
+
+
+def _qwen3_next_config(spec: LayoutSpec) -> dict[str, Any]:
+    gdn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "gated_deltanet")
+    attn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "attention")
+    return {"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads, "head_dim": attn.dim,
+            "partial_rotary_factor": attn.rope.fraction, "rms_norm_eps": spec.norm_eps, "hidden_act": "silu",
+            "tie_word_embeddings": spec.tie_embeddings, "linear_conv_kernel_dim": gdn.conv_size,
+            "linear_key_head_dim": gdn.key_dim, "linear_value_head_dim": gdn.value_dim,
+            "linear_num_key_heads": gdn.n_heads, "linear_num_value_heads": gdn.value_heads, "num_experts": 0,
+            "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta},
+            "layer_types": ["linear_attention" if layer.mixer.type == "gated_deltanet" else "full_attention"
+                            for layer in spec.layers]}
+
+
+def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
+    """The spec without what a transformers config cannot hold and that changes no weight or output beyond
+    rounding: each mixer's backend and chunk length."""
+    data = spec.model_dump(mode="json")
+    for layer in data["layers"]:
+        layer["mixer"] = {k: v for k, v in layer["mixer"].items() if k not in ("backend", "chunk_size")}
+    return data
+
+
+def _qwen3_next_holds(spec: LayoutSpec) -> bool:
+    """Whether the layout is Qwen3-Next's: Gated DeltaNet and gated attention layers of one shape each, dense MLPs."""
+    try:
+        return _arithmetic(_qwen3_next_spec(_qwen3_next_config(spec))) == _arithmetic(spec)
+    except (StopIteration, ValueError, KeyError, AttributeError):
+        return False
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
+    "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
+    "qwen3": _dense_family("qwen3", qkv_bias=False, qk_norm=True, architecture="Qwen3ForCausalLM"),
+    "qwen3_next": Family(_qwen3_next_spec, _qwen3_next_to_ours, _qwen3_next_to_theirs, _qwen3_next_config,
+                         "Qwen3NextForCausalLM"),
+}
+
+
+def family_of(spec: LayoutSpec) -> str:
+    """The transformers family that writes `spec` exactly, or NATIVE when none does."""
+    for name, flags in (("llama", (False, False)), ("qwen2", (True, False)), ("qwen3", (False, True))):
+        if _dense_holds(spec, qkv_bias=flags[0], qk_norm=flags[1]):
+            return name
+    return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Decoder:
+    """The Decoder a transformers causal-LM folder (or mixerzoo's own folder format) describes, its weights
+    loaded; every checkpoint tensor must map and every model weight must be given."""
+    config, tensors = read_checkpoint(path)
+    model_type = config.get("model_type")
+    if model_type == NATIVE:
+        spec, weights = LayoutSpec.model_validate(config["spec"]), tensors
+    elif model_type in FAMILIES:
+        family = FAMILIES[model_type]
+        spec = family.spec(config)
+        weights = family.to_ours(tensors, spec)
+    else:
+        raise ValueError(f"{path}: model_type {model_type!r} is not one mixerzoo reads; it reads "
+                         f"{sorted(FAMILIES) + [NATIVE]}")
+    if spec.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # the head is the embeddings
+    model = Decoder(spec)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise KeyError(f"{path}: the checkpoint gives no {missing[0]!r} ({len(missing)} weights missing)")
+    for name, tensor in weights.items():
+        if name not in expected:
+            raise KeyError(f"{path}: {name!r} maps to no weight of the {model_type} model")
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name!r} has shape {list(tensor.shape)}, the config says "
+                             f"{list(expected[name].shape)}")
+    model.load_state_dict(weights, strict=True)
+    return model if dtype is None else model.to(dtype)
+
+
+def save_pretrained(model: Decoder, path: str | os.PathLike) -> str:
+    """Write `model` as the transformers folder of its family (config.json + model.safetensors), or in mixerzoo's
+    own format when no family holds its layout; each file atomically. Returns the model_type written."""
+    path = Path(path)
+    spec, weights = model.spec, {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    model_type = family_of(spec)
+    if model_type == NATIVE:
+        config = {"model_type": NATIVE, "spec": spec.model_dump(mode="json")}
+    else:
+        family = FAMILIES[model_type]
+        config = family.config(spec) | {"torch_dtype": str(next(iter(weights.values())).dtype).removeprefix("torch.")}
+        weights = family.to_theirs(weights, spec)
+    if spec.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    weights = {name: t.contiguous() for name, t in weights.items()}  # views of one tensor (a split) saved apart
+    atomic_save_safetensors(weights, path / "model.safetensors", {"format": "pt"})
+    atomic_write_bytes(path / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
+    return model_type

@@ -1,0 +1,127 @@
+"""Checkpoints in and out of transformers: tiny random models of each family, built and saved by transformers
+itself (no downloads), load with `from_pretrained` to equal logits and greedy continuations; our
+`save_pretrained` folders load back into transformers with equal logits; other layouts round-trip in
+mixerzoo's own format; bad checkpoints are refused naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mixerzoo as mz
+from mixerzoo import from_pretrained
+from mixerzoo.testing import assert_rel_close
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: no checkpoints to read")
+
+# float32 logits of a 16-token prompt through the same arithmetic in another order: rounding ~1e-6
+# relative; the issue's bound 1e-4.
+TOL = 1e-4
+VOCAB, WIDTH, LAYERS = 97, 32, 4
+COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6)
+
+
+def _configs():
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+
+    return {
+        "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
+        "qwen2": Qwen2Config(**COMMON, tie_word_embeddings=True),
+        "qwen3": Qwen3Config(**COMMON, tie_word_embeddings=False),
+        "qwen3_next": Qwen3NextConfig(**COMMON, tie_word_embeddings=False, linear_num_key_heads=2,
+                                      linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                      linear_conv_kernel_dim=4, num_experts=0, partial_rotary_factor=0.25,
+                                      layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    }
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_next"]
+
+
+def _theirs(family: str):
+    """A transformers model of `family` with random weights of unit scale (its own init is 0.02: logits near
+    uniform, greedy choices near ties)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_configs()[family], attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand_like(p) * 2)
+            else:
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 0.2) + (1.0 if "norm" in name and family != "qwen3_next" else 0.0))
+    return model
+
+
+def _prompt():
+    return torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_transformers_checkpoint_loads_to_equal_logits_and_greedy_tokens(family, tmp_path):
+    theirs = _theirs(family)
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path).eval()
+    prompt = _prompt()
+    with torch.no_grad():
+        expected = theirs(prompt).logits
+        got, _ = ours(prompt)
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f"{family}: logits relative error {err:.2e}")
+    assert_rel_close(got, expected, TOL, what=f"{family} logits")
+    theirs.generation_config.eos_token_id = None  # greedy for all 8 tokens, as ours without stop tokens
+    with torch.no_grad():
+        their_tokens = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                       do_sample=False, pad_token_id=0)[:, 16:]
+    our_tokens = mz.generate(ours, prompt, max_new_tokens=8)
+    assert torch.equal(our_tokens, their_tokens), f"{family}: greedy continuations differ"
+    assert "layers:" in ours.spec.to_yaml()  # the layout prints as the YAML a user could have written
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_writes_a_folder_transformers_loads_to_equal_logits(family, tmp_path):
+    theirs = _theirs(family)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = from_pretrained(tmp_path / "theirs").eval()
+    assert ours.save_pretrained(tmp_path / "ours") == family
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    prompt = _prompt()
+    with torch.no_grad():
+        assert_rel_close(back(prompt).logits, ours(prompt)[0], TOL, what=f"{family} exported logits")
+    assert torch.equal(from_pretrained(tmp_path / "ours").embed.weight, ours.embed.weight)
+
+
+def test_a_layout_without_a_transformers_twin_round_trips_in_mixerzoos_format(tmp_path):
+    torch.manual_seed(0)
+    model = mz.Decoder(mz.registry.recipe("infinitevl", "tiny")).eval()
+    assert model.save_pretrained(tmp_path) == "mixerzoo"
+    again = from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, model.spec.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(again(prompt)[0], model(prompt)[0])
+    assert again.spec == model.spec
+
+
+def test_bad_checkpoints_are_refused_naming_the_key(tmp_path):
+    theirs = _theirs("qwen2")
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_bigcode"}))
+    with pytest.raises(ValueError, match=r"model_type 'gpt_bigcode' is not one mixerzoo reads"):
+        from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": LAYERS + 1}))
+    with pytest.raises(KeyError, match=r"gives no 'layers\.4\."):
+        from_pretrained(tmp_path)
+
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": LAYERS - 1}))
+    with pytest.raises(KeyError, match=r"'layers\.3\..*' maps to no weight"):
+        from_pretrained(tmp_path)
+
+    moe = {**_configs()["qwen3_next"].to_dict(), "num_experts": 8}
+    (tmp_path / "config.json").write_text(json.dumps(moe))
+    with pytest.raises(ValueError, match=r"num_experts > 0: its MoE MLPs await"):
+        from_pretrained(tmp_path)

@@ -53,14 +53,30 @@ def sample(
 ) -> torch.Tensor:
     """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else sampled after
     temperature scaling, keeping the top_k tokens and the smallest set with mass >= top_p."""
+    if temperature == 0:
+        check_sampling(temperature, top_k, top_p)
+        return logits.argmax(-1)
+    probs = probabilities(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the sampling setting that is out of range."""
     if temperature < 0:
         raise ValueError(f"sample: temperature must be >= 0, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"sample: top_k must be >= 1, got {top_k}")
+
+
+def probabilities(
+    logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """The distribution [..., vocab] (float32) that `sample` draws from: one-hot on the argmax at temperature 0."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        return logits.argmax(-1)
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     scores = logits.float() / temperature
     if top_k is not None:
         kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
@@ -70,7 +86,7 @@ def sample(
         mass_before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
         drop = (mass_before >= top_p).scatter(-1, order, mass_before >= top_p)
         scores = scores.masked_fill(drop, float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+    return scores.softmax(-1)
 
 
 @torch.inference_mode()
@@ -161,6 +177,16 @@ def continue_stream(
         logits = step_logits[:, 0].float()
 
 
-def generate(model: Decoder, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    """All tokens of `stream` (same arguments) as [B, steps], STOPPED after a row's stop token."""
-    return torch.stack(list(stream(model, input_ids, **kwargs)), dim=1)
+def generate(model: Decoder, input_ids: torch.Tensor, *, draft: Decoder | None = None, draft_tokens: int = 4,
+             **kwargs) -> torch.Tensor:
+    """All tokens of `stream` (same arguments) as [B, steps], STOPPED after a row's stop token. With `draft`,
+    that model proposes `draft_tokens` per round and the target keeps what its own distribution allows
+    (`speculative_generate`: the same tokens at temperature 0, the same distribution otherwise)."""
+    if draft is None:
+        return torch.stack(list(stream(model, input_ids, **kwargs)), dim=1)
+    from mixerzoo.blocks.speculative import speculative_generate
+
+    unsupported = sorted(set(kwargs) & {"state", "chunk_size", "compile"})
+    if unsupported:
+        raise ValueError(f"generate: {unsupported[0]!r} is not taken with a draft model")
+    return speculative_generate(model, draft, input_ids, draft_tokens=draft_tokens, **kwargs).tokens

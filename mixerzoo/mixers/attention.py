@@ -474,20 +474,11 @@ class Attention(Mixer):
     def _decode_full_masked(self, q, k, v, state, valid):
         """One token per row, rows of any lengths (or pads): a copy one slot longer, each valid row's key
         written at its own count, attended with a length mask. No host sync."""
-        batch, _, heads, dim = k.shape
-        seen = state.seen + (1 if valid is None else valid[:, 0])
-        slot = state.seen[:, None, None, None].expand(batch, heads, 1, dim)
-        new = []
-        for cache, token in ((state.k, k), (state.v, v)):
-            token = token.transpose(1, 2)  # [B, Hkv, 1, D]
-            if valid is not None:
-                token = token * valid[:, None, None, :1]  # a pad writes zero past its row's end
-            new.append(F.pad(cache, (0, 0, 0, 1)).scatter(2, slot, token))
-        filled = torch.arange(new[0].shape[2], device=q.device) < seen[:, None]  # [B, L + 1]
+        state = append_one(state, k, v, valid)
+        filled = torch.arange(state.k.shape[2], device=q.device) < state.seen[:, None]  # [B, L + 1]
         if valid is not None:
             filled = filled | ~valid  # a pad row attends to finite slots; its output is zeroed
-        o = _decode_attention(q, new[0], new[1], filled[:, None, None, :])
-        return o, dataclasses.replace(state, k=new[0], v=new[1], seen=seen).counted(None)
+        return _decode_attention(q, state.k, state.v, filled[:, None, None, :]), state
 
     def _chunk_ring(self, q, k, v, state, host_seen: int):
         """T tokens in every row after host_seen in every row: the ring's tokens in time order, then the
@@ -583,6 +574,20 @@ class Attention(Mixer):
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
             None if host_seen is None else host_seen + 1
         )
+
+
+def append_one(state: KVCache, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> KVCache:
+    """The cache with one token per row, k [B, 1, Hk, Dk] and v [B, 1, Hv, Dv], written at each row's own count
+    in a copy one slot longer (a pad row writes zeros past its end and keeps its count). No host sync."""
+    seen = state.seen + (1 if valid is None else valid[:, 0])
+    new = []
+    for cache, token in ((state.k, k), (state.v, v)):
+        token = token.transpose(1, 2)  # [B, H, 1, D]
+        if valid is not None:
+            token = token * valid[:, None, None, :1]  # a pad writes zero past its row's end
+        slot = state.seen[:, None, None, None].expand(-1, token.shape[1], 1, token.shape[3])
+        new.append(F.pad(cache, (0, 0, 0, 1)).scatter(2, slot, token))
+    return dataclasses.replace(state, k=new[0], v=new[1], seen=seen).counted(None)
 
 
 def store_tokens(state, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, index: torch.Tensor,

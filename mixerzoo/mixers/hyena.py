@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.attention import _INDEX_BYTES, Attention, KVCache, StaticKVCache, store_tokens
+from mixerzoo.mixers.attention import _INDEX_BYTES, Attention, KVCache, StaticKVCache, append_one, store_tokens
 from mixerzoo.mixers.base import CompositeState, Mixer, MixerConfig
 from mixerzoo.mixers.elementwise_family import ShortConvState
 from mixerzoo.ops import causal_conv1d
@@ -172,5 +172,7 @@ class Hyena(Mixer):
         if valid is None and host_seen is not None:
             return history.append(inputs.transpose(1, 2), nothing.transpose(1, 2), history.seen + length).counted(
                 host_seen + length)
+        if length == 1:  # a decode step: no host sync
+            return append_one(history, inputs, nothing, valid)
         valid = torch.ones(index.shape, dtype=torch.bool, device=index.device) if valid is None else valid
         return store_tokens(history, inputs, nothing, valid, index, window=None)

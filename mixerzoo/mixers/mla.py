@@ -22,7 +22,9 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.mixers.attention import _INDEX_BYTES, Attention, KVCache, RopeConfig, StaticKVCache, store_tokens
+from mixerzoo.mixers.attention import (
+    _INDEX_BYTES, Attention, KVCache, RopeConfig, StaticKVCache, append_one, store_tokens,
+)
 from mixerzoo.mixers.base import Mixer, MixerConfig, device_check
 from mixerzoo.ops import rotary_tables, rotate
 
@@ -173,5 +175,7 @@ class MLA(Mixer):
             length = latent.shape[1]
             return state.append(latent.transpose(1, 2), k_rope.transpose(1, 2), state.seen + length).counted(
                 host_seen + length)
+        if latent.shape[1] == 1:  # a decode step: no host sync
+            return append_one(state, latent, k_rope, valid)
         valid = torch.ones(index.shape, dtype=torch.bool, device=index.device) if valid is None else valid
         return store_tokens(state, latent, k_rope, valid, index, window=None)

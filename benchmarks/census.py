@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.cases import hf_torch_paths, qwen2_twin, qwen3_next_twin  # noqa: E402
+from benchmarks.cases import hf_torch_paths, hf_twin, one_norm_eps  # noqa: E402
 from mixerzoo.blocks import Decoder, LayoutSpec  # noqa: E402
 from mixerzoo.mixers.base import atomic_write_bytes  # noqa: E402
 from mixerzoo.registry import list_recipes, recipe  # noqa: E402
@@ -127,10 +127,11 @@ def rows() -> list[tuple[str, HostCensus]]:
         out.append((f"{name}, tiny", ours(recipe(name, "tiny"))))
     try:
         paper = narrow(recipe("transformer", "paper"))
-        out.append(("transformers Qwen2, paper layout, narrow", hf(qwen2_twin(Decoder(paper)), paper.vocab_size)))
-        out.append(("transformers Qwen2, tiny", hf(qwen2_twin(Decoder(recipe("transformer", "tiny"))), 256)))
-        hybrid = narrow(recipe("infinitevl-full", "paper"))  # Qwen3-Next: GDN + full attention
-        out.append(("transformers Qwen3-Next, paper layout, narrow", hf(qwen3_next_twin(hybrid), hybrid.vocab_size)))
+        out.append(("transformers Qwen2, paper layout, narrow", hf(hf_twin(Decoder(paper)), paper.vocab_size)))
+        out.append(("transformers Qwen2, tiny", hf(hf_twin(Decoder(recipe("transformer", "tiny"))), 256)))
+        hybrid = one_norm_eps(narrow(recipe("qwen3-next", "paper")))  # GDN + gated attention, 48 layers
+        out.append(("qwen3-next decode, paper layout, narrow", ours(hybrid)))
+        out.append(("transformers Qwen3-Next, paper layout, narrow", hf(hf_twin(Decoder(hybrid)), hybrid.vocab_size)))
     except ImportError as error:
         print(f"transformers rows left out: {error}")
     out.append(("stream frame, tiny infinitevl VLM, 224 px", frame_census()))

@@ -238,3 +238,24 @@ def test_canonical_state_restrides_views_without_copying_and_copies_the_rest():
     assert made.recurrent.is_contiguous() and made.recurrent.data_ptr() != matrix.data_ptr()
     assert torch.equal(made.conv, tail) and torch.equal(made.recurrent, matrix)
     assert made.canonical() is made
+
+
+def test_compiled_step_after_an_eager_prefill_compiles_once_in_its_first_steps():
+    """Issue 33's report: the transformer recipe, an eager prefill, `compiled_step` over
+    `state.with_capacity(64)`, four steps: one graph and no recompile (the states a step returns carry the
+    guards of the first: `canonical()` restrides them alike)."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = Decoder(recipe("transformer", "tiny")).eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.inference_mode():
+        logits, state = prefill(model, torch.randint(256, (1, 8), generator=torch.Generator().manual_seed(4)))
+        state, step = state.with_capacity(64), compiled_step(model)
+        token = logits.argmax(-1)[:, None]
+        for _ in range(4):
+            out, state = step(token, state)
+            token = out[:, -1].argmax(-1)[:, None]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["recompiles"], dict(torch._dynamo.utils.counters["recompiles"])

@@ -140,12 +140,13 @@ def _dense_family(model_type: str, *, qkv_bias: bool, qk_norm: bool, architectur
 
 
 def _dense_holds(spec: LayoutSpec, *, qkv_bias: bool, qk_norm: bool) -> bool:
-    """Whether every layer is the same plain full attention + SwiGLU a dense family writes."""
+    """Whether every layer is the same plain full attention + SwiGLU a dense family writes. M-RoPE counts as
+    RoPE: text positions are equal in its three sections, where it is 1-D RoPE (the folder is a text model)."""
     first = spec.layers[0]
     return all(layer.model_dump() == first.model_dump() for layer in spec.layers) and first.mlp.type == "swiglu" and not first.mlp.bias and (
         first.mixer.type == "attention" and first.mixer.window is None and not first.mixer.output_gate
-        and first.mixer.qkv_bias == qkv_bias and first.mixer.qk_norm == qk_norm and first.mixer.rope.kind == "rope"
-        and first.mixer.rope.fraction == 1)
+        and first.mixer.qkv_bias == qkv_bias and first.mixer.qk_norm == qk_norm
+        and first.mixer.rope.kind in ("rope", "mrope") and first.mixer.rope.fraction == 1)
 
 
 # ------------------------------------------------------------------------------------------------ qwen3_next
@@ -156,7 +157,8 @@ def _qwen3_next_spec(config: dict[str, Any]) -> LayoutSpec:
     eps = config.get("rms_norm_eps", 1e-6)
     key_dim, value_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
     gdn = {"type": "gated_deltanet", "n_heads": config["linear_num_key_heads"], "head_dim": key_dim,
-           "n_v_heads": config["linear_num_value_heads"], "expand_v": value_dim / key_dim,
+           "n_v_heads": None if config["linear_num_value_heads"] == config["linear_num_key_heads"]
+           else config["linear_num_value_heads"], "expand_v": value_dim / key_dim,
            "conv_size": config["linear_conv_kernel_dim"], "norm_eps": eps}
     heads = config["num_attention_heads"]
     attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config["num_key_value_heads"],

@@ -60,7 +60,10 @@ def gated_delta_rule(
         return _fla(q, k, v, g, beta, scale, initial_state, chunk_size)
 
     q_, k_, v_, beta_ = (t if t.dtype == dtype else t.to(dtype) for t in (q, k, v, beta))
-    g_ = decay_channels(g, (batch, seq_len, value_heads), dtype, q.device)
+    if chosen == "torch" and seq_len == 1:  # the decode step reads g [B, 1, HV(, K)] or None as it is
+        g_ = g if g is None or g.dtype == dtype else g.to(dtype)
+    else:
+        g_ = decay_channels(g, (batch, seq_len, value_heads), dtype, q.device)
     if initial_state is None:
         state = q_.new_zeros(batch, value_heads, dim_k, dim_v)
     else:
@@ -89,14 +92,17 @@ def _run(chosen, q, k, v, g, beta, scale, state, chunk_size, out_dtype):
 
 
 def _step(q, k, v, g, beta, scale, state):
-    """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V]."""
+    """One token (decode), as `_recurrent` with T = 1 in fewer ops: q, k [B, 1, H, K]; v [B, 1, HV, V];
+    g None, [B, 1, HV] or [B, 1, HV, K]."""
     batch, _, heads, dim_k = q.shape
     value_heads, dim_v = v.shape[2:]
     if value_heads != heads:  # value head j reads q / k head j // (HV // H)
         q, k = (t.repeat_interleave(value_heads // heads, dim=2) for t in (q, k))
     rows = batch * value_heads
     q, k = q.reshape(rows, 1, dim_k), k.reshape(rows, 1, dim_k)
-    state = state.reshape(rows, dim_k, dim_v) * g.reshape(rows, -1, 1).exp()
+    state = state.reshape(rows, dim_k, dim_v)
+    if g is not None:  # scalar ([B, 1, HV]) or per-channel ([B, 1, HV, K]) decay
+        state = state * g.reshape(rows, -1, 1).exp()
     error = (v.reshape(rows, 1, dim_v) - torch.bmm(k, state)) * beta.reshape(rows, 1, 1)  # [B HV, 1, V]
     state = torch.baddbmm(state, k.mT, error)  # rank-1 write
     o = torch.bmm(q, state) * scale  # [B HV, 1, V]

@@ -2,8 +2,8 @@
 transformers causal-LM folder (config.json + safetensors, sharded or not), `save_pretrained(model, dir)`
 writes the folder transformers loads back with equal logits.
 
-Families: llama, qwen2, qwen3 (dense attention) and qwen3_next (Gated DeltaNet and gated attention, dense
-MLPs). A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
+MLPs), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -265,12 +266,94 @@ def _qwen3_next_holds(spec: LayoutSpec) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------- mamba, mamba2
+
+# State-space LMs: embeddings, one pre-norm per layer, the mixer (parameter names as ours), no MLP.
+_BACKBONE = [(r"backbone\.embeddings\.", "embed."), (r"backbone\.norm_f\.", "norm."), (r"lm_head\.", "lm_head."),
+             (r"backbone\.layers\.(\d+)\.norm\.", r"layers.\1.mixer_norm."),
+             (r"backbone\.layers\.(\d+)\.mixer\.", r"layers.\1.mixer.")]
+_BACKBONE_BACK = [(r"embed\.", "backbone.embeddings."), (r"norm\.", "backbone.norm_f."), (r"lm_head\.", "lm_head."),
+                  (r"layers\.(\d+)\.mixer_norm\.", r"backbone.layers.\1.norm."),
+                  (r"layers\.(\d+)\.mixer\.", r"backbone.layers.\1.mixer.")]
+
+
+def _number(value: Any) -> float:
+    """A config number; transformers writes infinities as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) and "__float__" in value else float(value)
+
+
+def _ssm_model(config: dict[str, Any], mixer: dict[str, Any]) -> LayoutSpec:
+    layers = [{"mixer": mixer, "mlp": {"type": "none"}}] * _require(config, "num_hidden_layers", mixer["type"])
+    return LayoutSpec.model_validate({
+        "d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": layers,
+        "norm_eps": config.get("layer_norm_epsilon", 1e-5), "tie_embeddings": bool(config.get("tie_word_embeddings", True))})
+
+
+def _mamba_spec(config: dict[str, Any]) -> LayoutSpec:
+    rank = config.get("time_step_rank", "auto")
+    rank = math.ceil(config["hidden_size"] / 16) if rank == "auto" else rank
+    return _ssm_model(config, {"type": "mamba", "d_state": config.get("state_size", 16), "d_conv": config.get("conv_kernel", 4),
+                               "expand": config.get("expand", 2), "dt_rank": rank, "bias": bool(config.get("use_bias", False)),
+                               "conv_bias": bool(config.get("use_conv_bias", True))})
+
+
+def _mamba_config(spec: LayoutSpec) -> dict[str, Any]:
+    m = spec.layers[0].mixer
+    return {"model_type": "mamba", "architectures": ["MambaForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers, "state_size": m.d_state,
+            "conv_kernel": m.d_conv, "expand": m.expand, "time_step_rank": m.dt_rank, "use_bias": m.bias,
+            "use_conv_bias": m.conv_bias, "layer_norm_epsilon": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings}
+
+
+def _mamba2_spec(config: dict[str, Any]) -> LayoutSpec:
+    d_inner = config.get("expand", 2) * config["hidden_size"]
+    head_dim = config.get("head_dim", 64)
+    if config.get("num_heads", d_inner // head_dim) * head_dim != d_inner:
+        raise ValueError(f"mamba2 config.json num_heads x head_dim = {config.get('num_heads')} x {head_dim} is not "
+                         f"expand x hidden_size = {d_inner}")
+    if config.get("use_bias") or not config.get("rms_norm", True):
+        raise ValueError("mamba2 config.json use_bias true or rms_norm false: not mixerzoo's Mamba2 block")
+    limit = [_number(x) for x in config.get("time_step_limit", (0.0, float("inf")))]
+    return _ssm_model(config, {"type": "mamba2", "d_state": config.get("state_size", 128), "d_conv": config.get("conv_kernel", 4),
+                               "expand": config.get("expand", 2), "head_dim": head_dim, "n_groups": config.get("n_groups", 1),
+                               "conv_bias": bool(config.get("use_conv_bias", True)), "dt_limit": list(limit),
+                               "norm_eps": config.get("layer_norm_epsilon", 1e-5)})
+
+
+def _mamba2_config(spec: LayoutSpec) -> dict[str, Any]:
+    m = spec.layers[0].mixer
+    return {"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers, "state_size": m.d_state,
+            "conv_kernel": m.d_conv, "expand": m.expand, "head_dim": m.head_dim, "num_heads": m.expand * spec.d_model // m.head_dim,
+            "n_groups": m.n_groups, "use_bias": False, "use_conv_bias": m.conv_bias, "rms_norm": True,
+            "time_step_limit": list(m.dt_limit), "layer_norm_epsilon": spec.norm_eps,
+            "tie_word_embeddings": spec.tie_embeddings}
+
+
+def _backbone_family(spec, config, architecture) -> Family:
+    return Family(spec, lambda t, s: _renamed(t, _BACKBONE, architecture), lambda t, s: _renamed(t, _BACKBONE_BACK, "mixerzoo"),
+                  config, architecture)
+
+
+def _ssm_holds(spec: LayoutSpec, model_type: str) -> bool:
+    """Whether every layer is one `model_type` mixer with no MLP, whose every field its config holds."""
+    first = spec.layers[0]
+    if first.mixer.type != model_type or first.mlp.type != "none":
+        return False
+    if any(layer.model_dump() != first.model_dump() for layer in spec.layers):
+        return False
+    build = {"mamba": (_mamba_spec, _mamba_config), "mamba2": (_mamba2_spec, _mamba2_config)}[model_type]
+    return _arithmetic(build[0](build[1](spec))) == _arithmetic(spec)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
     "qwen3": _dense_family("qwen3", qkv_bias=False, qk_norm=True, architecture="Qwen3ForCausalLM"),
     "qwen3_next": Family(_qwen3_next_spec, _qwen3_next_to_ours, _qwen3_next_to_theirs, _qwen3_next_config,
                          "Qwen3NextForCausalLM"),
+    "mamba": _backbone_family(_mamba_spec, _mamba_config, "MambaForCausalLM"),
+    "mamba2": _backbone_family(_mamba2_spec, _mamba2_config, "Mamba2ForCausalLM"),
 }
 
 
@@ -278,6 +361,9 @@ def family_of(spec: LayoutSpec) -> str:
     """The transformers family that writes `spec` exactly, or NATIVE when none does."""
     for name, flags in (("llama", (False, False)), ("qwen2", (True, False)), ("qwen3", (False, True))):
         if _dense_holds(spec, qkv_bias=flags[0], qk_norm=flags[1]):
+            return name
+    for name in ("mamba", "mamba2"):
+        if _ssm_holds(spec, name):
             return name
     return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
 

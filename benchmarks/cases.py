@@ -113,14 +113,17 @@ def one_norm_eps(spec):
 
 def hf_twin(model: Decoder):
     """The transformers model of `model`'s family holding its weights: written by `save_pretrained`
-    (mixerzoo.blocks.hub, the loader's own mapping) and read by transformers' AutoModelForCausalLM."""
-    from transformers import AutoModelForCausalLM
+    (mixerzoo.blocks.hub, the loader's own mapping) and read by transformers' class of its family."""
+    import transformers
+
+    from mixerzoo.blocks.hub import FAMILIES
 
     with tempfile.TemporaryDirectory() as folder:
         family = model.save_pretrained(folder)
         if family == "mixerzoo":
             raise ValueError("hf_twin: this layout has no transformers family (it saves in mixerzoo's own format)")
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
+        # transformers' own class, not the Auto mapping (importing fla re-registers some model types there)
+        return getattr(transformers, FAMILIES[family].architecture).from_pretrained(folder, attn_implementation="sdpa").eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,11 +45,19 @@ def _configs():
 FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_next", "mamba", "mamba2"]
 
 
+def _transformers_class(family: str):
+    """transformers' own causal-LM class of `family` (not the Auto mapping: importing fla re-registers
+    model types such as mamba2 there with fla's Triton models)."""
+    from mixerzoo.blocks.hub import FAMILIES
+
+    return getattr(transformers, FAMILIES[family].architecture)
+
+
 def _theirs(family: str):
     """A transformers model of `family` with random weights of unit scale (its own init is 0.02: logits near
     uniform, greedy choices near ties)."""
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_configs()[family], attn_implementation="eager").eval()
+    model = _transformers_class(family)(_configs()[family]).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("A_log"):
@@ -90,7 +98,7 @@ def test_save_pretrained_writes_a_folder_transformers_loads_to_equal_logits(fami
     theirs.save_pretrained(tmp_path / "theirs")
     ours = from_pretrained(tmp_path / "theirs").eval()
     assert ours.save_pretrained(tmp_path / "ours") == family
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    back = _transformers_class(family).from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     prompt = _prompt()
     with torch.no_grad():
         assert_rel_close(back(prompt).logits, ours(prompt)[0], TOL, what=f"{family} exported logits")

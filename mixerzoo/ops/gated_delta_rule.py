@@ -162,8 +162,8 @@ def _chunked(q, k, v, g, beta, scale, state, chunk_size, form=None):
     # across the chunk
     decay_t, _, decay_in, decay_out, decay_all = chunk_decays(g_c)
 
-    # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i); beta scales the targets where they are per value head
-    if group == 1:
+    # [N, BHV, C, C]: beta_i (k_i . k_j) decay at (j, i); a per-channel table ([C, C, K]) is not scaled, the keys are
+    if g.shape[-1] > 1:
         gram_t = decayed_scores(beta_c * k_c, k_c, decay_t)
     else:
         gram_t = decayed_scores(k_c, k_c, decay_t * beta_c.mT[..., None], group)

@@ -25,7 +25,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hid
 
 
 def _configs():
-    from transformers import LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+    from transformers import Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
 
     return {
         "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -35,6 +35,9 @@ def _configs():
                                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                                       linear_conv_kernel_dim=4, num_experts=0, partial_rotary_factor=0.25,
                                       layer_types=["linear_attention"] * 3 + ["full_attention"]),
+        "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=72, num_hidden_layers=LAYERS,
+                           num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3, conv_bias=True,
+                           block_multiple_of=8, layer_types=["conv", "conv", "full_attention", "conv"]),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -42,7 +45,7 @@ def _configs():
     }
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_next", "mamba", "mamba2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_next", "lfm2", "mamba", "mamba2"]
 
 
 def _transformers_class(family: str):

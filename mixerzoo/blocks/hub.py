@@ -3,7 +3,7 @@ transformers causal-LM folder (config.json + safetensors, sharded or not), `save
 writes the folder transformers loads back with equal logits.
 
 Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
-MLPs), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+MLPs), lfm2, mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -346,6 +346,83 @@ def _ssm_holds(spec: LayoutSpec, model_type: str) -> bool:
     return _arithmetic(build[0](build[1](spec))) == _arithmetic(spec)
 
 
+# ----------------------------------------------------------------------------------------------------- lfm2
+
+# LFM2's names: operator_norm / ffn_norm around each layer, self_attn (out_proj, q_layernorm, k_layernorm) or
+# conv (as our short_conv), feed_forward (w1 gate, w3 up, w2 down), embedding_norm the final norm.
+_LFM2 = [(r"model\.embed_tokens\.", "embed."), (r"model\.embedding_norm\.", "norm."), (r"lm_head\.", "lm_head."),
+         (r"model\.layers\.(\d+)\.operator_norm\.", r"layers.\1.mixer_norm."),
+         (r"model\.layers\.(\d+)\.ffn_norm\.", r"layers.\1.mlp_norm."),
+         (r"model\.layers\.(\d+)\.feed_forward\.w1\.", r"layers.\1.mlp.gate_proj."),
+         (r"model\.layers\.(\d+)\.feed_forward\.w3\.", r"layers.\1.mlp.up_proj."),
+         (r"model\.layers\.(\d+)\.feed_forward\.w2\.", r"layers.\1.mlp.down_proj."),
+         (r"model\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.mixer.o_proj."),
+         (r"model\.layers\.(\d+)\.self_attn\.q_layernorm\.", r"layers.\1.mixer.q_norm."),
+         (r"model\.layers\.(\d+)\.self_attn\.k_layernorm\.", r"layers.\1.mixer.k_norm."),
+         (r"model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer."),
+         (r"model\.layers\.(\d+)\.conv\.", r"layers.\1.mixer.")]
+
+
+_LFM2_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.embedding_norm."), (r"lm_head\.", "lm_head."),
+              (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.operator_norm."),
+              (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.ffn_norm."),
+              (r"layers\.(\d+)\.mlp\.gate_proj\.", r"model.layers.\1.feed_forward.w1."),
+              (r"layers\.(\d+)\.mlp\.up_proj\.", r"model.layers.\1.feed_forward.w3."),
+              (r"layers\.(\d+)\.mlp\.down_proj\.", r"model.layers.\1.feed_forward.w2."),
+              (r"layers\.(\d+)\.mixer\.o_proj\.", r"model.layers.\1.self_attn.out_proj."),
+              (r"layers\.(\d+)\.mixer\.q_norm\.", r"model.layers.\1.self_attn.q_layernorm."),
+              (r"layers\.(\d+)\.mixer\.k_norm\.", r"model.layers.\1.self_attn.k_layernorm."),
+              (r"layers\.(\d+)\.mixer\.([qkv]_proj)\.", r"model.layers.\1.self_attn.\2."),
+              (r"layers\.(\d+)\.mixer\.(in_proj|conv|out_proj)\.", r"model.layers.\1.conv.\2.")]
+
+
+def _lfm2_hidden(config: dict[str, Any]) -> int:
+    """The MLP width LFM2 builds from intermediate_size (its block_auto_adjust_ff_dim rule)."""
+    hidden = config["intermediate_size"]
+    if config.get("block_auto_adjust_ff_dim", True):
+        hidden = int(2 * hidden / 3)
+        multiplier, multiple = config.get("block_ffn_dim_multiplier", 1.0), config.get("block_multiple_of", 256)
+        if multiplier is not None:
+            hidden = multiple * ((int(multiplier * hidden) + multiple - 1) // multiple)
+    return hidden
+
+
+def _lfm2_spec(config: dict[str, Any]) -> LayoutSpec:
+    eps, heads = config.get("norm_eps", 1e-5), config["num_attention_heads"]
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads", heads),
+                 "qk_norm": True, "norm_eps": eps, "rope": {"theta": _rope_theta(config)}}
+    conv = {"type": "short_conv", "conv_size": config.get("conv_L_cache", 3), "bias": bool(config.get("conv_bias", False))}
+    kinds = {"full_attention": attention, "conv": conv}
+    types = config.get("layer_types") or ["full_attention" if i in config.get("full_attn_idxs", []) else "conv"
+                                          for i in range(config["num_hidden_layers"])]
+    layers = []
+    for i, kind in enumerate(types):
+        if kind not in kinds:
+            raise ValueError(f"lfm2 config.json layer_types[{i}] = {kind!r}: not conv or full_attention")
+        layers.append({"mixer": kinds[kind], "mlp": {"type": "swiglu", "hidden": _lfm2_hidden(config)}})
+    return LayoutSpec.model_validate({"d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": layers,
+                                      "norm_eps": eps, "tie_embeddings": bool(config.get("tie_word_embeddings", True))})
+
+
+def _lfm2_config(spec: LayoutSpec) -> dict[str, Any]:
+    attn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "attention")
+    conv = next(layer.mixer for layer in spec.layers if layer.mixer.type == "short_conv")
+    return {"model_type": "lfm2", "architectures": ["Lfm2ForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "block_auto_adjust_ff_dim": False,
+            "num_hidden_layers": spec.n_layers, "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads,
+            "norm_eps": spec.norm_eps, "conv_L_cache": conv.conv_size, "conv_bias": conv.bias,
+            "tie_word_embeddings": spec.tie_embeddings, "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta},
+            "layer_types": ["full_attention" if layer.mixer.type == "attention" else "conv" for layer in spec.layers]}
+
+
+def _lfm2_holds(spec: LayoutSpec) -> bool:
+    """Whether the layout is LFM2's: short convs and qk-normed attention of one shape each, one MLP width."""
+    try:
+        return _arithmetic(_lfm2_spec(_lfm2_config(spec))) == _arithmetic(spec)
+    except (StopIteration, ValueError, KeyError, AttributeError):
+        return False
+
+
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
@@ -354,6 +431,8 @@ FAMILIES: dict[str, Family] = {
                          "Qwen3NextForCausalLM"),
     "mamba": _backbone_family(_mamba_spec, _mamba_config, "MambaForCausalLM"),
     "mamba2": _backbone_family(_mamba2_spec, _mamba2_config, "Mamba2ForCausalLM"),
+    "lfm2": Family(_lfm2_spec, lambda t, s: _renamed(t, _LFM2, "lfm2"), lambda t, s: _renamed(t, _LFM2_BACK, "mixerzoo"),
+                   _lfm2_config, "Lfm2ForCausalLM"),
 }
 
 
@@ -365,6 +444,8 @@ def family_of(spec: LayoutSpec) -> str:
     for name in ("mamba", "mamba2"):
         if _ssm_holds(spec, name):
             return name
+    if _lfm2_holds(spec):
+        return "lfm2"
     return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
 
 

@@ -531,24 +531,18 @@ class Attention(Mixer):
     def _attend_static(self, q, k, v, state: StaticKVCache, valid, index):
         """Any chunk into a static cache: valid tokens written in place at their counts (pads into the
         spare slot), then every query attends over all slots with a causal length mask."""
-        batch, length, heads, dim = k.shape
         capacity = state.capacity
-        seen = state.seen + (length if valid is None else valid.sum(1))
-        device_check((seen <= capacity).all(), f"Attention: the static KV cache of {capacity} slots is full")
-        slots = index if valid is None else torch.where(valid, index, capacity)  # [B, T]
-        slots = slots[:, None, :, None].expand(batch, heads, length, dim)
-        state.k.scatter_(2, slots, k.transpose(1, 2))
-        state.v.scatter_(2, slots, v.transpose(1, 2))
+        state = store_static(state, k, v, valid, index, "Attention: the static KV cache")
         visible = torch.arange(capacity + 1, device=q.device) <= index[..., None]  # [B, T, C + 1]
         if valid is not None:
             visible = visible | ~valid[..., None]  # a pad attends to finite slots; its output is zeroed
-        if length == 1:
+        if q.shape[1] == 1:
             o = _decode_attention(q, state.k, state.v, visible[:, None])
         else:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), state.k, state.v, attn_mask=visible[:, None], enable_gqa=True
             ).transpose(1, 2)
-        return o, dataclasses.replace(state, seen=seen)
+        return o, state
 
     def _decode_ring(self, q, k, v, state, valid):
         """One token per row: write it into its ring slot (a pad row writes back the slot's own value),
@@ -574,6 +568,19 @@ class Attention(Mixer):
         return o, dataclasses.replace(state, k=new_k, v=new_v, seen=seen).counted(
             None if host_seen is None else host_seen + 1
         )
+
+
+def store_static(state: StaticKVCache, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                 index: torch.Tensor, what: str) -> StaticKVCache:
+    """The static cache with the chunk's valid keys k [B, T, Hk, Dk] and values v [B, T, Hv, Dv] written in place
+    at their token numbers `index` [B, T] (pads into the spare slot); a full cache is an error naming `what`."""
+    capacity = state.capacity
+    seen = state.seen + (k.shape[1] if valid is None else valid.sum(1))
+    device_check((seen <= capacity).all(), f"{what} of {capacity} slots is full")
+    slots = index if valid is None else torch.where(valid, index, capacity)  # [B, T]
+    for cache, new in ((state.k, k), (state.v, v)):
+        cache.scatter_(2, slots[:, None, :, None].expand(-1, new.shape[2], -1, new.shape[3]), new.transpose(1, 2))
+    return dataclasses.replace(state, seen=seen)
 
 
 def append_one(state: KVCache, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> KVCache:

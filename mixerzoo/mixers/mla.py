@@ -13,7 +13,6 @@ forks, saves, pads and preallocates (with_capacity) as full attention's does.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import torch
@@ -23,9 +22,9 @@ from torch import nn
 from typing_extensions import Self
 
 from mixerzoo.mixers.attention import (
-    _INDEX_BYTES, Attention, KVCache, RopeConfig, StaticKVCache, append_one, store_tokens,
+    _INDEX_BYTES, Attention, KVCache, RopeConfig, StaticKVCache, append_one, store_static, store_tokens,
 )
-from mixerzoo.mixers.base import Mixer, MixerConfig, device_check
+from mixerzoo.mixers.base import Mixer, MixerConfig
 from mixerzoo.ops import rotary_tables, rotate
 
 
@@ -164,13 +163,7 @@ class MLA(Mixer):
     def _store(state, latent, k_rope, valid, index, host_seen: int | None):
         """The cache with the chunk's valid latents and rotary keys [B, T, 1, *] at their token numbers."""
         if isinstance(state, StaticKVCache):  # written in place; pads into the spare slot
-            capacity = state.capacity
-            seen = state.seen + (latent.shape[1] if valid is None else valid.sum(1))
-            device_check((seen <= capacity).all(), f"MLA: the static latent cache of {capacity} slots is full")
-            slots = index if valid is None else torch.where(valid, index, capacity)  # [B, T]
-            for cache, new in ((state.k, latent), (state.v, k_rope)):
-                cache.scatter_(2, slots[:, None, :, None].expand(-1, 1, -1, new.shape[-1]), new.transpose(1, 2))
-            return dataclasses.replace(state, seen=seen)
+            return store_static(state, latent, k_rope, valid, index, "MLA: the static latent cache")
         if valid is None and host_seen is not None:  # every row the same length: append in place past the end
             length = latent.shape[1]
             return state.append(latent.transpose(1, 2), k_rope.transpose(1, 2), state.seen + length).counted(

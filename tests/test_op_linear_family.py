@@ -225,10 +225,10 @@ def _gradients(op, inputs: dict, seed: int) -> list[torch.Tensor]:
     return [o, state, *torch.autograd.grad(loss, list(leaves.values()))]
 
 
-@given(shapes, st.sampled_from(["gla", "rwkv6", "kda", "dplr"]))
+@given(shapes, st.sampled_from(["gla", "rwkv6", "kda", "dplr", "elementwise"]))
 def test_chunked_gradients_equal_the_reference_loop(s, family):
-    """Gradients through the chunked per-channel forms (their decay tables, solves and carries) equal the
-    float64 loop's, every input's: the bug class of an in-place op autograd needs."""
+    """Gradients through the chunked per-channel forms (their decay tables, solves, scans and carries) equal
+    the float64 loop's, every input's: the bug class of an in-place op autograd needs."""
     x = _inputs(**s)
     kk = F.normalize(x["q"], dim=-1)
     op, inputs = {
@@ -239,6 +239,8 @@ def test_chunked_gradients_equal_the_reference_loop(s, family):
                                        initial_state=x["state"])),
         "dplr": (dplr_delta_rule, dict(q=x["q"], k=x["k"], v=x["v"], a=-kk, b=kk * x["beta"][..., None],
                                        g=x["gk"], initial_state=x["state"])),
+        "elementwise": (elementwise_recurrence, dict(x=x["v"].flatten(2), g=x["gk"][..., :1].expand_as(x["v"]).flatten(2),
+                                                     initial_state=x["state"][..., 0, :].flatten(1))),
     }[family]
     ours = _gradients(lambda **kw: op(**kw, backend="torch", chunk_size=s["chunk"]), inputs, s["seed"])
     reference = _gradients(lambda **kw: op(**kw, backend="reference"), inputs, s["seed"])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from mixerzoo.ops._chunking import flushed_exp, segment_decay, to_chunks
+from mixerzoo.ops._chunking import flushed_exp
 from mixerzoo.ops._common import (
     check_chunk_size, check_float_tensors, expect_shape, in_spans, recurrent_backend, without_autocast,
 )
@@ -61,18 +62,23 @@ def elementwise_recurrence(
 
 
 def _chunked(x, g, state, chunk_size):
-    """h_i = exp(G_i) h0 + sum_{j <= i} exp(G_i - G_j) x_j within each chunk (G summed from its start);
-    only the carry of h0 across chunks runs per chunk. x, g [B, T, D]; state [B, D]."""
+    """Within each chunk, a log-depth (Hillis-Steele) scan composes the steps pairwise: after the level of
+    span s, h_i holds sum_{i-2s < j <= i} exp(G_i - G_j) x_j and a_i the decay sum over that span, so the
+    last level leaves a_i = G_i (summed from the chunk's start). Then only the carry of h0 runs per chunk:
+    h_i += exp(G_i) h0. x, g [B, T, D]; state [B, D]. Work per token grows with log C, not with C."""
     batch, seq_len, width = x.shape
     size = min(chunk_size, seq_len)
-    x_c, g_c = (to_chunks(t[..., None], size)[..., 0] for t in (x, g))  # [N, B*D, C]
-    decay_t = segment_decay(g_c[..., None])[..., 0]  # [N, BD, C(j), C(i)]
-    free = (x_c[..., None, :] @ decay_t)[..., 0, :]  # [N, BD, C]: sum_j x_j exp(G_i - G_j)
-    decay_in = flushed_exp(g_c.cumsum(-1))  # [N, BD, C]
-    state = state.reshape(-1)
+    n_chunks = -(-seq_len // size)
+    pad = n_chunks * size - seq_len  # padded steps write 0 and keep the state (g = 0)
+    h, a = (F.pad(t, (0, 0, 0, pad)).view(batch, n_chunks, size, width) for t in (x, g))  # [B, N, C, D]
+    span = 1
+    while span < size:
+        h = h + F.pad(flushed_exp(a[:, :, span:]) * h[:, :, :-span], (0, 0, span, 0))
+        a = a + F.pad(a[:, :, :-span], (0, 0, span, 0))
+        span *= 2
+    decay_in = flushed_exp(a)  # [B, N, C, D]: exp(G_i)
     outputs = []
-    for i in range(free.shape[0]):
-        outputs.append(torch.addcmul(free[i], decay_in[i], state[:, None]))
+    for i in range(n_chunks):
+        outputs.append(torch.addcmul(h[:, i], decay_in[:, i], state[:, None]))
         state = outputs[-1][:, -1]
-    h = torch.stack(outputs).reshape(-1, batch, width, size).permute(1, 0, 3, 2).reshape(batch, -1, width)
-    return h[:, :seq_len], state.view(batch, width)
+    return torch.stack(outputs, 1).view(batch, -1, width)[:, :seq_len], state

@@ -95,6 +95,13 @@ def test_build_spec_applies_window_and_ratio_overrides():
         build_spec(RunConfig(study="efficiency", recipe="swa", ratio="1:3"))
 
 
+def test_build_spec_scales_the_width_of_a_parallel_layers_branches():
+    spec = build_spec(RunConfig(study="mqar", recipe="falcon-h1", n_layers=2, d_model=32))
+    attention, mamba2 = spec.layers[0].mixer.mixers
+    assert (spec.d_model, attention.d_model, mamba2.d_model) == (32, 32, 32)
+    assert (attention.n_heads, attention.n_kv_heads, attention.head_dim) == (2, 1, 16)  # heads halve, sizes stay
+
+
 def test_efficiency_at_minimal_scale_writes_every_output(tmp_path):
     experiment = ExperimentConfig(name="eff", study="efficiency", sweep={"recipe": ["transformer", "infinitevl"]},
                                   fixed={"contexts": [64, 256], "repeats": 1, "prefill_tokens": 16})

@@ -321,8 +321,8 @@ def build_spec(run: RunConfig) -> LayoutSpec:
     """The spec of `run.recipe` at `run.size` (or the run's composed `layout`), with the run's overrides applied.
 
     `n_layers` repeats or cuts the recipe's layer list to that depth (infinitevl's SGGG at 2
-    layers is SG). `d_model` scales the width: every head count (n_heads, n_kv_heads) and the
-    MLP's hidden width by d_model / the recipe's, head sizes and state sizes per head kept (a
+    layers is SG). `d_model` scales the width: every head count (n_heads, n_kv_heads, a parallel layer's
+    branches' too) and the MLP's hidden width by d_model / the recipe's, head sizes and state sizes per head kept (a
     width that leaves a fractional head count is an error).
     `ratio` 'A:G' rebuilds the layer list with A attention layers per G Gated DeltaNet
     layers spread evenly over the same depth (the recipe's own attention and Gated
@@ -361,12 +361,17 @@ def _with_width(spec: LayoutSpec, d_model: int) -> LayoutSpec:
             raise ValueError(f"d_model {d_model}: {what} = {value} x {d_model} / {spec.d_model} is not a whole number")
         return value * d_model // spec.d_model
 
+    def rescale(mixer: dict, where: str) -> None:
+        mixer["d_model"] = d_model
+        for field in ("n_heads", "n_kv_heads"):
+            if mixer.get(field) is not None:
+                mixer[field] = scaled(f"{where}.{field}", mixer[field])
+        for i, branch in enumerate(mixer.get("mixers") or []):  # a parallel layer's branches
+            rescale(branch, f"{where}.mixers[{i}]")
+
     data["d_model"] = d_model
     for layer in data["layers"]:
-        layer["mixer"]["d_model"] = d_model
-        for field in ("n_heads", "n_kv_heads"):
-            if layer["mixer"].get(field) is not None:
-                layer["mixer"][field] = scaled(f"mixer.{field}", layer["mixer"][field])
+        rescale(layer["mixer"], "mixer")
         if layer["mlp"].get("hidden") is not None:
             layer["mlp"]["hidden"] = scaled("mlp.hidden", layer["mlp"]["hidden"])
     return LayoutSpec.model_validate(data)

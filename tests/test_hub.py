@@ -35,6 +35,12 @@ def _configs():
                                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
                                       linear_conv_kernel_dim=4, num_experts=0, partial_rotary_factor=0.25,
                                       layer_types=["linear_attention"] * 3 + ["full_attention"]),
+        "qwen3_next_moe": Qwen3NextConfig(**COMMON, tie_word_embeddings=False, linear_num_key_heads=2,
+                                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                          linear_conv_kernel_dim=4, partial_rotary_factor=0.25, num_experts=6,
+                                          num_experts_per_tok=2, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24, mlp_only_layers=[2], norm_topk_prob=False,
+                                          layer_types=["linear_attention"] * 3 + ["full_attention"]),
         "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=72, num_hidden_layers=LAYERS,
                            num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3, conv_bias=True,
                            block_multiple_of=8, layer_types=["conv", "conv", "full_attention", "conv"]),
@@ -45,20 +51,22 @@ def _configs():
     }
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "qwen3_next", "lfm2", "mamba", "mamba2"]
+# Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2).
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
+            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "mamba": "mamba", "mamba2": "mamba2"}
 
 
-def _transformers_class(family: str):
-    """transformers' own causal-LM class of `family` (not the Auto mapping: importing fla re-registers
+def _transformers_class(case: str):
+    """transformers' own causal-LM class of the case's family (not the Auto mapping: importing fla re-registers
     model types such as mamba2 there with fla's Triton models)."""
-    from mixerzoo.blocks.hub import FAMILIES
+    from mixerzoo.blocks.hub import FAMILIES as HUB_FAMILIES
 
-    return getattr(transformers, FAMILIES[family].architecture)
+    return getattr(transformers, HUB_FAMILIES[FAMILIES[case]].architecture)
 
 
 def _theirs(family: str):
-    """A transformers model of `family` with random weights of unit scale (its own init is 0.02: logits near
-    uniform, greedy choices near ties)."""
+    """A transformers model of the case `family` with random weights of unit scale (its own init is 0.02:
+    logits near uniform, greedy choices near ties)."""
     torch.manual_seed(0)
     model = _transformers_class(family)(_configs()[family]).eval()
     with torch.no_grad():
@@ -66,7 +74,7 @@ def _theirs(family: str):
             if name.endswith("A_log"):
                 p.copy_(torch.rand_like(p) * 2)
             else:
-                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 0.2) + (1.0 if "norm" in name and family != "qwen3_next" else 0.0))
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 0.2) + (1.0 if "norm" in name and FAMILIES[family] != "qwen3_next" else 0.0))
     return model
 
 
@@ -100,7 +108,7 @@ def test_save_pretrained_writes_a_folder_transformers_loads_to_equal_logits(fami
     theirs = _theirs(family)
     theirs.save_pretrained(tmp_path / "theirs")
     ours = from_pretrained(tmp_path / "theirs").eval()
-    assert ours.save_pretrained(tmp_path / "ours") == family
+    assert ours.save_pretrained(tmp_path / "ours") == FAMILIES[family]
     back = _transformers_class(family).from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     prompt = _prompt()
     with torch.no_grad():
@@ -136,7 +144,11 @@ def test_bad_checkpoints_are_refused_naming_the_key(tmp_path):
     with pytest.raises(KeyError, match=r"'layers\.3\..*' maps to no weight"):
         from_pretrained(tmp_path)
 
-    moe = {**_configs()["qwen3_next"].to_dict(), "num_experts": 8}
-    (tmp_path / "config.json").write_text(json.dumps(moe))
-    with pytest.raises(ValueError, match=r"num_experts > 0: its MoE MLPs await"):
+
+
+def test_a_checkpoint_with_fewer_experts_than_its_config_is_refused_naming_the_expert(tmp_path):
+    _theirs("qwen3_next_moe").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_experts": 8}))
+    with pytest.raises(KeyError, match=r"gives no 'model\.layers\.0\.mlp\.experts\.6\.gate_proj\.weight'.*8 experts"):
         from_pretrained(tmp_path)

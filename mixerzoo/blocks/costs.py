@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mixerzoo.blocks.decoder import Decoder
+from mixerzoo.blocks.mlp import Experts
 from mixerzoo.blocks.spec import LayoutSpec
 from mixerzoo.mixers.base import check_count
 
@@ -43,10 +44,12 @@ def state_nbytes(model: LayoutSpec | nn.Module, context: int, *, batch_size: int
 
 def flops_per_token(spec: LayoutSpec, context: int) -> int:
     """FLOPs of one decode step after `context` tokens: 2 per weight of every linear and conv
-    (LM head included, embedding lookup free) plus each mixer's mixing with the past."""
+    (LM head included, embedding lookup free; of experts, the top_k a token runs) plus each mixer's mixing
+    with the past."""
     check_count("context", context, minimum=0, owner="flops_per_token")
     model = meta_model(spec)
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d)))
+    weights += sum(m.active_weights() for m in model.modules() if isinstance(m, Experts))  # the k routed experts
     head = spec.vocab_size * spec.d_model if spec.tie_embeddings else 0  # the tied head is the embedding
     mixing = sum(layer.mixer.mixing_flops_per_token(context) for layer in spec.layers)
     return 2 * (weights + head) + mixing

@@ -1,4 +1,4 @@
-"""SwiGLU, the pre-norm residual Block, and the Decoder LM built from a LayoutSpec, with its state."""
+"""The pre-norm residual Block and the Decoder LM built from a LayoutSpec, with its state."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.blocks.spec import LayerSpec, LayoutSpec, MLPSpec
+from mixerzoo.blocks.mlp import Experts, SwiGLU, channel_mixer
+from mixerzoo.blocks.spec import LayerSpec, LayoutSpec
 from mixerzoo.errors import finite_tensors, open_safetensors
 from mixerzoo.mixers import Mixer, MixerState, CompositeState, build_mixer
 from mixerzoo.mixers.base import (
@@ -26,21 +27,6 @@ from mixerzoo.ops import shared_rotary
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), with Llama / Qwen parameter names (gate and up run as one matmul)."""
-
-    def __init__(self, d_model: int, spec: MLPSpec):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, spec.hidden, bias=spec.bias)
-        self.up_proj = nn.Linear(d_model, spec.hidden, bias=spec.bias)
-        self.down_proj = nn.Linear(spec.hidden, d_model, bias=spec.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d_model] -> [..., d_model]."""
-        gate, up = fused_linear(self, "gate_up", (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when there is an MLP."""
 
@@ -49,9 +35,10 @@ class Block(nn.Module):
         d_model = spec.mixer.d_model
         self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer: Mixer = build_mixer(spec.mixer)
-        if spec.mlp.type == "swiglu":
+        mlp = channel_mixer(d_model, spec.mlp)
+        if mlp is not None:
             self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
-            self.mlp = SwiGLU(d_model, spec.mlp)
+            self.mlp = mlp
 
     def forward(self, x, state, *, positions=None, valid=None, documents: torch.Tensor | PackedLayout | None = None):
         """x [B, T, d_model] after `state` -> (x, new state); with `documents` (ids [B, T] or their
@@ -226,13 +213,14 @@ class Decoder(nn.Module):
         width 2048: Qwen's 0.02). Mixer-specific parameters (decay rates, step sizes, convolutions,
         norms) keep their own initialisation."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, (nn.Linear, Experts)):
                 module.reset_parameters()
         outputs = [projection for block in self.layers for projection in block.mixer.residual_outputs()]
-        outputs += [block.mlp.down_proj for block in self.layers if hasattr(block, "mlp")]
+        outputs += [weight for block in self.layers if hasattr(block, "mlp") for weight in block.mlp.residual_weights()]
         for projection in outputs:  # one residual branch each
-            if isinstance(projection, nn.Linear):
-                projection.weight /= len(outputs) ** 0.5
+            weight = projection.weight if isinstance(projection, nn.Module) else projection
+            if isinstance(projection, (nn.Linear, torch.Tensor)):
+                weight /= len(outputs) ** 0.5
         nn.init.normal_(self.embed.weight, std=self.spec.d_model ** -0.5 if self.spec.tie_embeddings else 1.0)
 
     def text_positions(self, positions: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ transformers causal-LM folder (config.json + safetensors, sharded or not), `save
 writes the folder transformers loads back with equal logits.
 
 Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
-MLPs), lfm2, mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+MLPs and experts), lfm2, mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -152,9 +152,18 @@ def _dense_holds(spec: LayoutSpec, *, qkv_bias: bool, qk_norm: bool) -> bool:
 
 # ------------------------------------------------------------------------------------------------ qwen3_next
 
+def _qwen3_next_mlp(config: dict[str, Any], index: int) -> dict[str, Any]:
+    """Layer `index`'s MLP: experts with a gated shared expert where Qwen3-Next puts them, else dense."""
+    sparse = config.get("num_experts", 0) and index not in config.get("mlp_only_layers", []) and (
+        (index + 1) % config.get("decoder_sparse_step", 1) == 0)
+    if not sparse:
+        return {"type": "swiglu", "hidden": config["intermediate_size"]}
+    return {"type": "experts", "hidden": config["moe_intermediate_size"], "n_experts": config["num_experts"],
+            "top_k": config["num_experts_per_tok"], "normalize_top_k": bool(config.get("norm_topk_prob", True)),
+            "shared_hidden": config["shared_expert_intermediate_size"], "shared_gate": True}
+
+
 def _qwen3_next_spec(config: dict[str, Any]) -> LayoutSpec:
-    if config.get("num_experts", 0) and len(config.get("mlp_only_layers", [])) < config["num_hidden_layers"]:
-        raise ValueError("qwen3_next config.json num_experts > 0: its MoE MLPs await mixerzoo's experts channel mixer")
     eps = config.get("rms_norm_eps", 1e-6)
     key_dim, value_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
     gdn = {"type": "gated_deltanet", "n_heads": config["linear_num_key_heads"], "head_dim": key_dim,
@@ -171,7 +180,7 @@ def _qwen3_next_spec(config: dict[str, Any]) -> LayoutSpec:
     for i, kind in enumerate(_require(config, "layer_types", "qwen3_next")):
         if kind not in kinds:
             raise ValueError(f"qwen3_next config.json layer_types[{i}] = {kind!r}: not linear_attention or full_attention")
-        layers.append({"mixer": kinds[kind], "mlp": {"type": "swiglu", "hidden": config["intermediate_size"]}})
+        layers.append({"mixer": kinds[kind], "mlp": _qwen3_next_mlp(config, i)})
     return _model(config, layers)
 
 
@@ -180,9 +189,52 @@ def _centred(name: str) -> bool:
     return bool(re.search(r"(input_layernorm|post_attention_layernorm|q_norm|k_norm)\.weight$|^model\.norm\.weight$", name))
 
 
+# Per-expert SwiGLU names in checkpoints (Qwen's and Jamba's; Mixtral and MiniMax call them w1, w3, w2).
+_EXPERT_NAMES = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}
+
+
+def _experts_to_ours(theirs: Tensors, spec: LayoutSpec, prefix: Callable[[int], str], router: str = "gate",
+                     names: dict[str, str] = _EXPERT_NAMES) -> Tensors:
+    """Every experts layer's router and per-expert matrices, popped from `theirs` ("{prefix(i)}{router}.weight",
+    "{prefix(i)}experts.{e}.{name}.weight"; or transformers' in-memory stacks "experts.gate_up_proj" /
+    "experts.down_proj"), stacked as our Experts' [E, ...] parameters."""
+    ours = {}
+    for i, layer in enumerate(spec.layers):
+        if layer.mlp.type != "experts":
+            continue
+        source, mine = prefix(i), f"layers.{i}.mlp."
+        ours[mine + "router.weight"] = theirs.pop(f"{source}{router}.weight")
+        if f"{source}experts.gate_up_proj" in theirs:
+            ours[mine + "gate_proj"], ours[mine + "up_proj"] = theirs.pop(f"{source}experts.gate_up_proj").chunk(2, 1)
+            ours[mine + "down_proj"] = theirs.pop(f"{source}experts.down_proj")
+            continue
+        for our_name, their_name in names.items():
+            keys = [f"{source}experts.{e}.{their_name}.weight" for e in range(layer.mlp.n_experts)]
+            missing = [key for key in keys if key not in theirs]
+            if missing:
+                raise KeyError(f"the checkpoint gives no {missing[0]!r} (layer {i} has {layer.mlp.n_experts} experts)")
+            ours[mine + our_name] = torch.stack([theirs.pop(key) for key in keys])
+    return ours
+
+
+def _experts_to_theirs(ours: Tensors, spec: LayoutSpec, prefix: Callable[[int], str], router: str = "gate",
+                       names: dict[str, str] = _EXPERT_NAMES) -> Tensors:
+    """The inverse of `_experts_to_ours` (per-expert names, as transformers saves them)."""
+    theirs = {}
+    for i, layer in enumerate(spec.layers):
+        if layer.mlp.type != "experts":
+            continue
+        target, mine = prefix(i), f"layers.{i}.mlp."
+        theirs[f"{target}{router}.weight"] = ours.pop(mine + "router.weight")
+        for our_name, their_name in names.items():
+            for e, matrix in enumerate(ours.pop(mine + our_name).unbind(0)):
+                theirs[f"{target}experts.{e}.{their_name}.weight"] = matrix
+    return theirs
+
+
 def _qwen3_next_to_ours(tensors: Tensors, spec: LayoutSpec) -> Tensors:
     theirs = {name: (1 + t if _centred(name) else t) for name, t in tensors.items()}
-    ours = {}
+    ours = _experts_to_ours(theirs, spec, lambda i: f"model.layers.{i}.mlp.")
     for i, layer in enumerate(spec.layers):
         prefix, mine = f"model.layers.{i}.", f"layers.{i}.mixer."
         c = layer.mixer
@@ -219,7 +271,8 @@ def _gdn_to_theirs(ours: Tensors, c) -> Tensors:
 
 
 def _qwen3_next_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
-    ours, theirs = dict(tensors), {}
+    ours = dict(tensors)
+    theirs = _experts_to_theirs(ours, spec, lambda i: f"model.layers.{i}.mlp.")
     for i, layer in enumerate(spec.layers):
         mine, prefix = f"layers.{i}.mixer.", f"model.layers.{i}."
         c = layer.mixer
@@ -234,16 +287,29 @@ def _qwen3_next_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
     return {name: (t - 1 if _centred(name) else t) for name, t in theirs.items()}
 
 
+def _qwen3_next_experts(spec: LayoutSpec) -> dict[str, Any]:
+    """The MoE fields of a Qwen3-Next config: the first experts layer's shape, the dense layers listed."""
+    experts = next((layer.mlp for layer in spec.layers if layer.mlp.type == "experts"), None)
+    dense = next((layer.mlp for layer in spec.layers if layer.mlp.type != "experts"), None)
+    fields = {"intermediate_size": (dense or experts).hidden, "num_experts": 0}
+    if experts is None:
+        return fields
+    return fields | {"num_experts": experts.n_experts, "num_experts_per_tok": experts.top_k,
+                     "moe_intermediate_size": experts.hidden, "shared_expert_intermediate_size": experts.shared_hidden,
+                     "norm_topk_prob": experts.normalize_top_k, "decoder_sparse_step": 1,
+                     "mlp_only_layers": [i for i, layer in enumerate(spec.layers) if layer.mlp.type != "experts"]}
+
+
 def _qwen3_next_config(spec: LayoutSpec) -> dict[str, Any]:
     gdn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "gated_deltanet")
     attn = next(layer.mixer for layer in spec.layers if layer.mixer.type == "attention")
     return {"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"], "vocab_size": spec.vocab_size,
-            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers,
             "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads, "head_dim": attn.dim,
             "partial_rotary_factor": attn.rope.fraction, "rms_norm_eps": spec.norm_eps, "hidden_act": "silu",
             "tie_word_embeddings": spec.tie_embeddings, "linear_conv_kernel_dim": gdn.conv_size,
             "linear_key_head_dim": gdn.key_dim, "linear_value_head_dim": gdn.value_dim,
-            "linear_num_key_heads": gdn.n_heads, "linear_num_value_heads": gdn.value_heads, "num_experts": 0,
+            "linear_num_key_heads": gdn.n_heads, "linear_num_value_heads": gdn.value_heads, **_qwen3_next_experts(spec),
             "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta},
             "layer_types": ["linear_attention" if layer.mixer.type == "gated_deltanet" else "full_attention"
                             for layer in spec.layers]}
@@ -259,7 +325,8 @@ def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
 
 
 def _qwen3_next_holds(spec: LayoutSpec) -> bool:
-    """Whether the layout is Qwen3-Next's: Gated DeltaNet and gated attention layers of one shape each, dense MLPs."""
+    """Whether the layout is Qwen3-Next's: Gated DeltaNet and gated attention layers of one shape each, dense MLPs
+    of one width and experts (with a gated shared expert) of one shape."""
     try:
         return _arithmetic(_qwen3_next_spec(_qwen3_next_config(spec))) == _arithmetic(spec)
     except (StopIteration, ValueError, KeyError, AttributeError):

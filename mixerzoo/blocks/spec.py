@@ -12,27 +12,63 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field, SerializeAsAny, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer, model_validator,
+)
 from typing_extensions import Self
 
 from mixerzoo.errors import StrictModel, describe_validation_error
 from mixerzoo.mixers import MixerConfig, RopeConfig, mixer_class, mixer_config
 
 
-class MLPSpec(StrictModel):
-    """The channel mixer after each token mixer: SwiGLU, or none."""
+_EXPERT_FIELDS = ("n_experts", "top_k", "normalize_top_k", "shared_hidden", "shared_gate")
 
-    type: Literal["swiglu", "none"] = Field("swiglu",
-        description="swiglu (gate, up, down projections) or none (no MLP)")
-    hidden: int | None = Field(None, gt=0, description="SwiGLU inner width")
-    bias: bool = Field(False, description="bias on the MLP projections")
+
+class MLPSpec(StrictModel):
+    """The channel mixer after each token mixer: SwiGLU, experts (top-k routed SwiGLUs), or none."""
+
+    type: Literal["swiglu", "experts", "none"] = Field("swiglu",
+        description="swiglu (gate, up, down projections), experts (top-k routed SwiGLU experts) or none (no MLP)")
+    hidden: int | None = Field(None, gt=0, description="SwiGLU inner width (each expert's, for experts)")
+    bias: bool = Field(False, description="bias on the MLP projections (swiglu only)")
+    n_experts: int | None = Field(None, gt=0, description="experts: number of routed experts")
+    top_k: int | None = Field(None, gt=0, description="experts: experts per token")
+    normalize_top_k: bool = Field(True, description="experts: renormalise the k router probabilities to sum to 1 "
+                                                     "(Qwen's norm_topk_prob, Mixtral's form); false keeps them (Jamba)")
+    shared_hidden: int | None = Field(None, gt=0, description="experts: inner width of a shared SwiGLU expert every "
+                                                              "token sees (none when unset)")
+    shared_gate: bool = Field(False, description="experts: scale the shared expert by sigmoid(w . x) (Qwen3-Next)")
+
+    @model_serializer(mode="wrap")
+    def _without_expert_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A dense MLP dumps as before experts existed, so its layouts' hashes (run keys) do not change."""
+        data = handler(self)
+        if self.type != "experts":
+            for name in _EXPERT_FIELDS:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
-    def _hidden_matches_type(self) -> Self:
-        if self.type == "swiglu" and self.hidden is None:
-            raise ValueError("mlp.hidden is required for a swiglu MLP")
+    def _fields_match_type(self) -> Self:
+        if self.type != "none" and self.hidden is None:
+            raise ValueError(f"mlp.hidden is required for a {self.type} MLP")
         if self.type == "none" and self.hidden is not None:
             raise ValueError("mlp.hidden must be unset for type 'none'")
+        expert_fields = {"n_experts": self.n_experts, "top_k": self.top_k, "shared_hidden": self.shared_hidden}
+        if self.type == "experts":
+            for name in ("n_experts", "top_k"):
+                if expert_fields[name] is None:
+                    raise ValueError(f"mlp.{name} is required for an experts MLP")
+            if self.top_k > self.n_experts:
+                raise ValueError(f"mlp.top_k = {self.top_k} is more than mlp.n_experts = {self.n_experts}")
+            if self.shared_gate and self.shared_hidden is None:
+                raise ValueError("mlp.shared_gate needs a shared expert (set mlp.shared_hidden)")
+            if self.bias:
+                raise ValueError("mlp.bias: experts have no biases")
+        else:
+            given = [name for name, value in expert_fields.items() if value is not None] + (["shared_gate"] if self.shared_gate else [])
+            if given:
+                raise ValueError(f"mlp.{given[0]} is an experts field; the MLP type is {self.type!r}")
         return self
 
 

@@ -25,7 +25,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hid
 
 
 def _configs():
-    from transformers import Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+    from transformers import BambaConfig, Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
 
     return {
         "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -44,6 +44,10 @@ def _configs():
         "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=72, num_hidden_layers=LAYERS,
                            num_attention_heads=4, num_key_value_heads=2, conv_L_cache=3, conv_bias=True,
                            block_multiple_of=8, layer_types=["conv", "conv", "full_attention", "conv"]),
+        "bamba": BambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4,
+                             mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+                             mamba_chunk_size=8, tie_word_embeddings=False),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -53,7 +57,7 @@ def _configs():
 
 # Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
-            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "mamba": "mamba", "mamba2": "mamba2"}
+            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "mamba": "mamba", "mamba2": "mamba2"}
 
 
 def _transformers_class(case: str):

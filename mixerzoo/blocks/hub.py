@@ -3,7 +3,7 @@ transformers causal-LM folder (config.json + safetensors, sharded or not), `save
 writes the folder transformers loads back with equal logits.
 
 Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
-MLPs and experts), lfm2, mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+MLPs and experts), lfm2, bamba (Mamba2 and attention), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -490,6 +490,72 @@ def _lfm2_holds(spec: LayoutSpec) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------------------------ bamba
+
+# Bamba's names: input_layernorm / pre_ff_layernorm around each layer, mamba (as our mamba2) or self_attn,
+# feed_forward the MLP, final_layernorm the final norm.
+_BAMBA = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_layernorm\.", "norm."), (r"lm_head\.", "lm_head."),
+          (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.mixer_norm."),
+          (r"model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.mlp_norm."),
+          (r"model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.mlp."),
+          (r"model\.layers\.(\d+)\.(mamba|self_attn)\.", r"layers.\1.mixer.")]
+_BAMBA_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.final_layernorm."), (r"lm_head\.", "lm_head."),
+               (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
+               (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.pre_ff_layernorm."),
+               (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.feed_forward."),
+               (r"layers\.(\d+)\.mixer\.((in_proj|conv1d|out_proj|norm)\.|dt_bias|A_log|D$)", r"model.layers.\1.mamba.\2"),
+               (r"layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn.")]
+
+
+def _bamba_spec(config: dict[str, Any]) -> LayoutSpec:
+    if config.get("mamba_proj_bias") or config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError("bamba config.json mamba_proj_bias, attention_bias or mlp_bias true: mixerzoo's layers have no such biases")
+    eps, heads, d_inner = config.get("rms_norm_eps", 1e-5), config["num_attention_heads"], config.get("mamba_expand", 2) * config["hidden_size"]
+    head_dim = config.get("mamba_d_head", "auto")
+    head_dim = d_inner // config["mamba_n_heads"] if head_dim == "auto" else head_dim
+    if config["mamba_n_heads"] * head_dim != d_inner:
+        raise ValueError(f"bamba config.json mamba_n_heads x mamba_d_head = {config['mamba_n_heads']} x {head_dim} is not "
+                         f"mamba_expand x hidden_size = {d_inner}")
+    limit = [_number(x) for x in config.get("time_step_limit") or (0.0, float("inf"))]
+    mamba2 = {"type": "mamba2", "d_state": config["mamba_d_state"], "d_conv": config.get("mamba_d_conv", 4),
+              "expand": config.get("mamba_expand", 2), "head_dim": head_dim, "n_groups": config.get("mamba_n_groups", 1),
+              "conv_bias": bool(config.get("mamba_conv_bias", True)), "dt_limit": limit, "norm_eps": eps}
+    rope = config.get("rope_parameters") or {}
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": config.get("head_dim") or config["hidden_size"] // heads,
+                 "rope": {"theta": _rope_theta(config),
+                          "fraction": rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 0.5))}}
+    attention_layers = set(config.get("attn_layer_indices") or [])
+    layers = [{"mixer": attention if i in attention_layers else mamba2,
+               "mlp": {"type": "swiglu", "hidden": config["intermediate_size"]}} for i in range(config["num_hidden_layers"])]
+    return LayoutSpec.model_validate({"d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": layers,
+                                      "norm_eps": eps, "tie_embeddings": bool(config.get("tie_word_embeddings", False))})
+
+
+def _bamba_config(spec: LayoutSpec) -> dict[str, Any]:
+    attn = next((layer.mixer for layer in spec.layers if layer.mixer.type == "attention"), None)
+    m = next(layer.mixer for layer in spec.layers if layer.mixer.type == "mamba2")
+    attention = {} if attn is None else {
+        "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads, "head_dim": attn.dim,
+        "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta, "partial_rotary_factor": attn.rope.fraction}}
+    return {"model_type": "bamba", "architectures": ["BambaForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": 1, **attention, "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings,
+            "mamba_n_heads": m.expand * spec.d_model // m.head_dim, "mamba_d_head": m.head_dim, "mamba_n_groups": m.n_groups,
+            "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_conv_bias": m.conv_bias,
+            "mamba_proj_bias": False, "time_step_limit": list(m.dt_limit), "attention_bias": False, "mlp_bias": False,
+            "attn_layer_indices": [i for i, layer in enumerate(spec.layers) if layer.mixer.type == "attention"]}
+
+
+def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpec],
+                 to_config: Callable[[LayoutSpec], dict[str, Any]]) -> bool:
+    """Whether a family's config of `spec` describes `spec` again (up to backend and chunk length)."""
+    try:
+        return _arithmetic(to_spec(to_config(spec))) == _arithmetic(spec)
+    except (StopIteration, ValueError, KeyError, AttributeError, ZeroDivisionError):
+        return False
+
+
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
@@ -500,6 +566,8 @@ FAMILIES: dict[str, Family] = {
     "mamba2": _backbone_family(_mamba2_spec, _mamba2_config, "Mamba2ForCausalLM"),
     "lfm2": Family(_lfm2_spec, lambda t, s: _renamed(t, _LFM2, "lfm2"), lambda t, s: _renamed(t, _LFM2_BACK, "mixerzoo"),
                    _lfm2_config, "Lfm2ForCausalLM"),
+    "bamba": Family(_bamba_spec, lambda t, s: _renamed(t, _BAMBA, "bamba"), lambda t, s: _renamed(t, _BAMBA_BACK, "mixerzoo"),
+                    _bamba_config, "BambaForCausalLM"),
 }
 
 
@@ -513,6 +581,8 @@ def family_of(spec: LayoutSpec) -> str:
             return name
     if _lfm2_holds(spec):
         return "lfm2"
+    if _round_trips(spec, _bamba_spec, _bamba_config):
+        return "bamba"
     return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
 
 

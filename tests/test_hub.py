@@ -25,7 +25,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hid
 
 
 def _configs():
-    from transformers import BambaConfig, Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+    from transformers import BambaConfig, JambaConfig, Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
 
     return {
         "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -48,6 +48,11 @@ def _configs():
                              num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=4,
                              mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
                              mamba_chunk_size=8, tie_word_embeddings=False),
+        "jamba": JambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=LAYERS,
+                             num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                             expert_layer_period=2, expert_layer_offset=0, num_experts=4, num_experts_per_tok=2,
+                             mamba_d_state=8, mamba_dt_rank=4, mamba_proj_bias=True,
+                             tie_word_embeddings=False),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -57,7 +62,7 @@ def _configs():
 
 # Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
-            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "mamba": "mamba", "mamba2": "mamba2"}
+            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "mamba": "mamba", "mamba2": "mamba2"}
 
 
 def _transformers_class(case: str):
@@ -118,6 +123,23 @@ def test_save_pretrained_writes_a_folder_transformers_loads_to_equal_logits(fami
     with torch.no_grad():
         assert_rel_close(back(prompt).logits, ours(prompt)[0], TOL, what=f"{family} exported logits")
     assert torch.equal(from_pretrained(tmp_path / "ours").embed.weight, ours.embed.weight)
+
+
+@pytest.mark.parametrize("name", ["transformer", "jamba"])
+def test_a_recipe_a_family_holds_exports_to_a_folder_transformers_loads_to_equal_logits(name, tmp_path):
+    from mixerzoo.blocks.hub import FAMILIES as HUB_FAMILIES, family_of
+
+    torch.manual_seed(0)
+    ours = mz.Decoder(mz.registry.recipe(name, "tiny")).eval()
+    family = family_of(ours.spec)
+    assert family != "mixerzoo", f"{name}: no transformers family holds the recipe"
+    assert ours.save_pretrained(tmp_path) == family
+    back = getattr(transformers, HUB_FAMILIES[family].architecture).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    prompt = torch.randint(0, ours.spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, expected = ours(prompt)[0], back(prompt).logits
+    print(f"{name} as {family}: logits relative error {((got - expected).abs().max() / expected.abs().max()).item():.2e}")
+    assert_rel_close(expected, got, TOL, what=f"{name} exported as {family}")
 
 
 def test_a_layout_without_a_transformers_twin_round_trips_in_mixerzoos_format(tmp_path):

@@ -3,7 +3,8 @@ transformers causal-LM folder (config.json + safetensors, sharded or not), `save
 writes the folder transformers loads back with equal logits.
 
 Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
-MLPs and experts), lfm2, bamba (Mamba2 and attention), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+MLPs and experts), lfm2, bamba (Mamba2 and attention), jamba (Mamba
+with its inner norms, NoPE attention, experts), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -317,10 +318,15 @@ def _qwen3_next_config(spec: LayoutSpec) -> dict[str, Any]:
 
 def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
     """The spec without what a transformers config cannot hold and that changes no weight or output beyond
-    rounding: each mixer's backend and chunk length."""
+    rounding (each mixer's backend and chunk length), its implicit sizes resolved (None for a default that
+    the config writes out: an attention's n_kv_heads and head_dim, a Mamba's dt_rank)."""
     data = spec.model_dump(mode="json")
-    for layer in data["layers"]:
-        layer["mixer"] = {k: v for k, v in layer["mixer"].items() if k not in ("backend", "chunk_size")}
+    for layer, source in zip(data["layers"], spec.layers):
+        mixer = {k: v for k, v in layer["mixer"].items() if k not in ("backend", "chunk_size")}
+        resolved = {"attention": {"n_kv_heads": "kv_heads", "head_dim": "dim"}, "mamba": {"dt_rank": "rank"}}
+        for field, value in resolved.get(mixer["type"], {}).items():
+            mixer[field] = getattr(source.mixer, value)
+        layer["mixer"] = mixer
     return data
 
 
@@ -490,21 +496,22 @@ def _lfm2_holds(spec: LayoutSpec) -> bool:
         return False
 
 
-# ------------------------------------------------------------------------------------------------ bamba
+# ------------------------------------------------------------------------------------------------ bamba, jamba
 
-# Bamba's names: input_layernorm / pre_ff_layernorm around each layer, mamba (as our mamba2) or self_attn,
-# feed_forward the MLP, final_layernorm the final norm.
-_BAMBA = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_layernorm\.", "norm."), (r"lm_head\.", "lm_head."),
-          (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.mixer_norm."),
-          (r"model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.mlp_norm."),
-          (r"model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.mlp."),
-          (r"model\.layers\.(\d+)\.(mamba|self_attn)\.", r"layers.\1.mixer.")]
-_BAMBA_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.final_layernorm."), (r"lm_head\.", "lm_head."),
-               (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
-               (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.pre_ff_layernorm."),
-               (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.feed_forward."),
-               (r"layers\.(\d+)\.mixer\.((in_proj|conv1d|out_proj|norm)\.|dt_bias|A_log|D$)", r"model.layers.\1.mamba.\2"),
-               (r"layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn.")]
+# Bamba's and Jamba's names: input_layernorm / pre_ff_layernorm around each layer, mamba (as our mamba2 or
+# mamba) or self_attn, feed_forward the MLP, final_layernorm the final norm.
+_HYBRID = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_layernorm\.", "norm."), (r"lm_head\.", "lm_head."),
+           (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.mixer_norm."),
+           (r"model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.mlp_norm."),
+           (r"model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.mlp."),
+           (r"model\.layers\.(\d+)\.(mamba|self_attn)\.", r"layers.\1.mixer.")]
+_SSM_PARAMETERS = r"((in_proj|conv1d|x_proj|dt_proj|out_proj|norm|dt_layernorm|b_layernorm|c_layernorm)\.|dt_bias$|A_log$|D$)"
+_HYBRID_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.final_layernorm."), (r"lm_head\.", "lm_head."),
+                (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
+                (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.pre_ff_layernorm."),
+                (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.feed_forward."),
+                (r"layers\.(\d+)\.mixer\." + _SSM_PARAMETERS, r"model.layers.\1.mamba.\2"),
+                (r"layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn.")]
 
 
 def _bamba_spec(config: dict[str, Any]) -> LayoutSpec:
@@ -547,6 +554,68 @@ def _bamba_config(spec: LayoutSpec) -> dict[str, Any]:
             "attn_layer_indices": [i for i, layer in enumerate(spec.layers) if layer.mixer.type == "attention"]}
 
 
+def _jamba_spec(config: dict[str, Any]) -> LayoutSpec:
+    eps, heads, n_layers = config.get("rms_norm_eps", 1e-6), config["num_attention_heads"], config["num_hidden_layers"]
+    rank = config.get("mamba_dt_rank", "auto")
+    mamba = {"type": "mamba", "d_state": config.get("mamba_d_state", 16), "d_conv": config.get("mamba_d_conv", 4),
+             "expand": config.get("mamba_expand", 2),
+             "dt_rank": math.ceil(config["hidden_size"] / 16) if rank == "auto" else rank,
+             "conv_bias": bool(config.get("mamba_conv_bias", True)), "bias": bool(config.get("mamba_proj_bias", False)),
+             "inner_norm_eps": eps}
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": config["hidden_size"] // heads, "rope": {"kind": "none"}}
+    dense = {"type": "swiglu", "hidden": config["intermediate_size"]}
+    experts = {"type": "experts", "hidden": config["intermediate_size"], "n_experts": config.get("num_experts", 16),
+               "top_k": config.get("num_experts_per_tok", 2), "normalize_top_k": False}
+    attn_period, attn_offset = config.get("attn_layer_period", 8), config.get("attn_layer_offset", 4)
+    moe_period, moe_offset = config.get("expert_layer_period", 2), config.get("expert_layer_offset", 1)
+    layers = [{"mixer": attention if i % attn_period == attn_offset else mamba,
+               "mlp": experts if i % moe_period == moe_offset and experts["n_experts"] > 1 else dense} for i in range(n_layers)]
+    return LayoutSpec.model_validate({"d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": layers,
+                                      "norm_eps": eps, "tie_embeddings": bool(config.get("tie_word_embeddings", False))})
+
+
+def _jamba_to_ours(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    theirs = dict(tensors)
+    ours = _experts_to_ours(theirs, spec, lambda i: f"model.layers.{i}.feed_forward.", router="router")
+    return ours | _renamed(theirs, _HYBRID, "jamba")
+
+
+def _jamba_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    ours = dict(tensors)
+    theirs = _experts_to_theirs(ours, spec, lambda i: f"model.layers.{i}.feed_forward.", router="router")
+    return theirs | _renamed(ours, _HYBRID_BACK, "mixerzoo")
+
+
+def _period(flags: list[bool]) -> tuple[int, int]:
+    """The (period, offset) with flags[i] == (i % period == offset) for every i (no flag set: an offset past
+    the end); a ValueError when no such pair exists."""
+    if not any(flags):
+        return len(flags) + 1, len(flags)
+    for period in range(1, len(flags) + 1):
+        for offset in range(period):
+            if all(flag == (i % period == offset) for i, flag in enumerate(flags)):
+                return period, offset
+    raise ValueError("the layers are not periodic")
+
+
+def _jamba_config(spec: LayoutSpec) -> dict[str, Any]:
+    m = next(layer.mixer for layer in spec.layers if layer.mixer.type == "mamba")
+    attn = next((layer.mixer for layer in spec.layers if layer.mixer.type == "attention"), None)
+    experts = next((layer.mlp for layer in spec.layers if layer.mlp.type == "experts"), None)
+    attn_period, attn_offset = _period([layer.mixer.type == "attention" for layer in spec.layers])
+    moe_period, moe_offset = _period([layer.mlp.type == "experts" for layer in spec.layers])
+    return {"model_type": "jamba", "architectures": ["JambaForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": attn.n_heads if attn else 1, "num_key_value_heads": attn.kv_heads if attn else 1,
+            "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings,
+            "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_dt_rank": m.rank,
+            "mamba_conv_bias": m.conv_bias, "mamba_proj_bias": m.bias,
+            "num_experts": experts.n_experts if experts else 1, "num_experts_per_tok": experts.top_k if experts else 1,
+            "attn_layer_period": attn_period, "attn_layer_offset": attn_offset,
+            "expert_layer_period": moe_period, "expert_layer_offset": moe_offset}
+
+
 def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpec],
                  to_config: Callable[[LayoutSpec], dict[str, Any]]) -> bool:
     """Whether a family's config of `spec` describes `spec` again (up to backend and chunk length)."""
@@ -566,8 +635,9 @@ FAMILIES: dict[str, Family] = {
     "mamba2": _backbone_family(_mamba2_spec, _mamba2_config, "Mamba2ForCausalLM"),
     "lfm2": Family(_lfm2_spec, lambda t, s: _renamed(t, _LFM2, "lfm2"), lambda t, s: _renamed(t, _LFM2_BACK, "mixerzoo"),
                    _lfm2_config, "Lfm2ForCausalLM"),
-    "bamba": Family(_bamba_spec, lambda t, s: _renamed(t, _BAMBA, "bamba"), lambda t, s: _renamed(t, _BAMBA_BACK, "mixerzoo"),
+    "bamba": Family(_bamba_spec, lambda t, s: _renamed(t, _HYBRID, "bamba"), lambda t, s: _renamed(t, _HYBRID_BACK, "mixerzoo"),
                     _bamba_config, "BambaForCausalLM"),
+    "jamba": Family(_jamba_spec, _jamba_to_ours, _jamba_to_theirs, _jamba_config, "JambaForCausalLM"),
 }
 
 
@@ -581,8 +651,9 @@ def family_of(spec: LayoutSpec) -> str:
             return name
     if _lfm2_holds(spec):
         return "lfm2"
-    if _round_trips(spec, _bamba_spec, _bamba_config):
-        return "bamba"
+    for name in ("bamba", "jamba"):
+        if _round_trips(spec, FAMILIES[name].spec, FAMILIES[name].config):
+            return name
     return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
 
 

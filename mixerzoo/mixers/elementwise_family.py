@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,11 @@ class MambaConfig(_RecurrentBackend):
     dt_rank: int | None = Field(None, gt=0, description="rank of the step-size projection; default ceil(d_model / 16)")
     conv_bias: bool = Field(True, description="bias on the conv")
     bias: bool = Field(False, description="bias on in_proj and out_proj")
+    inner_norm_eps: float | None = Field(None, gt=0, description="RMSNorm the step-size input, B and C with this "
+                                         "eps before the scan (Jamba's dt / b / c_layernorm); none when unset")
     chunk_size: int = Field(16, gt=0, description="chunk length of the chunked scan")
+
+    omitted_when_unset: ClassVar[tuple[str, ...]] = ("inner_norm_eps",)
 
     @property
     def d_inner(self) -> int:
@@ -157,6 +161,10 @@ class Mamba(Mixer):
         self.A_log = nn.Parameter(torch.arange(1, c.d_state + 1, dtype=torch.float32).log().repeat(c.d_inner, 1))
         self.D = nn.Parameter(torch.ones(c.d_inner))
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        if c.inner_norm_eps is not None:
+            self.dt_layernorm = nn.RMSNorm(c.rank, eps=c.inner_norm_eps)
+            self.b_layernorm = nn.RMSNorm(c.d_state, eps=c.inner_norm_eps)
+            self.c_layernorm = nn.RMSNorm(c.d_state, eps=c.inner_norm_eps)
 
     def init_state(self, batch_size, *, device=None, dtype=None):
         """Zero conv tail (activation dtype) and zero SSM state (float32, or float64)."""
@@ -171,6 +179,8 @@ class Mamba(Mixer):
         u, conv = _conv(self.conv1d, u, state.conv, valid, c.backend)
         u = F.silu(u)
         dt, B, C = self.x_proj(u).split([c.rank, c.d_state, c.d_state], dim=-1)
+        if c.inner_norm_eps is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         compute = state.ssm.dtype
         dt = F.softplus(self.dt_proj(dt).to(compute))  # [B, T, d_inner]
         if valid is not None:

@@ -1,7 +1,8 @@
 """Recipes: named spec factories, each at sizes tiny (tests), small (CPU experiments) and paper.
 
 Every recipe shares one size table (width, depth, heads, MLP, vocab) and differs only in
-its layer pattern, so an ablation changes exactly one thing: the token mixers. At paper
+its layer pattern, so an ablation changes exactly one thing: the token mixers (a published hybrid
+also takes what its release changed beyond the pattern, as Jamba's experts, said in its docstring). At paper
 size the shapes are Qwen2.5-VL-3B's LLM (the InfiniteVL teacher), whose LM head is tied to
 the embeddings; tiny and small have their own head, so their embeddings start as unit-RMS
 codes (Decoder.init_weights): a tied tiny model has to start its embeddings at 1/sqrt(d)
@@ -165,8 +166,24 @@ _pattern_recipe("samba", "NS", "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba
 _pattern_recipe("griffin", "RRS", "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU "
                 "blocks to 1 local attention block, 26 layers (the pattern cut after 26, as published).",
                 published_layers=26)
-_pattern_recipe("jamba", "NNNNFNNN", "Jamba (Lieber et al. 2024, arXiv:2403.19887): attention at layer i % 8 == 4 "
-                "among Mamba1 layers, 32 layers (its MoE MLPs await the experts channel mixer).", published_layers=32)
+@register_recipe("jamba")
+def _jamba(size: str) -> LayoutSpec:
+    """Jamba (Lieber et al. 2024, arXiv:2403.19887; Jamba-v0.1 config.json): attention at layer i % 8 == 4 among
+    Mamba1 layers with RMSNorms on dt, B and C, the attention without positions (NoPE) or biases, and 16 experts
+    (top-2 softmax probabilities, not renormalised) in place of the MLP at every odd layer, 32 layers."""
+    n_layers = 32 if size == "paper" else _SHAPES[size]["n_layers"]
+    data = layout(size, pattern="NNNNFNNN", n_layers=n_layers).model_dump(mode="json")
+    for i, layer in enumerate(data["layers"]):
+        if layer["mixer"]["type"] == "mamba":
+            layer["mixer"]["inner_norm_eps"] = 1e-6
+        else:
+            layer["mixer"].update(qkv_bias=False, rope={"kind": "none"})
+        if i % 2 == 1:
+            layer["mlp"] = {"type": "experts", "hidden": layer["mlp"]["hidden"], "n_experts": 16, "top_k": 2,
+                            "normalize_top_k": False}
+    return LayoutSpec.model_validate(data)
+
+
 _pattern_recipe("lfm2", "CCFCCFCCFCFCFCFC", "LFM2-1.2B (Liquid AI 2025, config.json layer_types): 10 gated short "
                 "conv and 6 GQA attention layers in its published order, 16 layers (the first 8 at tiny and "
                 "small).", published_layers=16)

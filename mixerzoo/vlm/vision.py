@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from typing_extensions import Self
 
-from mixerzoo.blocks import MLPSpec, SwiGLU
+from mixerzoo.blocks import SwiGLU
 from mixerzoo.ops import Backend, apply_rotary, attention, rotary_angles
 from mixerzoo.vlm.processor import grid_rows
 from mixerzoo.errors import StrictModel
@@ -190,7 +190,7 @@ class VisionBlock(nn.Module):
         self.norm1 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.norm2 = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.attn = VisionAttention(config)
-        self.mlp = SwiGLU(config.hidden_size, MLPSpec(hidden=config.intermediate_size, bias=True))
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True)
 
     def forward(self, x: torch.Tensor, angles: torch.Tensor, segments: _Segments) -> torch.Tensor:
         """x [N, hidden] -> [N, hidden]."""

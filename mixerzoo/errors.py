@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, ValidationError, model_serializer, model_validator
 from safetensors import SafetensorError, safe_open
 
 
@@ -70,7 +70,20 @@ class StrictModel(BaseModel):
     """Base of every config model: frozen, and a key it does not take is an error that names the key,
     the nearest one it takes and all of them, at whatever depth of a nested config it appears."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
+
+    # Fields added after configs were saved: left out of dumps while at their default, so what was written
+    # before them keeps its dumps and hashes (ablation run keys).
+    omitted_when_default: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_late_defaults(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self.omitted_when_default:
+                if getattr(self, name) == type(self).model_fields[name].default:
+                    data.pop(name, None)
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hid
 
 
 def _configs():
-    from transformers import BambaConfig, JambaConfig, Lfm2Config, LlamaConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+    from transformers import BambaConfig, JambaConfig, Lfm2Config, LlamaConfig, MiniMaxConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
 
     return {
         "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -53,6 +53,11 @@ def _configs():
                              expert_layer_period=2, expert_layer_offset=0, num_experts=4, num_experts_per_tok=2,
                              mamba_d_state=8, mamba_dt_rank=4, mamba_proj_bias=True,
                              tie_word_embeddings=False),
+        "minimax": MiniMaxConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, block_size=8,
+                                 layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+                                 full_attn_alpha_factor=1.5, full_attn_beta_factor=0.8, linear_attn_alpha_factor=1.2,
+                                 linear_attn_beta_factor=0.7, mlp_alpha_factor=1.1, mlp_beta_factor=0.9,
+                                 tie_word_embeddings=False),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -62,7 +67,7 @@ def _configs():
 
 # Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
-            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "mamba": "mamba", "mamba2": "mamba2"}
+            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "minimax": "minimax", "mamba": "mamba", "mamba2": "mamba2"}
 
 
 def _transformers_class(case: str):
@@ -125,7 +130,7 @@ def test_save_pretrained_writes_a_folder_transformers_loads_to_equal_logits(fami
     assert torch.equal(from_pretrained(tmp_path / "ours").embed.weight, ours.embed.weight)
 
 
-@pytest.mark.parametrize("name", ["transformer", "jamba"])
+@pytest.mark.parametrize("name", ["transformer", "jamba", "minimax"])
 def test_a_recipe_a_family_holds_exports_to_a_folder_transformers_loads_to_equal_logits(name, tmp_path):
     from mixerzoo.blocks.hub import FAMILIES as HUB_FAMILIES, family_of
 

@@ -27,11 +27,18 @@ from mixerzoo.ops import shared_rotary
 _STATE_FORMAT = "mixerzoo.decoder_state/1"
 
 
+def _residual_sum(residual: torch.Tensor, output: torch.Tensor, scales: tuple[float, float]) -> torch.Tensor:
+    alpha, beta = scales
+    return residual + output if scales == (1.0, 1.0) else residual * alpha + output * beta
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when there is an MLP."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) when there is an MLP (the spec may
+    scale both terms, and add each output to its normed input instead: MiniMax-01's layer)."""
 
     def __init__(self, spec: LayerSpec, norm_eps: float):
         super().__init__()
+        self.from_normed, self.mixer_scales, self.mlp_scales = spec.residual == "normed", spec.mixer_scales, spec.mlp_scales
         d_model = spec.mixer.d_model
         self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
         self.mixer: Mixer = build_mixer(spec.mixer)
@@ -44,16 +51,18 @@ class Block(nn.Module):
         """x [B, T, d_model] after `state` -> (x, new state); with `documents` (ids [B, T] or their
         PackedLayout, see Mixer.forward_packed), the documents of packed rows are mixed each alone
         from a fresh state, `state` must be None and the returned state is None."""
+        normed = self.mixer_norm(x)
         if documents is not None:
             if state is not None or valid is not None:
                 raise ValueError("Block: packed documents start from a fresh state and mark their own padding; "
                                  "do not pass `state` or `valid` with `documents`")
-            mixed, state = self.mixer.forward_packed(self.mixer_norm(x), documents, positions=positions), None
+            mixed, state = self.mixer.forward_packed(normed, documents, positions=positions), None
         else:
-            mixed, state = self.mixer(self.mixer_norm(x), state, positions=positions, valid=valid)
-        x = x + mixed
+            mixed, state = self.mixer(normed, state, positions=positions, valid=valid)
+        x = _residual_sum(normed if self.from_normed else x, mixed, self.mixer_scales)
         if hasattr(self, "mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
+            normed = self.mlp_norm(x)
+            x = _residual_sum(normed if self.from_normed else x, self.mlp(normed), self.mlp_scales)
         return x, state
 
 

@@ -4,7 +4,7 @@ writes the folder transformers loads back with equal logits.
 
 Families: llama, qwen2, qwen3 (dense attention), qwen3_next (Gated DeltaNet and gated attention, dense
 MLPs and experts), lfm2, bamba (Mamba2 and attention), jamba (Mamba
-with its inner norms, NoPE attention, experts), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
+with its inner norms, NoPE attention, experts), minimax (lightning and softmax attention, experts), mamba and mamba2. A layout no family holds is saved in mixerzoo's own folder format (config.json naming
 model_type "mixerzoo" with the spec, and model.safetensors), which `from_pretrained` reads too.
 """
 
@@ -23,6 +23,7 @@ import torch
 from mixerzoo.blocks.decoder import Decoder
 from mixerzoo.blocks.spec import LayoutSpec
 from mixerzoo.errors import open_safetensors
+from mixerzoo.mixers.linear_family import Lightning
 from mixerzoo.mixers.base import atomic_save_safetensors, atomic_write_bytes
 
 NATIVE = "mixerzoo"  # model_type of mixerzoo's own folder format
@@ -319,11 +320,13 @@ def _qwen3_next_config(spec: LayoutSpec) -> dict[str, Any]:
 def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
     """The spec without what a transformers config cannot hold and that changes no weight or output beyond
     rounding (each mixer's backend and chunk length), its implicit sizes resolved (None for a default that
-    the config writes out: an attention's n_kv_heads and head_dim, a Mamba's dt_rank)."""
+    the config writes out: an attention's n_kv_heads and head_dim, a Mamba's dt_rank, a lightning attention's
+    head_dim)."""
     data = spec.model_dump(mode="json")
     for layer, source in zip(data["layers"], spec.layers):
         mixer = {k: v for k, v in layer["mixer"].items() if k not in ("backend", "chunk_size")}
-        resolved = {"attention": {"n_kv_heads": "kv_heads", "head_dim": "dim"}, "mamba": {"dt_rank": "rank"}}
+        resolved = {"attention": {"n_kv_heads": "kv_heads", "head_dim": "dim"}, "mamba": {"dt_rank": "rank"},
+                    "lightning": {"head_dim": "key_dim"}}
         for field, value in resolved.get(mixer["type"], {}).items():
             mixer[field] = getattr(source.mixer, value)
         layer["mixer"] = mixer
@@ -616,6 +619,112 @@ def _jamba_config(spec: LayoutSpec) -> dict[str, Any]:
             "expert_layer_period": moe_period, "expert_layer_offset": moe_offset}
 
 
+# ---------------------------------------------------------------------------------------------------- minimax
+
+# MiniMax-01: lightning attention (one per-head interleaved qkv_proj, norm over all heads, sigmoid output_gate)
+# or softmax attention, experts in every layer (Mixtral's w1 gate, w3 up, w2 down), and layers that add each
+# output to its normed input with alpha / beta factors.
+_MINIMAX = [(r"model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
+            (r"model\.layers\.(\d+)\.self_attn\.norm\.", r"layers.\1.mixer.o_norm."),
+            (r"model\.layers\.(\d+)\.self_attn\.output_gate\.", r"layers.\1.mixer.g_proj."),
+            (r"model\.layers\.(\d+)\.self_attn\.out_proj\.", r"layers.\1.mixer.o_proj."), *_SHARED]
+_MINIMAX_BACK = [(r"layers\.(\d+)\.mixer\.o_norm\.", r"model.layers.\1.self_attn.norm."),
+                 (r"layers\.(\d+)\.mixer\.g_proj\.", r"model.layers.\1.self_attn.output_gate."), *_SHARED_BACK]
+_MIXTRAL_EXPERTS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_LIGHTNING_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")  # derived from the layer index
+
+
+def _minimax_spec(config: dict[str, Any]) -> LayoutSpec:
+    heads, n_layers, eps = config["num_attention_heads"], config["num_hidden_layers"], config.get("rms_norm_eps", 1e-5)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": head_dim, "rope": {"theta": _rope_theta(config),
+                                                "fraction": rope.get("partial_rotary_factor") or 1.0}}
+    experts = {"type": "experts", "hidden": config["intermediate_size"], "n_experts": config.get("num_local_experts", 8),
+               "top_k": config.get("num_experts_per_tok", 2)}
+    layers = []
+    for i, kind in enumerate(_require(config, "layer_types", "minimax")):
+        if kind == "linear_attention":  # MiniMax's slopes shrink with depth by this factor
+            mixer = {"type": "lightning", "n_heads": heads, "head_dim": head_dim, "norm_eps": 1e-6,
+                     "decay_scale": 1 - i / (n_layers - 1 + 1e-5) + 1e-5}
+            scales = (config.get("linear_attn_alpha_factor", 1), config.get("linear_attn_beta_factor", 1))
+        elif kind == "full_attention":
+            mixer, scales = attention, (config.get("full_attn_alpha_factor", 1), config.get("full_attn_beta_factor", 1))
+        else:
+            raise ValueError(f"minimax config.json layer_types[{i}] = {kind!r}: not linear_attention or full_attention")
+        layers.append({"mixer": mixer, "mlp": experts, "residual": "normed", "mixer_scales": scales,
+                       "mlp_scales": (config.get("mlp_alpha_factor", 1), config.get("mlp_beta_factor", 1))})
+    return _model(config, layers)
+
+
+def _minimax_to_ours(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    theirs = {name.replace(".block_sparse_moe.", ".mlp."): t for name, t in tensors.items()}
+    ours = _experts_to_ours(theirs, spec, lambda i: f"model.layers.{i}.mlp.", names=_MIXTRAL_EXPERTS)
+    for i, layer in enumerate(spec.layers):
+        prefix, c = f"model.layers.{i}.self_attn.", layer.mixer
+        if c.type != "lightning":
+            continue
+        slopes = theirs.pop(prefix + "slope_rate", None)
+        for name in _LIGHTNING_BUFFERS[1:]:
+            theirs.pop(prefix + name, None)
+        ours_slopes = -Lightning.head_log_decay(c)
+        if slopes is not None and not torch.allclose(slopes.double().flatten(), ours_slopes, rtol=1e-5):
+            raise ValueError(f"minimax layer {i}: slope_rate {slopes.flatten().tolist()} is not MiniMax's for its depth "
+                             f"({ours_slopes.tolist()})")
+        q, k, v = theirs.pop(prefix + "qkv_proj.weight").unflatten(0, (c.n_heads, 3, c.key_dim)).unbind(1)
+        ours |= {f"layers.{i}.mixer.{name}_proj.weight": t.flatten(0, 1) for name, t in zip("qkv", (q, k, v))}
+    return ours | _renamed(theirs, _MINIMAX, "minimax")
+
+
+def _minimax_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    ours = dict(tensors)
+    theirs = _experts_to_theirs(ours, spec, lambda i: f"model.layers.{i}.block_sparse_moe.", names=_MIXTRAL_EXPERTS)
+    for i, layer in enumerate(spec.layers):
+        mine, c = f"layers.{i}.mixer.", layer.mixer
+        if c.type != "lightning":
+            continue
+        q, k, v = (ours.pop(f"{mine}{name}_proj.weight").unflatten(0, (c.n_heads, c.key_dim)) for name in "qkv")
+        theirs[f"model.layers.{i}.self_attn.qkv_proj.weight"] = torch.stack([q, k, v], 1).flatten(0, 2)
+        theirs[f"model.layers.{i}.self_attn.out_proj.weight"] = ours.pop(mine + "o_proj.weight")
+        theirs |= {f"model.layers.{i}.self_attn.{name}": t for name, t in _lightning_buffers(c, q.dtype).items()}
+    return theirs | _renamed(ours, _MINIMAX_BACK, "mixerzoo")
+
+
+_MINIMAX_BLOCK = 256  # the block length of MiniMax's chunked lightning attention, which its decay buffers span
+
+
+def _lightning_buffers(c, dtype: torch.dtype) -> Tensors:
+    """The decay buffers MiniMax's lightning attention keeps (slopes and their powers over one block), so the
+    exported checkpoint is complete."""
+    slopes = (-Lightning.head_log_decay(c))[:, None, None]  # [H, 1, 1]
+    steps = torch.arange(1, _MINIMAX_BLOCK + 1, dtype=torch.float64)
+    lags = slopes * (steps[:, None] - steps[None, :])  # [H, C, C]: slope x (i - j)
+    buffers = {"slope_rate": slopes, "query_decay": torch.exp(-slopes * steps[:, None]),
+               "key_decay": torch.exp(-slopes * (_MINIMAX_BLOCK - steps[:, None])),
+               "diagonal_decay": torch.where(lags >= 0, torch.exp(-lags.clamp_min(0)), 0.0)[None]}
+    return {name: t.to(dtype) for name, t in buffers.items()}
+
+
+def _minimax_config(spec: LayoutSpec) -> dict[str, Any]:
+    lightning = next(layer for layer in spec.layers if layer.mixer.type == "lightning")
+    full = next((layer for layer in spec.layers if layer.mixer.type == "attention"), None)
+    experts = spec.layers[0].mlp
+    attention = {} if full is None else {
+        "num_key_value_heads": full.mixer.kv_heads, "full_attn_alpha_factor": full.mixer_scales[0],
+        "full_attn_beta_factor": full.mixer_scales[1],
+        "rope_parameters": {"rope_type": "default", "rope_theta": full.mixer.rope.theta,
+                            **({} if full.mixer.rope.fraction == 1 else {"partial_rotary_factor": full.mixer.rope.fraction})}}
+    return {"model_type": "minimax", "architectures": ["MiniMaxForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": experts.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": lightning.mixer.n_heads, "head_dim": lightning.mixer.key_dim, **attention,
+            "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings,
+            "num_local_experts": experts.n_experts, "num_experts_per_tok": experts.top_k, "block_size": _MINIMAX_BLOCK,
+            "linear_attn_alpha_factor": lightning.mixer_scales[0], "linear_attn_beta_factor": lightning.mixer_scales[1],
+            "mlp_alpha_factor": lightning.mlp_scales[0], "mlp_beta_factor": lightning.mlp_scales[1],
+            "layer_types": ["linear_attention" if layer.mixer.type == "lightning" else "full_attention" for layer in spec.layers]}
+
+
 def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpec],
                  to_config: Callable[[LayoutSpec], dict[str, Any]]) -> bool:
     """Whether a family's config of `spec` describes `spec` again (up to backend and chunk length)."""
@@ -638,6 +747,7 @@ FAMILIES: dict[str, Family] = {
     "bamba": Family(_bamba_spec, lambda t, s: _renamed(t, _HYBRID, "bamba"), lambda t, s: _renamed(t, _HYBRID_BACK, "mixerzoo"),
                     _bamba_config, "BambaForCausalLM"),
     "jamba": Family(_jamba_spec, _jamba_to_ours, _jamba_to_theirs, _jamba_config, "JambaForCausalLM"),
+    "minimax": Family(_minimax_spec, _minimax_to_ours, _minimax_to_theirs, _minimax_config, "MiniMaxForCausalLM"),
 }
 
 
@@ -651,7 +761,7 @@ def family_of(spec: LayoutSpec) -> str:
             return name
     if _lfm2_holds(spec):
         return "lfm2"
-    for name in ("bamba", "jamba"):
+    for name in ("bamba", "jamba", "minimax"):
         if _round_trips(spec, FAMILIES[name].spec, FAMILIES[name].config):
             return name
     return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE

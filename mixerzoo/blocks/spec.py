@@ -9,12 +9,10 @@ validated spec always holds the explicit list, and dumps round-trip to an equal 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    Field, SerializeAsAny, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer, model_validator,
-)
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from typing_extensions import Self
 
 from mixerzoo.errors import StrictModel, describe_validation_error
@@ -39,14 +37,7 @@ class MLPSpec(StrictModel):
                                                               "token sees (none when unset)")
     shared_gate: bool = Field(False, description="experts: scale the shared expert by sigmoid(w . x) (Qwen3-Next)")
 
-    @model_serializer(mode="wrap")
-    def _without_expert_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A dense MLP dumps as before experts existed, so its layouts' hashes (run keys) do not change."""
-        data = handler(self)
-        if self.type != "experts":
-            for name in _EXPERT_FIELDS:
-                data.pop(name, None)
-        return data
+    omitted_when_default: ClassVar[tuple[str, ...]] = _EXPERT_FIELDS
 
     @model_validator(mode="after")
     def _fields_match_type(self) -> Self:
@@ -73,11 +64,19 @@ class MLPSpec(StrictModel):
 
 
 class LayerSpec(StrictModel):
-    """One decoder layer: a token mixer (any registered type) and an MLP."""
+    """One decoder layer: a token mixer (any registered type) and an MLP, each after its RMSNorm and added to
+    the residual stream (pre-norm), or as MiniMax-01 writes its layers."""
 
     mixer: SerializeAsAny[MixerConfig] = Field(
         description="the token mixer: a mapping with a registered `type` and that type's fields")
     mlp: MLPSpec = Field(description="the channel mixer after it")
+    residual: Literal["stream", "normed"] = Field("stream", description="what each sublayer's output is added to: "
+        "the residual stream (pre-norm) or its own normed input, which then replaces the stream (MiniMax-01)")
+    mixer_scales: tuple[float, float] = Field((1.0, 1.0), description="(alpha, beta): the layer adds "
+        "alpha * residual + beta * mixer output (MiniMax's attn_alpha_factor / attn_beta_factor)")
+    mlp_scales: tuple[float, float] = Field((1.0, 1.0), description="(alpha, beta) of the MLP's residual sum")
+
+    omitted_when_default: ClassVar[tuple[str, ...]] = ("residual", "mixer_scales", "mlp_scales")
 
     @field_validator("mixer", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from typing import ClassVar, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import Self
@@ -46,17 +46,6 @@ class MixerConfig(StrictModel):
     d_model: int = Field(gt=0, description="width of the residual stream")
     backend: Backend = Field("auto", description="op backend; never changes parameters or state layout")
 
-    # Fields added after layouts were saved, whose None means "off": left out of dumps while None, so the
-    # layouts written before them keep their dumps and hashes (run keys).
-    omitted_when_unset: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _without_unset_additions(self, handler: SerializerFunctionWrapHandler) -> dict:
-        data = handler(self)
-        for name in self.omitted_when_unset:
-            if getattr(self, name) is None:
-                data.pop(name, None)
-        return data
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs) -> None:

@@ -110,7 +110,7 @@ class MambaConfig(_RecurrentBackend):
                                          "eps before the scan (Jamba's dt / b / c_layernorm); none when unset")
     chunk_size: int = Field(16, gt=0, description="chunk length of the chunked scan")
 
-    omitted_when_unset: ClassVar[tuple[str, ...]] = ("inner_norm_eps",)
+    omitted_when_default: ClassVar[tuple[str, ...]] = ("inner_norm_eps",)
 
     @property
     def d_inner(self) -> int:

@@ -159,8 +159,25 @@ def _infinitevl_1to7(size: str) -> LayoutSpec:
 # Published hybrids (tiny / small at their 8 layers, paper at the published depth).
 _pattern_recipe("qwen3-next", "GGGA", "Qwen3-Next (Qwen team, 2025; Qwen3-Next-80B-A3B config.json): 3 Gated "
                 "DeltaNet layers to 1 gated attention layer, 48 layers.", published_layers=48)
-_pattern_recipe("minimax", "LLLLLLLF", "MiniMax-01 (MiniMax 2025, arXiv:2501.08313): 7 lightning attention layers "
-                "to 1 softmax attention layer, 80 layers.", published_layers=80)
+@register_recipe("minimax")
+def _minimax(size: str) -> LayoutSpec:
+    """MiniMax-01 (MiniMax 2025, arXiv:2501.08313; MiniMax-Text-01 config.json): 7 lightning attention layers (their
+    slopes shrinking with depth) to 1 softmax attention layer without biases, 32 experts (top-2, renormalised) in
+    every layer, and layers that add each output to its normed input, the input scaled by (2 n_layers)^(1/4)
+    (3.56 at its 80 layers, DeepNorm's alpha), 80 layers."""
+    n_layers = 80 if size == "paper" else _SHAPES[size]["n_layers"]
+    data = layout(size, pattern="LLLLLLLF", n_layers=n_layers).model_dump(mode="json")
+    alpha = (2 * n_layers) ** 0.25
+    for i, layer in enumerate(data["layers"]):
+        if layer["mixer"]["type"] == "lightning":
+            layer["mixer"].update(norm_eps=1e-6, decay_scale=1 - i / (n_layers - 1 + 1e-5) + 1e-5)
+        else:
+            layer["mixer"]["qkv_bias"] = False
+        layer.update(mlp={"type": "experts", "hidden": layer["mlp"]["hidden"], "n_experts": 32, "top_k": 2},
+                     residual="normed", mixer_scales=(alpha, 1.0), mlp_scales=(alpha, 1.0))
+    return LayoutSpec.model_validate(data)
+
+
 _pattern_recipe("samba", "NS", "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba1 and sliding-window attention "
                 "alternating (each with its MLP), 32 layers at 3.8B.", published_layers=32)
 _pattern_recipe("griffin", "RRS", "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU "

@@ -73,8 +73,8 @@ def test_every_recipe_builds_at_every_size(size):
         count = parameter_count(recipe(name, size))
         if size == "tiny":
             assert count < 2_000_000, (name, count)
-        if size == "small":
-            assert 20_000_000 <= count <= 50_000_000, (name, count)
+        if size == "small":  # experts hold more than a token runs: minimax 53M, jamba 64M (4 MLP-wide experts)
+            assert 20_000_000 <= count <= 70_000_000, (name, count)
 
 
 def test_paper_sizes_have_the_published_parameter_counts():

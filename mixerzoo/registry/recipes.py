@@ -162,8 +162,8 @@ _pattern_recipe("qwen3-next", "GGGA", "Qwen3-Next (Qwen team, 2025; Qwen3-Next-8
 @register_recipe("minimax")
 def _minimax(size: str) -> LayoutSpec:
     """MiniMax-01 (MiniMax 2025, arXiv:2501.08313; MiniMax-Text-01 config.json): 7 lightning attention layers (their
-    slopes shrinking with depth) to 1 softmax attention layer without biases, 32 experts (top-2, renormalised) in
-    every layer, and layers that add each output to its normed input, the input scaled by (2 n_layers)^(1/4)
+    slopes shrinking with depth) to 1 softmax attention layer without biases, 32 experts (top-2, renormalised; at tiny
+    and small 4 of half the MLP's width, as many weights per token as it) in every layer, and layers that add each output to its normed input, the input scaled by (2 n_layers)^(1/4)
     (3.56 at its 80 layers, DeepNorm's alpha), 80 layers."""
     n_layers = 80 if size == "paper" else _SHAPES[size]["n_layers"]
     data = layout(size, pattern="LLLLLLLF", n_layers=n_layers).model_dump(mode="json")
@@ -173,8 +173,9 @@ def _minimax(size: str) -> LayoutSpec:
             layer["mixer"].update(norm_eps=1e-6, decay_scale=1 - i / (n_layers - 1 + 1e-5) + 1e-5)
         else:
             layer["mixer"]["qkv_bias"] = False
-        layer.update(mlp={"type": "experts", "hidden": layer["mlp"]["hidden"], "n_experts": 32, "top_k": 2},
-                     residual="normed", mixer_scales=(alpha, 1.0), mlp_scales=(alpha, 1.0))
+        hidden = layer["mlp"]["hidden"] // (1 if size == "paper" else 2)  # tiny, small: the MLP's weights per token
+        layer.update(mlp=_experts(size, hidden, published=32), residual="normed",
+                     mixer_scales=(alpha, 1.0), mlp_scales=(alpha, 1.0))
     return LayoutSpec.model_validate(data)
 
 
@@ -183,11 +184,17 @@ _pattern_recipe("samba", "NS", "Samba (Ren et al. 2024, arXiv:2406.07522): Mamba
 _pattern_recipe("griffin", "RRS", "Griffin / RecurrentGemma-2B (De et al. 2024, arXiv:2402.19427): 2 RG-LRU "
                 "blocks to 1 local attention block, 26 layers (the pattern cut after 26, as published).",
                 published_layers=26)
+def _experts(size: str, hidden: int, *, published: int, **fields) -> dict:
+    """A top-2 experts MLP of `hidden`-wide experts: the published expert count at paper size, 4 at tiny and small."""
+    return {"type": "experts", "hidden": hidden, "n_experts": published if size == "paper" else 4, "top_k": 2, **fields}
+
+
 @register_recipe("jamba")
 def _jamba(size: str) -> LayoutSpec:
     """Jamba (Lieber et al. 2024, arXiv:2403.19887; Jamba-v0.1 config.json): attention at layer i % 8 == 4 among
     Mamba1 layers with RMSNorms on dt, B and C, the attention without positions (NoPE) or biases, and 16 experts
-    (top-2 softmax probabilities, not renormalised) in place of the MLP at every odd layer, 32 layers."""
+    (top-2 softmax probabilities, not renormalised; 4 at tiny and small) as wide as the MLP in its place at
+    every odd layer, 32 layers."""
     n_layers = 32 if size == "paper" else _SHAPES[size]["n_layers"]
     data = layout(size, pattern="NNNNFNNN", n_layers=n_layers).model_dump(mode="json")
     for i, layer in enumerate(data["layers"]):
@@ -196,8 +203,7 @@ def _jamba(size: str) -> LayoutSpec:
         else:
             layer["mixer"].update(qkv_bias=False, rope={"kind": "none"})
         if i % 2 == 1:
-            layer["mlp"] = {"type": "experts", "hidden": layer["mlp"]["hidden"], "n_experts": 16, "top_k": 2,
-                            "normalize_top_k": False}
+            layer["mlp"] = _experts(size, layer["mlp"]["hidden"], published=16, normalize_top_k=False)  # as wide as the MLP
     return LayoutSpec.model_validate(data)
 
 

@@ -17,6 +17,8 @@
 #   bench    decode latency, streaming FPS, prefill, op times            -> bench.log, bench.json, bench.md
 #   stream-compiled  streaming FPS at 256 tokens per frame, frames compiled -> bench.log, bench.json, bench.md
 #   train    training tokens/s, ours vs fla's GatedDeltaNetForCausalLM  -> bench.log, bench.json, bench.md
+#   speculative  draft decoding's acceptance and speed-up (experiments/speculative.py, small infinitevl and
+#            transformer, the draft their first 2 layers)                -> bench.log
 #   zoology  experiments/zoology-row.yaml at $ZOOLOGY_SCALE of its steps (default 0.08: 1,000 steps),
 #            every run at once on the GPU; its table and runs.jsonl      -> bench.log
 # plus gpu_check.log (steps, exit codes, seconds) and env.txt (device, versions): 8 files, the most $OUT returns.
@@ -26,7 +28,7 @@ OUT="${OUT:-results/gpu_check}"
 PYTHON="${PYTHON:-python3}"
 BUDGET="${BUDGET:-570}"
 ZOOLOGY_SCALE="${ZOOLOGY_SCALE:-0.08}"
-ALL_STEPS=(pytest graph bench stream-compiled train zoology)
+ALL_STEPS=(pytest graph bench stream-compiled train speculative zoology)
 DRY=0
 [[ "${1:-}" == "--dry-run" ]] && { DRY=1; shift; }
 STEPS=("$@")
@@ -101,6 +103,9 @@ wanted bench && step bench 190 "$PYTHON" experiments/gpu_bench.py --out "$OUT" -
 # the next steps log into bench.log too: 8 files
 wanted stream-compiled && step bench 120 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections stream-compiled
 wanted train && step bench 120 "$PYTHON" experiments/gpu_bench.py --out "$OUT" --sections train
+for recipe in infinitevl transformer; do
+  wanted speculative && step bench 40 "$PYTHON" experiments/speculative.py --recipe "$recipe" --device cuda --tokens 128
+done
 if wanted zoology; then
   step bench 200 "$PYTHON" -m mixerzoo ablate experiments/zoology-row.yaml --out /tmp/zoology --device cuda \
     --dtype bfloat16 --jobs-per-gpu 10 --scale "$ZOOLOGY_SCALE"

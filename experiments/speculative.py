@@ -1,8 +1,9 @@
-"""Acceptance and speed-up of decoding with a draft on the CPU: a recipe's small model (random weights) as the
-target, and as the draft its own first layers with its final norm and head (self-speculation, as
+"""Acceptance and speed-up of decoding with a draft, on the CPU or a GPU: a recipe's small model (random weights)
+as the target, and as the draft its own first layers with its final norm and head (self-speculation, as
 LayerSkip's early exit); greedy, so the tokens must equal the target's own.
 
-    python experiments/speculative_cpu.py --recipe infinitevl --draft-layers 2 --tokens 64 --threads 1
+    python experiments/speculative.py --recipe infinitevl --draft-layers 2 --tokens 64 --threads 1
+    python experiments/speculative.py --recipe infinitevl --device cuda --tokens 128   # experiments/gpu_check.sh
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def early_exit(model: mz.Decoder, n_layers: int) -> mz.Decoder:
     """The first `n_layers` of `model` with its embeddings, final norm and head (copies of its weights)."""
     spec = mz.LayoutSpec.model_validate({**model.spec.model_dump(exclude={"layers"}),
                                          "layers": [layer.model_dump() for layer in model.spec.layers[:n_layers]]})
-    draft = mz.Decoder(spec)
+    draft = mz.Decoder(spec).to(model.embed.weight.device)
     weights = {k: v for k, v in copy.deepcopy(model.state_dict()).items()
                if not k.startswith("layers.") or int(k.split(".")[1]) < n_layers}
     draft.load_state_dict(weights)
@@ -38,23 +39,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    target = mz.Decoder(recipe(args.recipe, args.size)).eval()
+    device = torch.device(args.device)
+    target = mz.Decoder(recipe(args.recipe, args.size)).to(device).eval()
     draft = early_exit(target, args.draft_layers)
-    prompt = torch.randint(0, target.spec.vocab_size, (1, 32), generator=torch.Generator().manual_seed(args.seed))
+    prompt = torch.randint(0, target.spec.vocab_size, (1, 32), generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+    def timed(call):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out, time.perf_counter() - start
+
     mz.generate(target, prompt, max_new_tokens=4)  # warm-up
-    start = time.perf_counter()
-    expected = mz.generate(target, prompt, max_new_tokens=args.tokens)
-    alone = time.perf_counter() - start
+    speculative_generate(target, draft, prompt, max_new_tokens=4, draft_tokens=2)
+    expected, alone = timed(lambda: mz.generate(target, prompt, max_new_tokens=args.tokens))
     print(f"{args.recipe} {args.size}, {len(target.layers)} layers; draft: its first {args.draft_layers}; "
-          f"{args.tokens} greedy tokens, {args.threads} thread(s)")
+          f"{args.tokens} greedy tokens, on {args.device}" + (f", {args.threads} thread(s)" if device.type == "cpu" else ""))
     print(f"target alone: {alone:.3f} s")
     for n in args.draft_tokens:
-        start = time.perf_counter()
-        result = speculative_generate(target, draft, prompt, max_new_tokens=args.tokens, draft_tokens=n)
-        seconds = time.perf_counter() - start
+        result, seconds = timed(lambda: speculative_generate(target, draft, prompt, max_new_tokens=args.tokens,
+                                                              draft_tokens=n))
         assert torch.equal(result.tokens, expected), "the draft changed the greedy tokens"
         print(f"draft_tokens {n}: {seconds:.3f} s, speed-up {alone / seconds:.2f}x, acceptance "
               f"{result.acceptance:.2f}, target calls {result.target_calls} (alone: {args.tokens})")

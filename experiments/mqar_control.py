@@ -10,6 +10,7 @@ initialisation:
     old       main before the fix: PyTorch's Linear default, embeddings N(0, 0.02), no depth scaling
 
     python experiments/mqar_control.py --model control
+    python experiments/mqar_control.py --model control --mixing linear --width 32 --heads 2   # the atlas's control
     python experiments/mqar_control.py --model decoder --pattern F --init gpt2 --tie
 """
 
@@ -52,6 +53,9 @@ def main() -> None:
     """Parse the options, train, print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["control", "decoder"], default="decoder")
+    parser.add_argument("--mixing", choices=["softmax", "linear"], default="softmax", help="the control's attention")
+    parser.add_argument("--width", type=int, default=64, help="the control's d_model")
+    parser.add_argument("--heads", type=int, default=4, help="the control's heads")
     parser.add_argument("--pattern", default="F", help="recipe letters (tiny legend): F, S, G, M")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--init", choices=["scheme", "gpt2", "old"], default="scheme")
@@ -70,7 +74,7 @@ def main() -> None:
     task = MQARConfig(vocab_size=args.vocab, seq_len=args.seq, n_pairs=args.pairs)
     torch.manual_seed(args.seed)
     if args.model == "control":
-        model = ControlLM(args.vocab)
+        model = ControlLM(args.vocab, d_model=args.width, n_heads=args.heads, mixing=args.mixing)
     else:
         data = layout("tiny", pattern=args.pattern).model_dump(mode="json")
         data.update(layers=data["layers"][:args.layers], vocab_size=args.vocab, tie_embeddings=args.tie)

@@ -333,12 +333,12 @@ def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
     return data
 
 
-def _qwen3_next_holds(spec: LayoutSpec) -> bool:
-    """Whether the layout is Qwen3-Next's: Gated DeltaNet and gated attention layers of one shape each, dense MLPs
-    of one width and experts (with a gated shared expert) of one shape."""
+def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpec],
+                 to_config: Callable[[LayoutSpec], dict[str, Any]]) -> bool:
+    """Whether a family's config of `spec` describes `spec` again (up to backend and chunk length)."""
     try:
-        return _arithmetic(_qwen3_next_spec(_qwen3_next_config(spec))) == _arithmetic(spec)
-    except (StopIteration, ValueError, KeyError, AttributeError):
+        return _arithmetic(to_spec(to_config(spec))) == _arithmetic(spec)
+    except (StopIteration, ValueError, KeyError, AttributeError, ZeroDivisionError):
         return False
 
 
@@ -489,14 +489,6 @@ def _lfm2_config(spec: LayoutSpec) -> dict[str, Any]:
             "norm_eps": spec.norm_eps, "conv_L_cache": conv.conv_size, "conv_bias": conv.bias,
             "tie_word_embeddings": spec.tie_embeddings, "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta},
             "layer_types": ["full_attention" if layer.mixer.type == "attention" else "conv" for layer in spec.layers]}
-
-
-def _lfm2_holds(spec: LayoutSpec) -> bool:
-    """Whether the layout is LFM2's: short convs and qk-normed attention of one shape each, one MLP width."""
-    try:
-        return _arithmetic(_lfm2_spec(_lfm2_config(spec))) == _arithmetic(spec)
-    except (StopIteration, ValueError, KeyError, AttributeError):
-        return False
 
 
 # ------------------------------------------------------------------------------------------------ bamba, jamba
@@ -725,15 +717,6 @@ def _minimax_config(spec: LayoutSpec) -> dict[str, Any]:
             "layer_types": ["linear_attention" if layer.mixer.type == "lightning" else "full_attention" for layer in spec.layers]}
 
 
-def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpec],
-                 to_config: Callable[[LayoutSpec], dict[str, Any]]) -> bool:
-    """Whether a family's config of `spec` describes `spec` again (up to backend and chunk length)."""
-    try:
-        return _arithmetic(to_spec(to_config(spec))) == _arithmetic(spec)
-    except (StopIteration, ValueError, KeyError, AttributeError, ZeroDivisionError):
-        return False
-
-
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
@@ -759,12 +742,10 @@ def family_of(spec: LayoutSpec) -> str:
     for name in ("mamba", "mamba2"):
         if _ssm_holds(spec, name):
             return name
-    if _lfm2_holds(spec):
-        return "lfm2"
-    for name in ("bamba", "jamba", "minimax"):
+    for name in ("lfm2", "bamba", "jamba", "minimax", "qwen3_next"):
         if _round_trips(spec, FAMILIES[name].spec, FAMILIES[name].config):
             return name
-    return "qwen3_next" if _qwen3_next_holds(spec) else NATIVE
+    return NATIVE
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Decoder:

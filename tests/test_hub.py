@@ -25,7 +25,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hid
 
 
 def _configs():
-    from transformers import BambaConfig, JambaConfig, Lfm2Config, LlamaConfig, MiniMaxConfig, Mamba2Config, MambaConfig, Qwen2Config, Qwen3Config, Qwen3NextConfig
+    from transformers import (BambaConfig, FalconH1Config, JambaConfig, Lfm2Config, LlamaConfig, MiniMaxConfig, Mamba2Config, MambaConfig,
+                              Qwen2Config, Qwen3Config, Qwen3NextConfig, RecurrentGemmaConfig)
 
     return {
         "llama": LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -58,6 +59,16 @@ def _configs():
                                  full_attn_alpha_factor=1.5, full_attn_beta_factor=0.8, linear_attn_alpha_factor=1.2,
                                  linear_attn_beta_factor=0.7, mlp_alpha_factor=1.1, mlp_beta_factor=0.9,
                                  tie_word_embeddings=False),
+        "recurrent_gemma": RecurrentGemmaConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=96,
+                                                num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=1,
+                                                attention_window_size=8, block_types=["recurrent", "recurrent", "attention"]),
+        "falcon_h1": FalconH1Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_d_ssm=48,
+                                    mamba_n_heads=4, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8,
+                                    mamba_rms_norm=True, embedding_multiplier=2.5, lm_head_multiplier=0.7,
+                                    key_multiplier=1.3, attention_in_multiplier=0.9, attention_out_multiplier=1.1,
+                                    ssm_in_multiplier=1.2, ssm_out_multiplier=0.8, mlp_multipliers=[1.4, 0.6],
+                                    ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3]),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -65,9 +76,15 @@ def _configs():
     }
 
 
-# Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2).
+# Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2;
+# recurrent_gemma: RG-LRU, RG-LRU, local attention with a window of 8 inside the 16-token prompt, RG-LRU;
+# falcon_h1: a Mamba2 width that is not expand x hidden, its norm before the gate, and every µP multiplier
+# away from 1, so each fold into a weight is checked).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
-            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "minimax": "minimax", "mamba": "mamba", "mamba2": "mamba2"}
+            "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "minimax": "minimax", "recurrent_gemma": "recurrent_gemma",
+            "falcon_h1": "falcon_h1", "mamba": "mamba", "mamba2": "mamba2"}
+# Families whose RMSNorms scale by (1 + weight): their norm weights are drawn around 0, the others' around 1.
+ZERO_CENTRED_NORMS = {"qwen3_next", "recurrent_gemma"}
 
 
 def _transformers_class(case: str):
@@ -88,7 +105,7 @@ def _theirs(family: str):
             if name.endswith("A_log"):
                 p.copy_(torch.rand_like(p) * 2)
             else:
-                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 0.2) + (1.0 if "norm" in name and FAMILIES[family] != "qwen3_next" else 0.0))
+                p.copy_(torch.randn_like(p) * (0.5 if p.dim() > 1 else 0.2) + (1.0 if "norm" in name and FAMILIES[family] not in ZERO_CENTRED_NORMS else 0.0))
     return model
 
 

@@ -51,11 +51,11 @@ class Block(nn.Module):
         """x [B, T, d_model] after `state` -> (x, new state); with `documents` (ids [B, T] or their
         PackedLayout, see Mixer.forward_packed), the documents of packed rows are mixed each alone
         from a fresh state, `state` must be None and the returned state is None."""
+        if documents is not None and (state is not None or valid is not None):
+            raise ValueError("Block: packed documents start from a fresh state and mark their own padding; "
+                             "do not pass `state` or `valid` with `documents`")
         normed = self.mixer_norm(x)
         if documents is not None:
-            if state is not None or valid is not None:
-                raise ValueError("Block: packed documents start from a fresh state and mark their own padding; "
-                                 "do not pass `state` or `valid` with `documents`")
             mixed, state = self.mixer.forward_packed(normed, documents, positions=positions), None
         else:
             mixed, state = self.mixer(normed, state, positions=positions, valid=valid)
@@ -64,6 +64,18 @@ class Block(nn.Module):
             normed = self.mlp_norm(x)
             x = _residual_sum(normed if self.from_normed else x, self.mlp(normed), self.mlp_scales)
         return x, state
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times a constant (Gemma's sqrt(d_model) normaliser); `weight` as nn.Embedding's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scale: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T, embedding_dim]."""
+        return super().forward(input_ids) * self.scale
 
 
 @dataclasses.dataclass
@@ -200,7 +212,8 @@ class Decoder(nn.Module):
     def __init__(self, spec: LayoutSpec):
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.embed = (nn.Embedding(spec.vocab_size, spec.d_model) if spec.embed_scale == 1
+                      else ScaledEmbedding(spec.vocab_size, spec.d_model, spec.embed_scale))
         self.layers = nn.ModuleList(Block(layer, spec.norm_eps) for layer in spec.layers)
         self.norm = nn.RMSNorm(spec.d_model, eps=spec.norm_eps)
         if not spec.tie_embeddings:
@@ -263,7 +276,9 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head over final hidden states [B, T, d_model] -> [B, T, vocab]."""
         weight = self.embed.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        cap = self.spec.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(
         self,

@@ -60,6 +60,7 @@ class Family:
     to_theirs: Callable[[Tensors, LayoutSpec], Tensors]
     config: Callable[[LayoutSpec], dict[str, Any]]
     architecture: str
+    fold: Callable[[Tensors, dict[str, Any]], Tensors] | None = None  # the config's multipliers into its weights
 
 
 def _require(config: dict[str, Any], key: str, model_type: str) -> Any:
@@ -322,14 +323,21 @@ def _arithmetic(spec: LayoutSpec) -> dict[str, Any]:
     rounding (each mixer's backend and chunk length), its implicit sizes resolved (None for a default that
     the config writes out: an attention's n_kv_heads and head_dim, a Mamba's dt_rank, a lightning attention's
     head_dim)."""
+    resolved = {"attention": {"n_kv_heads": "kv_heads", "head_dim": "dim"}, "mamba": {"dt_rank": "rank"},
+                "lightning": {"head_dim": "key_dim"}, "rglru": {"lru_width": "width"}, "mamba2": {"d_ssm": "d_inner"}}
+
+    def arithmetic(mixer: dict[str, Any], source) -> dict[str, Any]:
+        mixer = {k: v for k, v in mixer.items() if k not in ("backend", "chunk_size")}
+        for field, value in resolved.get(mixer["type"], {}).items():
+            mixer[field] = getattr(source, value)
+        if mixer["type"] == "parallel":
+            mixer["mixers"] = [arithmetic(m, s) for m, s in zip(mixer["mixers"], source.mixers)]
+            mixer["output_scales"] = source.scales
+        return mixer
+
     data = spec.model_dump(mode="json")
     for layer, source in zip(data["layers"], spec.layers):
-        mixer = {k: v for k, v in layer["mixer"].items() if k not in ("backend", "chunk_size")}
-        resolved = {"attention": {"n_kv_heads": "kv_heads", "head_dim": "dim"}, "mamba": {"dt_rank": "rank"},
-                    "lightning": {"head_dim": "key_dim"}}
-        for field, value in resolved.get(mixer["type"], {}).items():
-            mixer[field] = getattr(source.mixer, value)
-        layer["mixer"] = mixer
+        layer["mixer"] = arithmetic(layer["mixer"], source.mixer)
     return data
 
 
@@ -717,6 +725,173 @@ def _minimax_config(spec: LayoutSpec) -> dict[str, Any]:
             "layer_types": ["linear_attention" if layer.mixer.type == "lightning" else "full_attention" for layer in spec.layers]}
 
 
+# ----------------------------------------------------------------------------------------- recurrent_gemma
+
+# RecurrentGemma's names: temporal_pre_norm / channel_pre_norm around each layer, temporal_block the mixer
+# (an RG-LRU block or local attention, parameter names as ours), mlp_block the GeGLU MLP, final_norm the
+# final norm. Its RMSNorms scale by (1 + weight): ours hold that sum.
+_RECURRENT_GEMMA = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_norm\.", "norm."), (r"lm_head\.", "lm_head."),
+                    (r"model\.layers\.(\d+)\.temporal_pre_norm\.", r"layers.\1.mixer_norm."),
+                    (r"model\.layers\.(\d+)\.channel_pre_norm\.", r"layers.\1.mlp_norm."),
+                    (r"model\.layers\.(\d+)\.mlp_block\.", r"layers.\1.mlp."),
+                    (r"model\.layers\.(\d+)\.temporal_block\.", r"layers.\1.mixer.")]
+_GEMMA_NORM = re.compile(r"(layers\.\d+\.(mixer|mlp)_norm|norm)\.weight$")
+
+
+def _inverse(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Prefix rename rules (at most one layer index each) turned around: ours -> theirs, in the same order."""
+    def pattern(target: str) -> str:
+        return re.escape(target).replace(re.escape("\\1"), r"(\d+)")
+
+    def target(pattern: str) -> str:
+        return pattern.replace(r"(\d+)", "\\1").replace("\\.", ".")
+
+    return [(pattern(theirs), target(ours)) for ours, theirs in rules]
+
+
+def _recurrent_gemma_spec(config: dict[str, Any]) -> LayoutSpec:
+    d_model, heads, n_layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    if config.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ValueError(f"recurrent_gemma config.json hidden_activation {config['hidden_activation']!r}: "
+                         "mixerzoo's GeGLU is gelu_pytorch_tanh")
+    rope = config.get("rope_parameters") or {}
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": d_model // heads, "window": config.get("attention_window_size", 2048),
+                 "qkv_bias": bool(config.get("attention_bias", False)), "o_bias": True,
+                 "rope": {"theta": _rope_theta(config), "fraction": rope.get("partial_rotary_factor", 0.5)}}
+    recurrent = {"type": "rglru", "lru_width": config.get("lru_width") or d_model, "n_heads": heads,
+                 "conv_size": config.get("conv1d_width", 4)}
+    kinds = {"recurrent": recurrent, "attention": attention}
+    types = (list(config.get("block_types") or ("recurrent", "recurrent", "attention")) * n_layers)[:n_layers]
+    layers = []
+    for i, kind in enumerate(types):
+        if kind not in kinds:
+            raise ValueError(f"recurrent_gemma config.json block_types: layer {i} is {kind!r}, not recurrent or attention")
+        layers.append({"mixer": kinds[kind], "mlp": {"type": "swiglu", "hidden": config["intermediate_size"] // 2,
+                                                     "bias": True, "activation": "gelu_tanh"}})
+    cap = config.get("logits_soft_cap", 30.0)
+    return LayoutSpec.model_validate({
+        "d_model": d_model, "vocab_size": config["vocab_size"], "layers": layers, "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "tie_embeddings": bool(config.get("tie_word_embeddings", True)), "logit_softcap": cap or None,
+        "embed_scale": float(torch.tensor(d_model**0.5, dtype=torch.bfloat16))})  # its normaliser is a bfloat16
+
+
+def _recurrent_gemma_to_ours(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    ours = _renamed(tensors, _RECURRENT_GEMMA, "recurrent_gemma")
+    return {name: 1 + t.float() if _GEMMA_NORM.match(name) else t for name, t in ours.items()}
+
+
+def _recurrent_gemma_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    theirs = {name: (t.float() - 1).to(t.dtype) if _GEMMA_NORM.match(name) else t for name, t in tensors.items()}
+    return _renamed(theirs, _inverse(_RECURRENT_GEMMA), "mixerzoo")
+
+
+def _recurrent_gemma_config(spec: LayoutSpec) -> dict[str, Any]:
+    attn = next((layer.mixer for layer in spec.layers if layer.mixer.type == "attention"), None)
+    lru = next(layer.mixer for layer in spec.layers if layer.mixer.type == "rglru")
+    kinds = ["attention" if layer.mixer.type == "attention" else "recurrent" for layer in spec.layers]
+    attention = {} if attn is None else {
+        "num_key_value_heads": attn.kv_heads, "attention_window_size": attn.window, "attention_bias": attn.qkv_bias,
+        "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta, "partial_rotary_factor": attn.rope.fraction}}
+    return {"model_type": "recurrent_gemma", "architectures": ["RecurrentGemmaForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": 2 * spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": lru.n_heads, **attention, "lru_width": lru.width, "conv1d_width": lru.conv_size,
+            "block_types": kinds,
+            "logits_soft_cap": spec.logit_softcap or 0.0, "rms_norm_eps": spec.norm_eps,
+            "tie_word_embeddings": spec.tie_embeddings, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+# ---------------------------------------------------------------------------------------------- falcon_h1
+
+# Falcon-H1's names: attention (self_attn) and Mamba2 (mamba) side by side in every layer, our parallel
+# mixer's branches 0 and 1; feed_forward the MLP; the hybrid norms' names.
+_FALCON_H1 = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_layernorm\.", "norm."), (r"lm_head\.", "lm_head."),
+              (r"model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.mixer_norm."),
+              (r"model\.layers\.(\d+)\.pre_ff_layernorm\.", r"layers.\1.mlp_norm."),
+              (r"model\.layers\.(\d+)\.feed_forward\.", r"layers.\1.mlp."),
+              (r"model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.branches.0."),
+              (r"model\.layers\.(\d+)\.mamba\.", r"layers.\1.mixer.branches.1.")]
+
+
+def _falcon_h1_ssm(config: dict[str, Any]) -> tuple[int, int]:
+    """Falcon-H1's Mamba2 width (mamba_d_ssm, else mamba_expand x hidden_size) and head dim."""
+    d_ssm = config.get("mamba_d_ssm") or int(config.get("mamba_expand", 2) * config["hidden_size"])
+    head_dim = config.get("mamba_d_head", "auto")
+    return d_ssm, d_ssm // config["mamba_n_heads"] if head_dim == "auto" else head_dim
+
+
+def _falcon_h1_spec(config: dict[str, Any]) -> LayoutSpec:
+    for key in ("mamba_proj_bias", "projectors_bias", "mlp_bias"):
+        if config.get(key):
+            raise ValueError(f"falcon_h1 config.json {key} true: mixerzoo's Mamba2 and SwiGLU have no such biases")
+    if config.get("tie_word_embeddings") and config.get("lm_head_multiplier", 1.0) != 1.0:
+        raise ValueError("falcon_h1 config.json lm_head_multiplier with tied embeddings: the head cannot hold it")
+    d_model, heads, eps = config["hidden_size"], config["num_attention_heads"], config.get("rms_norm_eps", 1e-5)
+    d_ssm, head_dim = _falcon_h1_ssm(config)
+    if config["mamba_n_heads"] * head_dim != d_ssm:
+        raise ValueError(f"falcon_h1 config.json mamba_n_heads x mamba_d_head = {config['mamba_n_heads']} x {head_dim} "
+                         f"is not the Mamba2 width {d_ssm}")
+    expand = config.get("mamba_expand", 2)
+    gate_norm = ("before_gate" if config.get("mamba_norm_before_gate", True) else "after_gate") if config.get(
+        "mamba_rms_norm", False) else "none"
+    mamba2 = {"type": "mamba2", "d_state": config["mamba_d_state"], "d_conv": config.get("mamba_d_conv", 4), "expand": expand,
+              "d_ssm": None if d_ssm == expand * d_model else d_ssm, "head_dim": head_dim,
+              "n_groups": config.get("mamba_n_groups", 1), "conv_bias": bool(config.get("mamba_conv_bias", True)),
+              "dt_limit": [_number(x) for x in config.get("time_step_limit") or (0.0, float("inf"))], "norm_eps": eps,
+              "gate_norm": gate_norm}
+    bias = bool(config.get("attention_bias", False))
+    attention = {"type": "attention", "n_heads": heads, "n_kv_heads": config.get("num_key_value_heads") or heads,
+                 "head_dim": config.get("head_dim") or d_model // heads, "qkv_bias": bias, "o_bias": bias,
+                 "rope": {"theta": _rope_theta(config)}}
+    scales = [config.get("attention_out_multiplier", 1.0), config.get("ssm_out_multiplier", 1.0)]
+    mixer = {"type": "parallel", "mixers": [attention, mamba2], "output_scales": None if scales == [1.0, 1.0] else scales}
+    layer = {"mixer": mixer, "mlp": {"type": "swiglu", "hidden": config["intermediate_size"]}}
+    return LayoutSpec.model_validate({
+        "d_model": d_model, "vocab_size": config["vocab_size"], "layers": [layer] * config["num_hidden_layers"],
+        "norm_eps": eps, "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "embed_scale": config.get("embedding_multiplier", 1.0)})
+
+
+def _falcon_h1_fold(tensors: Tensors, config: dict[str, Any]) -> Tensors:
+    """Falcon-H1's µP multipliers that scale a projection's input or output, folded into its weights: the
+    attention input (q, k, v) and key multipliers, the SSM input multiplier and per-section (z, x, B, C, dt)
+    multipliers of in_proj, the MLP's gate and down multipliers, and the LM head's."""
+    d_ssm, _ = _falcon_h1_ssm(config)
+    bc = config.get("mamba_n_groups", 1) * config["mamba_d_state"]
+    z, x, b, c, dt = config.get("ssm_multipliers") or [1.0] * 5
+    sections = torch.cat([torch.full((n,), float(m)) for n, m in
+                          ((d_ssm, z), (d_ssm, x), (bc, b), (bc, c), (config["mamba_n_heads"], dt))])
+    attn_in, key = config.get("attention_in_multiplier", 1.0), config.get("key_multiplier", 1.0)
+    gate, down = config.get("mlp_multipliers") or [1.0, 1.0]
+    rules = [(r"self_attn\.[qv]_proj\.weight$", attn_in), (r"self_attn\.k_proj\.weight$", attn_in * key),
+             (r"self_attn\.k_proj\.bias$", key), (r"feed_forward\.gate_proj\.weight$", gate),
+             (r"feed_forward\.down_proj\.weight$", down), (r"^lm_head\.weight$", config.get("lm_head_multiplier", 1.0)),
+             (r"mamba\.in_proj\.weight$", config.get("ssm_in_multiplier", 1.0) * sections[:, None])]
+    out = dict(tensors)
+    for name, tensor in tensors.items():
+        for pattern, multiplier in rules:
+            if re.search(pattern, name):
+                out[name] = (tensor.float() * multiplier).to(tensor.dtype)
+    return out
+
+
+def _falcon_h1_config(spec: LayoutSpec) -> dict[str, Any]:
+    attn, m = spec.layers[0].mixer.mixers
+    scales = spec.layers[0].mixer.scales
+    return {"model_type": "falcon_h1", "architectures": ["FalconH1ForCausalLM"], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": spec.layers[0].mlp.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.kv_heads, "head_dim": attn.dim,
+            "attention_bias": attn.qkv_bias, "rope_parameters": {"rope_type": "default", "rope_theta": attn.rope.theta},
+            "mamba_d_ssm": m.d_inner, "mamba_n_heads": m.n_heads, "mamba_d_head": m.head_dim, "mamba_n_groups": m.n_groups,
+            "mamba_d_state": m.d_state, "mamba_d_conv": m.d_conv, "mamba_expand": m.expand, "mamba_conv_bias": m.conv_bias,
+            "mamba_proj_bias": False, "projectors_bias": False, "mlp_bias": False, "time_step_limit": list(m.dt_limit),
+            "mamba_rms_norm": m.gate_norm != "none", "mamba_norm_before_gate": m.gate_norm == "before_gate",
+            "rms_norm_eps": spec.norm_eps, "tie_word_embeddings": spec.tie_embeddings, "hidden_act": "silu",
+            "embedding_multiplier": spec.embed_scale, "attention_out_multiplier": scales[0], "ssm_out_multiplier": scales[1],
+            "lm_head_multiplier": 1.0, "key_multiplier": 1.0, "attention_in_multiplier": 1.0, "ssm_in_multiplier": 1.0,
+            "mlp_multipliers": [1.0, 1.0], "ssm_multipliers": [1.0] * 5}
+
+
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
@@ -731,6 +906,11 @@ FAMILIES: dict[str, Family] = {
                     _bamba_config, "BambaForCausalLM"),
     "jamba": Family(_jamba_spec, _jamba_to_ours, _jamba_to_theirs, _jamba_config, "JambaForCausalLM"),
     "minimax": Family(_minimax_spec, _minimax_to_ours, _minimax_to_theirs, _minimax_config, "MiniMaxForCausalLM"),
+    "recurrent_gemma": Family(_recurrent_gemma_spec, _recurrent_gemma_to_ours, _recurrent_gemma_to_theirs,
+                              _recurrent_gemma_config, "RecurrentGemmaForCausalLM"),
+    "falcon_h1": Family(_falcon_h1_spec, lambda t, s: _renamed(t, _FALCON_H1, "falcon_h1"),
+                        lambda t, s: _renamed(t, _inverse(_FALCON_H1), "mixerzoo"), _falcon_h1_config,
+                        "FalconH1ForCausalLM", fold=_falcon_h1_fold),
 }
 
 
@@ -742,7 +922,7 @@ def family_of(spec: LayoutSpec) -> str:
     for name in ("mamba", "mamba2"):
         if _ssm_holds(spec, name):
             return name
-    for name in ("lfm2", "bamba", "jamba", "minimax", "qwen3_next"):
+    for name in ("lfm2", "bamba", "jamba", "minimax", "qwen3_next", "recurrent_gemma", "falcon_h1"):
         if _round_trips(spec, FAMILIES[name].spec, FAMILIES[name].config):
             return name
     return NATIVE
@@ -758,7 +938,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     elif model_type in FAMILIES:
         family = FAMILIES[model_type]
         spec = family.spec(config)
-        weights = family.to_ours(tensors, spec)
+        weights = family.to_ours(tensors if family.fold is None else family.fold(tensors, config), spec)
     else:
         raise ValueError(f"{path}: model_type {model_type!r} is not one mixerzoo reads; it reads "
                          f"{sorted(FAMILIES) + [NATIVE]}")

@@ -18,11 +18,16 @@ from mixerzoo.blocks.spec import MLPSpec
 from mixerzoo.mixers.base import fused_linear
 
 
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), with Llama / Qwen parameter names (gate and up run as one matmul)."""
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
-    def __init__(self, d_model: int, hidden: int, bias: bool = False):
+
+class SwiGLU(nn.Module):
+    """down(act(gate(x)) * up(x)), with Llama / Qwen parameter names (gate and up run as one matmul); act is
+    silu (SwiGLU) or tanh-approximated gelu (GeGLU)."""
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, activation: str = "silu"):
         super().__init__()
+        self.activation = _ACTIVATIONS[activation]
         self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
@@ -30,7 +35,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d_model] -> [..., d_model]."""
         gate, up = fused_linear(self, "gate_up", (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(gate) * up)
 
     def residual_weights(self) -> list[torch.Tensor]:
         """The weights that write into the residual stream (scaled down with depth at init)."""
@@ -129,7 +134,7 @@ class Experts(nn.Module):
 def channel_mixer(d_model: int, spec: MLPSpec) -> nn.Module | None:
     """The MLP a layer spec names: SwiGLU, Experts, or None for type 'none'."""
     if spec.type == "swiglu":
-        return SwiGLU(d_model, spec.hidden, spec.bias)
+        return SwiGLU(d_model, spec.hidden, spec.bias, spec.activation)
     if spec.type == "experts":
         return Experts(d_model, spec)
     return None

@@ -29,6 +29,8 @@ class MLPSpec(StrictModel):
         description="swiglu (gate, up, down projections), experts (top-k routed SwiGLU experts) or none (no MLP)")
     hidden: int | None = Field(None, gt=0, description="SwiGLU inner width (each expert's, for experts)")
     bias: bool = Field(False, description="bias on the MLP projections (swiglu only)")
+    activation: Literal["silu", "gelu_tanh"] = Field("silu", description="the gate's activation: silu (SwiGLU) or "
+                                                     "tanh-approximated gelu (GeGLU: Gemma, RecurrentGemma)")
     n_experts: int | None = Field(None, gt=0, description="experts: number of routed experts")
     top_k: int | None = Field(None, gt=0, description="experts: experts per token")
     normalize_top_k: bool = Field(True, description="experts: renormalise the k router probabilities to sum to 1 "
@@ -37,7 +39,7 @@ class MLPSpec(StrictModel):
                                                               "token sees (none when unset)")
     shared_gate: bool = Field(False, description="experts: scale the shared expert by sigmoid(w . x) (Qwen3-Next)")
 
-    omitted_when_default: ClassVar[tuple[str, ...]] = _EXPERT_FIELDS
+    omitted_when_default: ClassVar[tuple[str, ...]] = (*_EXPERT_FIELDS, "activation")
 
     @model_validator(mode="after")
     def _fields_match_type(self) -> Self:
@@ -54,8 +56,8 @@ class MLPSpec(StrictModel):
                 raise ValueError(f"mlp.top_k = {self.top_k} is more than mlp.n_experts = {self.n_experts}")
             if self.shared_gate and self.shared_hidden is None:
                 raise ValueError("mlp.shared_gate needs a shared expert (set mlp.shared_hidden)")
-            if self.bias:
-                raise ValueError("mlp.bias: experts have no biases")
+            if self.bias or self.activation != "silu":
+                raise ValueError("mlp.bias / mlp.activation: experts are bias-free SwiGLUs")
         else:
             given = [name for name, value in expert_fields.items() if value is not None] + (["shared_gate"] if self.shared_gate else [])
             if given:
@@ -148,6 +150,11 @@ class LayoutSpec(StrictModel):
         description="the layers in order (or give n_layers, pattern / ratio, legend, mlp, rope and overrides)")
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of the pre-norms and the final RMSNorm")
     tie_embeddings: bool = Field(True, description="the LM head shares the embedding matrix")
+    embed_scale: float = Field(1.0, gt=0, description="token embeddings are multiplied by this (Gemma: sqrt(d_model))")
+    logit_softcap: float | None = Field(None, gt=0, description="logits become cap * tanh(logits / cap) (Gemma 2, "
+                                                                 "RecurrentGemma); none when unset")
+
+    omitted_when_default: ClassVar[tuple[str, ...]] = ("embed_scale", "logit_softcap")
 
     @classmethod
     def known_keys(cls) -> set[str]:

@@ -54,11 +54,14 @@ class AttentionConfig(MixerConfig):
     head_dim: int | None = Field(None, gt=0, description="default d_model // n_heads")
     window: int | None = Field(None, description="sliding window in tokens (itself + window - 1 before); None = full")
     qkv_bias: bool = Field(False, description="bias on the q, k and v projections (Qwen2.5 has one)")
+    o_bias: bool = Field(False, description="bias on the output projection (RecurrentGemma has one)")
     qk_norm: bool = Field(False, description="RMSNorm on each query and key head")
     output_gate: bool = Field(False, description="sigmoid(gate_proj x) times the heads' output before o_proj "
                               "(Qwen3-Next's gated attention)")
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of the q / k RMSNorm (qk_norm)")
     rope: RopeConfig = Field(RopeConfig(), description="rotary position embedding of q and k")
+
+    omitted_when_default: ClassVar[tuple[str, ...]] = ("o_bias",)
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Self:
@@ -341,7 +344,7 @@ class Attention(Mixer):
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.d_model, c.kv_heads * c.dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.n_heads * c.dim, c.d_model, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.dim, c.d_model, bias=c.o_bias)
         if c.output_gate:
             self.gate_proj = nn.Linear(c.d_model, c.n_heads * c.dim, bias=False)
         if c.qk_norm:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +41,18 @@ class Mamba2Config(MixerConfig):
     A_init_range: tuple[float, float] = Field((1.0, 16.0), description="init: -A is uniform in this range")
     conv_bias: bool = Field(True, description="bias on the short causal convolution")
     norm_eps: float = Field(1e-5, gt=0, description="eps of the gated RMSNorm")
+    d_ssm: int | None = Field(None, gt=0, description="d_inner when set (Falcon-H1's mamba_d_ssm); default expand * d_model")
+    gate_norm: Literal["after_gate", "before_gate", "none"] = Field(
+        "after_gate", description="how the output meets its gate z: norm(y * silu(z)) (Mamba2), norm(y) * silu(z) "
+                                  "(Falcon-H1's norm_before_gate) or y * silu(z) without a norm")
+
+    omitted_when_default: ClassVar[tuple[str, ...]] = ("d_ssm", "gate_norm")
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> Self:
         if self.d_inner % self.head_dim:
             raise ValueError(
-                f"head_dim ({self.head_dim}) must divide d_inner = expand * d_model = {self.d_inner}"
+                f"head_dim ({self.head_dim}) must divide d_inner = {'d_ssm' if self.d_ssm else 'expand * d_model'} = {self.d_inner}"
             )
         if self.n_heads % self.n_groups:
             raise ValueError(
@@ -68,8 +74,8 @@ class Mamba2Config(MixerConfig):
 
     @property
     def d_inner(self) -> int:
-        """Width of the SSM branch: expand * d_model."""
-        return self.expand * self.d_model
+        """Width of the SSM branch: d_ssm, or expand * d_model."""
+        return self.d_ssm or self.expand * self.d_model
 
     @property
     def n_heads(self) -> int:
@@ -103,24 +109,26 @@ class Mamba2State(MixerState):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm of y * silu(z) per group of `group_size` channels, times a learned scale (norm after the gate)."""
+    """RMSNorm per group of `group_size` channels, times a learned scale, of y * silu(z) (after_gate) or of y
+    before it meets silu(z) (before_gate)."""
 
-    def __init__(self, dim: int, group_size: int, eps: float):
+    def __init__(self, dim: int, group_size: int, eps: float, form: str = "after_gate"):
         super().__init__()
-        self.group_size = group_size
-        self.eps = eps
+        self.group_size, self.eps, self.after_gate = group_size, eps, form == "after_gate"
         self.weight = nn.Parameter(torch.ones(dim))
 
     def extra_repr(self) -> str:
-        """Width, group size and eps, for print(module)."""
-        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}"
+        """Width, group size, eps and form, for print(module)."""
+        form = "after_gate" if self.after_gate else "before_gate"
+        return f"{self.weight.shape[0]}, group_size={self.group_size}, eps={self.eps}, {form}"
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y, z [..., dim] -> [..., dim] in y's dtype, computed in at least float32."""
         compute = recurrent_dtype(y.dtype)
-        gated = (y.to(compute) * F.silu(z.to(compute))).unflatten(-1, (-1, self.group_size))  # [..., G, dim / G]
-        normed = gated * torch.rsqrt(gated.square().mean(-1, keepdim=True) + self.eps)
-        return (normed.flatten(-2) * self.weight.to(compute)).to(y.dtype)
+        gate = F.silu(z.to(compute))
+        x = (y.to(compute) * gate if self.after_gate else y.to(compute)).unflatten(-1, (-1, self.group_size))  # [..., G, dim / G]
+        normed = (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.to(compute)
+        return (normed if self.after_gate else normed * gate).to(y.dtype)
 
 
 class Mamba2(Mixer):
@@ -141,7 +149,8 @@ class Mamba2(Mixer):
         self.dt_bias = nn.Parameter(step_size_bias(c.n_heads, dt_min=c.dt_min, dt_max=c.dt_max, floor=c.dt_init_floor))
         self.A_log = nn.Parameter(torch.empty(c.n_heads).uniform_(*c.A_init_range).log())  # [H]
         self.D = nn.Parameter(torch.ones(c.n_heads))  # [H]
-        self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.n_groups, c.norm_eps)
+        if c.gate_norm != "none":
+            self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.n_groups, c.norm_eps, c.gate_norm)
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
 
     def init_state(self, batch_size, *, device=None, dtype=None):
@@ -173,6 +182,7 @@ class Mamba2(Mixer):
         A = -self.A_log.to(compute).exp()  # [H]
         y, ssm = ssd(xs, dt, A, B, C, state.ssm, backend=c.backend, chunk_size=c.chunk_size)  # [B, T, H, P]
         y = y + xs * self.D[:, None].to(y.dtype)
-        y = self.norm(y.reshape(batch, length, c.d_inner), z)
+        y = y.reshape(batch, length, c.d_inner)
+        y = self.norm(y, z) if c.gate_norm != "none" else (y.to(z.dtype) * F.silu(z))
         y = self.out_proj(y)
         return (y if valid is None else y * valid[..., None]), Mamba2State(conv=conv, ssm=ssm)

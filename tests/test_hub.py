@@ -69,6 +69,10 @@ def _configs():
                                     key_multiplier=1.3, attention_in_multiplier=0.9, attention_out_multiplier=1.1,
                                     ssm_in_multiplier=1.2, ssm_out_multiplier=0.8, mlp_multipliers=[1.4, 0.6],
                                     ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3]),
+        "falcon_h1_plain": FalconH1Config(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, mamba_n_heads=4,
+                                          mamba_d_state=8, mamba_chunk_size=8, mamba_rms_norm=False,
+                                          tie_word_embeddings=True),
         "mamba": MambaConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, state_size=8,
                              time_step_rank=4, tie_word_embeddings=True, use_mambapy=False),
         "mamba2": Mamba2Config(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_heads=4, head_dim=16,
@@ -79,10 +83,10 @@ def _configs():
 # Each case's family (qwen3_next_moe: Qwen3-Next with experts and a gated shared expert in all but layer 2;
 # recurrent_gemma: RG-LRU, RG-LRU, local attention with a window of 8 inside the 16-token prompt, RG-LRU;
 # falcon_h1: a Mamba2 width that is not expand x hidden, its norm before the gate, and every µP multiplier
-# away from 1, so each fold into a weight is checked).
+# away from 1, so each fold into a weight is checked; falcon_h1_plain: no norm on the gated output, tied embeddings).
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_next": "qwen3_next",
             "qwen3_next_moe": "qwen3_next", "lfm2": "lfm2", "bamba": "bamba", "jamba": "jamba", "minimax": "minimax", "recurrent_gemma": "recurrent_gemma",
-            "falcon_h1": "falcon_h1", "mamba": "mamba", "mamba2": "mamba2"}
+            "falcon_h1": "falcon_h1", "falcon_h1_plain": "falcon_h1", "mamba": "mamba", "mamba2": "mamba2"}
 # Families whose RMSNorms scale by (1 + weight): their norm weights are drawn around 0, the others' around 1.
 ZERO_CENTRED_NORMS = {"qwen3_next", "recurrent_gemma"}
 

@@ -16,6 +16,9 @@ MAMBA2_CONFIGS = {
         **SMALL, "head_dim": 4, "n_groups": 2, "chunk_size": 8, "d_conv": 2, "conv_bias": False,
         "dt_limit": (0.01, 0.5),
     },
+    # Falcon-H1's forms: a width that is not expand x d_model, the norm before the gate, or no norm at all
+    "d_ssm16-g2-norm-before-gate": {**SMALL, "d_ssm": 16, "n_groups": 2, "gate_norm": "before_gate"},
+    "no-gate-norm": {**SMALL, "gate_norm": "none"},
 }
 
 
@@ -78,10 +81,15 @@ def _naive_mamba2(mixer: Mamba2, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
         decay = torch.exp(dt[:, t] * A)[..., None, None]
         S = decay * S + dt[:, t, :, None, None] * xs[:, t, :, :, None] * Bg[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", S, Cg[:, t]) + mixer.D[:, None] * xs[:, t])
-    y = torch.stack(ys, dim=1).reshape(batch, length, c.d_inner) * F.silu(z)
-    y = y.reshape(batch, length, G, -1)
-    y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + c.norm_eps)
-    y = y.reshape(batch, length, c.d_inner) * mixer.norm.weight
+    y = torch.stack(ys, dim=1).reshape(batch, length, c.d_inner)
+    if c.gate_norm != "before_gate":
+        y = y * F.silu(z)
+    if c.gate_norm != "none":
+        y = y.reshape(batch, length, G, -1)
+        y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + c.norm_eps)
+        y = y.reshape(batch, length, c.d_inner) * mixer.norm.weight
+    if c.gate_norm == "before_gate":
+        y = y * F.silu(z)
     return y @ mixer.out_proj.weight.T, xBC_in[:, length - (c.d_conv - 1) :], S
 
 

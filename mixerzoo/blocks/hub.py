@@ -892,6 +892,128 @@ def _falcon_h1_config(spec: LayoutSpec) -> dict[str, Any]:
             "mlp_multipliers": [1.0, 1.0], "ssm_multipliers": [1.0] * 5}
 
 
+# ------------------------------------------------------------------------ flash-linear-attention's models
+
+# fla's names: attn_norm / mlp_norm around each layer, attn the mixer (parameter names as ours but GLA's
+# output norm), mlp the SwiGLU, embeddings and norm at the ends.
+_FLA = [(r"model\.embeddings\.", "embed."), (r"model\.norm\.", "norm."), (r"lm_head\.", "lm_head."),
+        (r"model\.layers\.(\d+)\.attn_norm\.", r"layers.\1.mixer_norm."),
+        (r"model\.layers\.(\d+)\.mlp_norm\.", r"layers.\1.mlp_norm."),
+        (r"model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
+        (r"model\.layers\.(\d+)\.attn\.", r"layers.\1.mixer.")]
+_GLA_NORM = (r"model\.layers\.(\d+)\.attn\.g_norm(_swish_gate)?\.", r"layers.\1.mixer.o_norm.")
+# fla's defaults where its config.json leaves a field out
+_FLA_DEFAULTS = {"hidden_ratio": 4, "intermediate_size": None, "hidden_act": "swish", "norm_eps": 1e-6, "attn": None,
+                 "tie_word_embeddings": False, "conv_size": 4}
+
+
+def _fla_refuse(config: dict[str, Any], **expected: Any) -> None:
+    """A one-line error for the first config field whose value no mixerzoo mixer reproduces."""
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{config['model_type']} config.json {key} = {config[key]!r}: mixerzoo's mixer maps only {value!r}")
+
+
+def _fla_spec(config: dict[str, Any], mixer: dict[str, Any]) -> LayoutSpec:
+    """An fla model of one mixer type in every layer, each with fla's SwiGLU (its width rule when unset)."""
+    config = _FLA_DEFAULTS | config
+    if config["attn"]:
+        raise ValueError(f"{config['model_type']} config.json attn: fla's softmax attention layers run only with "
+                         "flash-attn and are not mapped")
+    _fla_refuse(config, hidden_act="swish")
+    hidden = config["intermediate_size"] or 256 * -(-int(config["hidden_size"] * config["hidden_ratio"] * 2 / 3) // 256)
+    layer = {"mixer": mixer | {"norm_eps": config["norm_eps"]}, "mlp": {"type": "swiglu", "hidden": hidden}}
+    return LayoutSpec.model_validate({
+        "d_model": config["hidden_size"], "vocab_size": config["vocab_size"], "layers": [layer] * config["num_hidden_layers"],
+        "norm_eps": config["norm_eps"], "tie_embeddings": bool(config["tie_word_embeddings"])})
+
+
+def _fla_mixer(spec: LayoutSpec, mixer_type: str, holds: bool = True):
+    """The one mixer of an fla-shaped spec (`mixer_type`, one eps everywhere, `holds`), else ValueError."""
+    m, first = spec.layers[0].mixer, spec.layers[0].model_dump()
+    if not (m.type == mixer_type and holds and spec.norm_eps == m.norm_eps and spec.layers[0].mlp.type == "swiglu"
+            and all(layer.model_dump() == first for layer in spec.layers)):
+        raise ValueError(f"not an fla {mixer_type} model: one such mixer and a SwiGLU in every layer, one norm eps")
+    return m
+
+
+def _fla_config(spec: LayoutSpec, model_type: str, architecture: str, mixer: dict[str, Any]) -> dict[str, Any]:
+    m = spec.layers[0].mixer
+    return {"model_type": model_type, "architectures": [architecture], "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers, "intermediate_size": spec.layers[0].mlp.hidden,
+            "hidden_act": "swish", "norm_eps": m.norm_eps, "tie_word_embeddings": spec.tie_embeddings, "attn": None,
+            "num_heads": m.n_heads, **mixer}
+
+
+def _gated_deltanet_fla_spec(config: dict[str, Any]) -> LayoutSpec:
+    _fla_refuse(config, use_gate=True, use_short_conv=True, output_gate_activation="swish")
+    return _fla_spec(config, {"type": "gated_deltanet", "n_heads": config["num_heads"], "head_dim": config.get("head_dim", 256),
+                              "n_v_heads": config.get("num_v_heads"), "expand_v": config.get("expand_v", 2.0),
+                              "conv_size": config.get("conv_size", 4), "allow_neg_eigval": config.get("allow_neg_eigval", False)})
+
+
+def _gated_deltanet_fla_config(spec: LayoutSpec) -> dict[str, Any]:
+    m = _fla_mixer(spec, "gated_deltanet", holds=not getattr(spec.layers[0].mixer, "conv_bias", True))
+    return _fla_config(spec, "gated_deltanet", "GatedDeltaNetForCausalLM", {
+        "head_dim": m.key_dim, "num_v_heads": m.value_heads, "expand_v": m.expand_v, "use_gate": True, "use_short_conv": True,
+        "conv_size": m.conv_size, "allow_neg_eigval": m.allow_neg_eigval, "output_gate_activation": "swish"})
+
+
+def _fla_widths(config: dict[str, Any], expand_k: float, expand_v: float) -> dict[str, Any]:
+    """fla's key and value widths (hidden x expand_k, x expand_v) as our head_dim and expand_v."""
+    key, value = int(config["hidden_size"] * config.get("expand_k", expand_k)), int(config["hidden_size"] * config.get("expand_v", expand_v))
+    return {"n_heads": config["num_heads"], "head_dim": key // config["num_heads"], "expand_v": value / key}
+
+
+def _fla_expands(spec: LayoutSpec) -> dict[str, float]:
+    m = spec.layers[0].mixer
+    return {"expand_k": m.n_heads * m.key_dim / spec.d_model, "expand_v": m.n_heads * m.value_dim / spec.d_model}
+
+
+def _gla_fla_spec(config: dict[str, Any]) -> LayoutSpec:
+    _fla_refuse(config, num_kv_heads=None, feature_map=None, clamp_min=None, use_gk=True, use_gv=False,
+                elementwise_affine=True)
+    return _fla_spec(config, {"type": "gla", **_fla_widths(config, 0.5, 1.0), "gate_low_rank": 16, "gate_logit_normalizer": 16,
+                              "conv_size": config.get("conv_size", 4) if config.get("use_short_conv", False) else 0,
+                              "output_gate": "silu" if config.get("use_output_gate", True) else "none"})
+
+
+def _gla_fla_config(spec: LayoutSpec) -> dict[str, Any]:
+    first = spec.layers[0].mixer
+    m = _fla_mixer(spec, "gla", holds=getattr(first, "gate_low_rank", None) == 16 and getattr(
+        first, "gate_logit_normalizer", None) == 16 and first.output_gate != "sigmoid")
+    return _fla_config(spec, "gla", "GLAForCausalLM", {
+        **_fla_expands(spec), "num_kv_heads": None, "feature_map": None, "use_short_conv": m.conv_size > 0,
+        "conv_size": m.conv_size or 4, "use_output_gate": m.output_gate == "silu", "use_gk": True, "use_gv": False,
+        "elementwise_affine": True, "clamp_min": None})
+
+
+def _gla_fla_to_theirs(tensors: Tensors, spec: LayoutSpec) -> Tensors:
+    norm = "g_norm_swish_gate" if spec.layers[0].mixer.output_gate == "silu" else "g_norm"
+    return _renamed(tensors, [(r"layers\.(\d+)\.mixer\.o_norm\.", rf"model.layers.\1.attn.{norm}."), *_inverse(_FLA)], "mixerzoo")
+
+
+def _delta_net_fla_spec(config: dict[str, Any]) -> LayoutSpec:
+    _fla_refuse(config, use_beta=True, use_output_norm=True, use_short_conv=True, qk_norm="l2", qk_activation="silu")
+    return _fla_spec(config, {"type": "deltanet", **_fla_widths(config, 1.0, 1.0), "conv_size": config.get("conv_size", 4),
+                              "output_gate": "silu" if config.get("use_gate", False) else "none",
+                              "allow_neg_eigval": config.get("allow_neg_eigval", False)})
+
+
+def _delta_net_fla_config(spec: LayoutSpec) -> dict[str, Any]:
+    first = spec.layers[0].mixer
+    m = _fla_mixer(spec, "deltanet", holds=getattr(first, "conv_size", 0) > 0 and getattr(first, "output_gate", None) != "sigmoid")
+    return _fla_config(spec, "delta_net", "DeltaNetForCausalLM", {
+        **_fla_expands(spec), "use_gate": m.output_gate == "silu", "use_beta": True, "use_output_norm": True,
+        "use_short_conv": True, "conv_size": m.conv_size, "qk_norm": "l2", "qk_activation": "silu",
+        "allow_neg_eigval": m.allow_neg_eigval})
+
+
+def _fla_family(spec, config, architecture, to_theirs=None) -> Family:
+    return Family(spec, lambda t, s: _renamed(t, [_GLA_NORM, *_FLA], "fla"),
+                  to_theirs or (lambda t, s: _renamed(t, _inverse(_FLA), "mixerzoo")), config, architecture)
+
+
 FAMILIES: dict[str, Family] = {
     "llama": _dense_family("llama", qkv_bias=False, qk_norm=False, architecture="LlamaForCausalLM"),
     "qwen2": _dense_family("qwen2", qkv_bias=True, qk_norm=False, architecture="Qwen2ForCausalLM"),
@@ -911,6 +1033,9 @@ FAMILIES: dict[str, Family] = {
     "falcon_h1": Family(_falcon_h1_spec, lambda t, s: _renamed(t, _FALCON_H1, "falcon_h1"),
                         lambda t, s: _renamed(t, _inverse(_FALCON_H1), "mixerzoo"), _falcon_h1_config,
                         "FalconH1ForCausalLM", fold=_falcon_h1_fold),
+    "gated_deltanet": _fla_family(_gated_deltanet_fla_spec, _gated_deltanet_fla_config, "GatedDeltaNetForCausalLM"),
+    "gla": _fla_family(_gla_fla_spec, _gla_fla_config, "GLAForCausalLM", _gla_fla_to_theirs),
+    "delta_net": _fla_family(_delta_net_fla_spec, _delta_net_fla_config, "DeltaNetForCausalLM"),
 }
 
 
@@ -922,7 +1047,8 @@ def family_of(spec: LayoutSpec) -> str:
     for name in ("mamba", "mamba2"):
         if _ssm_holds(spec, name):
             return name
-    for name in ("lfm2", "bamba", "jamba", "minimax", "qwen3_next", "recurrent_gemma", "falcon_h1"):
+    for name in ("lfm2", "bamba", "jamba", "minimax", "qwen3_next", "recurrent_gemma", "falcon_h1", "gated_deltanet",
+                 "gla", "delta_net"):
         if _round_trips(spec, FAMILIES[name].spec, FAMILIES[name].config):
             return name
     return NATIVE

@@ -180,21 +180,23 @@ def _stage_parameters(path: str, stage: str) -> int:
 
 
 def ablate(path: str, out: str, scale: float | None, dry: bool, threads: int | None = None, jobs: int | None = None,
-           device: str | None = None, dtype: str | None = None, jobs_per_gpu: int = 1, backend: str = "local") -> None:
-    """Run (or with `dry` list) the experiments of an ablation YAML and print their tables; `jobs` runs
-    at once, each in its own process with one thread (by default one, or one per GPU on cuda)."""
+           device: str | None = None, dtype: str | None = None, jobs_per_gpu: int = 1, backend: str = "local",
+           only: list[str] | None = None) -> None:
+    """Run (or with `dry` list) the experiments of an ablation YAML (those named in `only`, if given) and print
+    their tables; `jobs` runs at once, each in its own process with one thread (by default one, or one per
+    GPU on cuda)."""
     from mixerzoo.ablate.runner import ablate as run_ablation, dry_run, expand, load_experiments
     from mixerzoo.ablate.studies import build_spec
 
-    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype)  # every run validated first
+    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype, only=only)  # every run validated first
     largest = max(parameter_count(build_spec(run)) for e in experiments for run in expand(e))
     count = use_threads(threads, largest)
     if dry:
-        print(dry_run(path, out, scale=scale, device=device, dtype=dtype), end="")
+        print(dry_run(path, out, scale=scale, device=device, dtype=dtype, only=only), end="")
         return
     print(f"{count} thread(s)" if jobs in (None, 1) else f"{jobs} jobs of 1 thread each", file=sys.stderr)
     print(run_ablation(path, out, scale=scale, jobs=jobs, device=device, dtype=dtype, jobs_per_gpu=jobs_per_gpu,
-                       backend=backend), end="")
+                       backend=backend, only=only), end="")
 
 
 def positive_int(text: str) -> int:
@@ -281,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "experiments in one file, separated by ---, run in order")
     ablate_parser.add_argument("--out", default="results", help="results root; writes OUT/<name>/")
     ablate_parser.add_argument("--scale", type=positive_float, help="override the experiment's scale")
+    ablate_parser.add_argument("--only", nargs="+", metavar="NAME",
+                               help="run (or cost) only the experiments of these names (every document still validated)")
     ablate_parser.add_argument("--jobs", type=positive_int,
                                help="runs at once, each a process with one thread (default 1: one run using "
                                     "--threads; set it to your core count to fill the machine with independent runs; "
@@ -323,7 +327,7 @@ def run(args: argparse.Namespace) -> None:
         train_stage(args.command, args.config, args.threads)
     elif args.command == "ablate":
         ablate(args.experiment, args.out, args.scale, args.dry_run, args.threads, args.jobs, args.device, args.dtype,
-               args.jobs_per_gpu, args.backend)
+               args.jobs_per_gpu, args.backend, args.only)
 
 
 def _is_user_error(error: BaseException | None) -> bool:

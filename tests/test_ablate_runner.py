@@ -222,6 +222,20 @@ def test_dry_run_lists_the_runs_and_their_cost_and_runs_nothing(tmp_path):
     assert "4 runs have no estimate" not in text and "3 runs have no estimate" in text
 
 
+def test_only_runs_and_costs_the_named_experiments_after_validating_every_document(tmp_path):
+    path = _two_experiment_yaml(tmp_path, {"lr": 0.5})
+    CALLS.clear()
+    ablate(path, tmp_path / "results", progress=False, only=["second"])
+    assert len(CALLS) == 2 and not (tmp_path / "results" / "first").exists()
+    assert (tmp_path / "results" / "second" / "runs.jsonl").exists()
+    text = dry_run(path, tmp_path / "results", only=["first"])
+    assert "## first:" in text and "## second:" not in text
+    with pytest.raises(ValueError, match=r"no experiment named 'thrid'; its experiments are \['first', 'second'\]"):
+        load_experiments(path, only=["thrid"])
+    with pytest.raises(ValueError, match="document 2"):  # a bad document is an error even when not selected
+        load_experiments(_two_experiment_yaml(tmp_path, {"stepz": 3}), only=["first"])
+
+
 def test_dry_run_estimates_training_flops_from_the_settings(tmp_path):
     path = tmp_path / "mqar.yaml"
     path.write_text(yaml.safe_dump(dict(name="m", study="mqar", sweep={"recipe": ["swa"], "settings.steps": [10, 20]},

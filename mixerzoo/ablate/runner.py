@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -518,10 +519,11 @@ def run_experiment(experiment: ExperimentConfig, out_root: Path = Path("results"
 
 
 def load_experiments(path: str | os.PathLike, *, scale: float | None = None, device: str | None = None,
-                     dtype: str | None = None) -> list[ExperimentConfig]:
+                     dtype: str | None = None, only: Sequence[str] | None = None) -> list[ExperimentConfig]:
     """The experiments in YAML file `path`: one per YAML document (documents separated by
-    `---`), each validated, with `scale`, `device` and `dtype` overriding theirs if given.
-    ValueError naming the document for an invalid one or a name used twice."""
+    `---`), each validated, with `scale`, `device` and `dtype` overriding theirs if given; with `only`,
+    those of these names (every document still validated). ValueError naming the document for an invalid
+    one or a name used twice, and naming an `only` name no document has."""
     documents = [data for data in read_yaml(path, documents=True) if data is not None]
     if not documents:
         raise ValueError(f"{path}: no experiment in the file")
@@ -538,7 +540,13 @@ def load_experiments(path: str | os.PathLike, *, scale: float | None = None, dev
         if experiments[-1].name in [e.name for e in experiments[:-1]]:
             raise ValueError(f"{where}: name {experiments[-1].name!r} is used by an earlier document; "
                              f"each experiment needs its own results directory")
-    return experiments
+    if only is None:
+        return experiments
+    names = [e.name for e in experiments]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ValueError(f"{path}: no experiment named {unknown[0]!r}; its experiments are {names}")
+    return [e for e in experiments if e.name in only]
 
 
 # A rough training rate for the cost estimate: the tiny recipes trained at 14-25 GFLOP/s
@@ -567,15 +575,15 @@ def _duration(seconds: float) -> str:
 
 
 def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
-            device: str | None = None, dtype: str | None = None) -> str:
+            device: str | None = None, dtype: str | None = None, only: Sequence[str] | None = None) -> str:
     """What `ablate` would do, as markdown, running and writing nothing: per experiment in
     YAML file `path` (all validated), each run with the settings that vary between runs,
-    whether it already has rows under `out_root`, and its estimated cost
+    (those named in `only`, if given), whether it already has rows under `out_root`, and its estimated cost
     (`StudySettings.estimated_flops`); then the total to run and a wall time at the FLOP rate the
     finished runs measured (their estimated FLOPs over their train_seconds, the median; run one run
     of the sweep first, on the hardware that will run the rest), else at ASSUMED_FLOP_PER_S."""
     lines, to_run, unknown, rates = [], 0.0, 0, []
-    for experiment in load_experiments(path, scale=scale, device=device, dtype=dtype):
+    for experiment in load_experiments(path, scale=scale, device=device, dtype=dtype, only=only):
         runs = expand(experiment)
         done = _done_keys(Path(out_root) / experiment.name / "runs.jsonl")
         rates += _measured_rates(Path(out_root) / experiment.name / "runs.jsonl", runs)
@@ -629,12 +637,12 @@ def _measured_rates(jsonl: Path, runs: list[RunConfig]) -> list[float]:
 
 def ablate(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
            progress: bool = True, jobs: int | None = None, device: str | None = None, dtype: str | None = None,
-           jobs_per_gpu: int = 1, backend: Literal["local", "ray"] = "local") -> str:
+           jobs_per_gpu: int = 1, backend: Literal["local", "ray"] = "local", only: Sequence[str] | None = None) -> str:
     """Run the experiments in YAML file `path` in order (all validated first; `scale`, `device` and
-    `dtype` override theirs if given; `jobs` runs at once, see run_experiment: by default one, or
-    `jobs_per_gpu` per visible GPU for runs on "cuda", or every run on `backend` "ray") and return
-    their markdown tables, separated by blank lines."""
-    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype)
+    `dtype` override theirs if given; `only` names the ones to run; `jobs` runs at once, see run_experiment:
+    by default one, or `jobs_per_gpu` per visible GPU for runs on "cuda", or every run on `backend` "ray")
+    and return their markdown tables, separated by blank lines."""
+    experiments = load_experiments(path, scale=scale, device=device, dtype=dtype, only=only)
     if jobs is None and backend == "ray":
         jobs = max(len(expand(e)) for e in experiments)  # every run submitted: the cluster schedules them
     elif jobs is None:

@@ -309,6 +309,19 @@ def test_recall_plots_draw_chance_and_fit_the_y_axis_to_the_points(monkeypatch):
     assert "recall against distance" in ax.get_title() and "(tokens, log scale)" in ax.get_xlabel()
 
 
+def test_a_frontier_of_many_families_keeps_its_legend_off_the_points_and_names_a_shared_width_once(monkeypatch):
+    from mixerzoo.ablate import studies
+
+    from mixerzoo.registry import list_recipes
+
+    rows = [{"run_key": name, "study": "mqar", "recipe": name, "size": "tiny", "seq_len": 32, "d_model": 32,
+             "state_bytes": 1000 + 100 * i, "accuracy": 0.05 * i} for i, name in enumerate(list_recipes()[:12])]
+    ax = _captured_figure(monkeypatch, studies.frontier_plot, rows, studies).axes[0]
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # the legend starts right of the panel
+    assert "d_model 32" in ax.get_xlabel() and not [t for t in ax.texts if "d=" in t.get_text()]
+
+
 HYBRID_YAML = """d_model: 64
 vocab_size: 256
 n_layers: 4

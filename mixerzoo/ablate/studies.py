@@ -421,13 +421,17 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
 
     points = over_seeds([{**row, "accuracy": float(row["accuracy"])} for row in rows])
     panels = sorted({row.get("seq_len") for row in points}, key=str)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False, sharey=True)
+    many = len({row.get("ratio") if row.get("ratio") is not None else row.get("recipe") for row in points}) > 8
+    fig, axes = plt.subplots(1, len(panels), figsize=((6.5 + 5.5 * many) * len(panels), 4.5 + 1.5 * many),
+                             squeeze=False, sharey=True)
     for ax, panel in zip(axes[0], panels):
         series: dict[str, list[Row]] = {}
         for row in points:
             if row.get("seq_len") == panel:
                 name = f"SWA:GDN {row['ratio']}" if row.get("ratio") is not None else str(row.get("recipe"))
                 series.setdefault(name, []).append(row)
+        labelled = [r for rows_of in series.values() for r in rows_of]
+        widths_vary = len({r.get("d_model") for r in labelled}) > 1  # one width: said once, in the x label
         for (name, mine), marker in zip(series.items(), itertools.cycle("osD^vP*X")):
             seeds = max(r["seeds"] for r in mine)
             ax.errorbar([r["state_bytes"] for r in mine], [r["accuracy"] for r in mine],
@@ -435,7 +439,7 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
                         label=f"{name} ({seeds} seed{'s' if seeds > 1 else ''})")
             for r in mine:
                 window, width = r.get("swa_window", r.get("window")), r.get("d_model")
-                text = " ".join(t for t in (window is not None and f"w={window}", width and f"d={width}") if t)
+                text = " ".join(t for t in (window is not None and f"w={window}", widths_vary and width and f"d={width}") if t)
                 if text:
                     ax.annotate(text, (r["state_bytes"], r["accuracy"]), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7)
@@ -443,9 +447,14 @@ def frontier_plot(rows: list[Row], path: Path) -> None:
         draw_chance(ax, [r for r in rows if r.get("seq_len") == panel],
                     [r["accuracy"] + r["accuracy_std"] for r in mine])
         ax.set_xscale("log")
-        ax.set_xlabel("decoder state (bytes, log scale)" + ("" if panel is None else f" at seq_len {panel}"))
+        width = "" if widths_vary or labelled[0].get("d_model") is None else f", d_model {labelled[0]['d_model']}"
+        ax.set_xlabel("decoder state (bytes, log scale)" + ("" if panel is None else f" at seq_len {panel}") + width)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, title="recipe / ratio (seeds)")
+        if len(series) > 8:  # a long legend goes beside the panel, not over its points
+            ax.legend(fontsize=7, title="recipe / ratio (seeds)", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                      ncol=2 if len(series) > 16 else 1)
+        else:
+            ax.legend(fontsize=8, title="recipe / ratio (seeds)")
     axes[0][0].set_ylabel("accuracy (fraction of queries, mean ± std over seeds)")
     fig.suptitle(figure_title(rows, "recall against memory (higher and further left is better)"), fontsize=10)
     save_figure(fig, path)

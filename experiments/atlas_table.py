@@ -2,7 +2,7 @@
 best learning rate (Zoology's rule), mean ± std over seeds, the seeds' values and chosen lrs, state bytes and
 parameters; rows ordered by mean accuracy.
 
-    python experiments/atlas_table.py results/atlas-mqar/runs.jsonl [results/atlas-controls/runs.jsonl ...]
+    python experiments/atlas_table.py docs/results/atlas/atlas-mqar.jsonl docs/results/atlas/atlas-mqar-conv.jsonl
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def main() -> None:
     args = parser.parse_args()
     for path in args.runs:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        print(f"## {path.parent.name} ({len(rows)} runs)\n\n{table(rows)}")
+        name = path.parent.name if path.name == "runs.jsonl" else path.stem  # results/<name>/runs.jsonl or a copy
+        print(f"## {name} ({len(rows)} runs)\n\n{table(rows)}")
 
 
 if __name__ == "__main__":

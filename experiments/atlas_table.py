@@ -14,21 +14,28 @@ import statistics
 from pathlib import Path
 
 
+def model_name(row: dict, widths: set) -> str:
+    """The row's mixer, with its width when the rows hold several."""
+    return row["recipe"] if len(widths) < 2 else f"{row['recipe']} (d_model {row['d_model']})"
+
+
 def best_per_seed(rows: list[dict]) -> dict[str, dict[int, dict]]:
-    """recipe -> seed -> the row of that seed's best accuracy over its learning rates."""
+    """model (recipe, and width when several) -> seed -> the row of that seed's best accuracy over its lrs."""
+    widths = {row.get("d_model") for row in rows}
     best: dict[str, dict[int, dict]] = collections.defaultdict(dict)
     for row in rows:
-        kept = best[row["recipe"]].get(row["seed"])
+        kept = best[model_name(row, widths)].get(row["seed"])
         if kept is None or row["accuracy"] > kept["accuracy"]:
-            best[row["recipe"]][row["seed"]] = row
+            best[model_name(row, widths)][row["seed"]] = row
     return best
 
 
 def table(rows: list[dict]) -> str:
     """Markdown: mixer | accuracy mean ± std | per seed | lr per seed | lrs tried | state bytes | parameters."""
+    widths = {row.get("d_model") for row in rows}
     tried = collections.defaultdict(set)
     for row in rows:
-        tried[row["recipe"]].add(row["settings.lr"])
+        tried[model_name(row, widths)].add(row["settings.lr"])
     lines = ["| mixer | accuracy (mean ± std) | seeds | best lr per seed | lrs tried | state bytes | parameters |",
              "|---|---:|---|---|---|---:|---:|"]
     best = best_per_seed(rows)

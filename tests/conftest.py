@@ -1,6 +1,10 @@
-"""Shared test setup: hypothesis profiles, float64 determinism, and the `cuda` marker's skip."""
+"""Shared test setup: hypothesis profiles, float64 determinism, the `cuda` marker's skip, and scripts run under
+Triton's CPU interpreter."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -47,3 +51,29 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a") as log:
             log.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+# Prepended to every interpreted script: the interpreter cannot benchmark, so every autotuned kernel takes its
+# first config.
+_INTERPRETER_PRELUDE = """from triton.runtime.autotuner import Autotuner
+_prune = Autotuner.prune_configs
+Autotuner.prune_configs = lambda self, kwargs: _prune(self, kwargs)[:1]
+"""
+
+
+@pytest.fixture
+def triton_interpreter():
+    """A runner of Python scripts in a fresh process under Triton's CPU interpreter (TRITON_INTERPRET=1, one
+    thread, this checkout on the path): it asserts the script exited 0 with "ok" as its last output and
+    returns the CompletedProcess. Skips where Triton is not installed (the oracle extra)."""
+    pytest.importorskip("triton", reason="triton is not installed (the oracle extra)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+
+    def run(script: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-c", _INTERPRETER_PRELUDE + script], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+        return done
+
+    return run

@@ -577,8 +577,8 @@ def _duration(seconds: float) -> str:
 def dry_run(path: str | os.PathLike, out_root: str | os.PathLike = "results", *, scale: float | None = None,
             device: str | None = None, dtype: str | None = None, only: Sequence[str] | None = None) -> str:
     """What `ablate` would do, as markdown, running and writing nothing: per experiment in
-    YAML file `path` (all validated), each run with the settings that vary between runs,
-    (those named in `only`, if given), whether it already has rows under `out_root`, and its estimated cost
+    YAML file `path` (all validated; those named in `only`, if given), each run with the settings that vary
+    between runs, whether it already has rows under `out_root`, and its estimated cost
     (`StudySettings.estimated_flops`); then the total to run and a wall time at the FLOP rate the
     finished runs measured (their estimated FLOPs over their train_seconds, the median; run one run
     of the sweep first, on the hardware that will run the rest), else at ASSUMED_FLOP_PER_S."""

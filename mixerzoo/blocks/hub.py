@@ -92,12 +92,19 @@ _SHARED = [(r"model\.embed_tokens\.", "embed."), (r"model\.norm\.", "norm."), (r
            (r"model\.layers\.(\d+)\.self_attn\.", r"layers.\1.mixer.")]
 
 
+def _inverse(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Prefix rename rules (at most one layer index each) turned around: ours -> theirs, in the same order."""
+    def pattern(target: str) -> str:
+        return re.escape(target).replace(re.escape("\\1"), r"(\d+)")
+
+    def target(pattern: str) -> str:
+        return pattern.replace(r"(\d+)", "\\1").replace("\\.", ".")
+
+    return [(pattern(theirs), target(ours)) for ours, theirs in rules]
+
+
 # The same names, ours -> theirs.
-_SHARED_BACK = [(r"embed\.", "model.embed_tokens."), (r"norm\.", "model.norm."), (r"lm_head\.", "lm_head."),
-                (r"layers\.(\d+)\.mixer_norm\.", r"model.layers.\1.input_layernorm."),
-                (r"layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
-                (r"layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-                (r"layers\.(\d+)\.mixer\.", r"model.layers.\1.self_attn.")]
+_SHARED_BACK = _inverse(_SHARED)
 
 
 def _renamed(tensors: Tensors, rules: list[tuple[str, str]], what: str) -> Tensors:
@@ -356,9 +363,7 @@ def _round_trips(spec: LayoutSpec, to_spec: Callable[[dict[str, Any]], LayoutSpe
 _BACKBONE = [(r"backbone\.embeddings\.", "embed."), (r"backbone\.norm_f\.", "norm."), (r"lm_head\.", "lm_head."),
              (r"backbone\.layers\.(\d+)\.norm\.", r"layers.\1.mixer_norm."),
              (r"backbone\.layers\.(\d+)\.mixer\.", r"layers.\1.mixer.")]
-_BACKBONE_BACK = [(r"embed\.", "backbone.embeddings."), (r"norm\.", "backbone.norm_f."), (r"lm_head\.", "lm_head."),
-                  (r"layers\.(\d+)\.mixer_norm\.", r"backbone.layers.\1.norm."),
-                  (r"layers\.(\d+)\.mixer\.", r"backbone.layers.\1.mixer.")]
+_BACKBONE_BACK = _inverse(_BACKBONE)
 
 
 def _number(value: Any) -> float:
@@ -736,17 +741,6 @@ _RECURRENT_GEMMA = [(r"model\.embed_tokens\.", "embed."), (r"model\.final_norm\.
                     (r"model\.layers\.(\d+)\.mlp_block\.", r"layers.\1.mlp."),
                     (r"model\.layers\.(\d+)\.temporal_block\.", r"layers.\1.mixer.")]
 _GEMMA_NORM = re.compile(r"(layers\.\d+\.(mixer|mlp)_norm|norm)\.weight$")
-
-
-def _inverse(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Prefix rename rules (at most one layer index each) turned around: ours -> theirs, in the same order."""
-    def pattern(target: str) -> str:
-        return re.escape(target).replace(re.escape("\\1"), r"(\d+)")
-
-    def target(pattern: str) -> str:
-        return pattern.replace(r"(\d+)", "\\1").replace("\\.", ".")
-
-    return [(pattern(theirs), target(ours)) for ours, theirs in rules]
 
 
 def _recurrent_gemma_spec(config: dict[str, Any]) -> LayoutSpec:
